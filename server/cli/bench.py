@@ -1,0 +1,7 @@
+"""Placeholder until the 'bench' command lands; replaced by its owner."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    return None
