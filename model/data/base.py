@@ -1,0 +1,73 @@
+"""The shape every training dataset takes: labelled fixed-length sequences, split by provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: `inputs` (N, L, C) float32 at the dataset's sample rate, `targets` (N,) int64."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.inputs.ndim != 3:
+            raise ValueError(f"inputs must be (N, L, C), got shape {self.inputs.shape}")
+        if self.targets.shape != (self.inputs.shape[0],):
+            raise ValueError("targets must hold one class index per sequence")
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def head(self, count: int | None) -> Split:
+        """The first `count` sequences (datasets order their items so a prefix stays balanced)."""
+        if count is None or count >= len(self):
+            return self
+        return Split(self.inputs[:count], self.targets[:count])
+
+
+@dataclass(frozen=True)
+class ExtraEvaluation:
+    """A held-out set the model is also scored on, run at `rate` (session rate / model rate)."""
+
+    split: Split
+    rate: float
+    description: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and held-out test splits plus what a model trained on them must record."""
+
+    name: str
+    train: Split
+    test: Split
+    labels: list[str]
+    sample_rate: float
+    provenance: dict = field(default_factory=dict)
+    extra_evaluations: dict[str, ExtraEvaluation] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.inputs.shape[2])
+
+    def describe(self) -> dict:
+        """JSON-ready summary for metrics.json: where the data came from and how it was split."""
+        return {
+            "dataset": self.name,
+            "labels": list(self.labels),
+            "sample_rate": self.sample_rate,
+            "sequence_length": int(self.train.inputs.shape[1]),
+            "channels": self.channels,
+            "train_size": len(self.train),
+            "test_size": len(self.test),
+            **self.provenance,
+            "extra_evaluations": {
+                key: {"size": len(extra.split), "rate": extra.rate, "what": extra.description}
+                for key, extra in self.extra_evaluations.items()
+            },
+        }

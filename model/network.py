@@ -1,0 +1,191 @@
+"""The network: encoder -> residual S4/S4D blocks -> decoder, with three equivalent views.
+
+Classification is causal: logits at sample t come from the running mean of the features over
+samples 0..t, so a stream reports a prediction at every sample and the last one equals the
+usual mean-pooled classifier.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.ssm import S4DLayer, S4Layer, SSMLayer
+
+State = list[torch.Tensor]
+
+
+def check_input(u: torch.Tensor, d_input: int, name: str = "inputs") -> None:
+    """Raise ValueError naming what is wrong with a (B, L, d_input) input."""
+    if u.dim() != 3 or u.shape[-1] != d_input:
+        raise ValueError(f"{name} must have shape (batch, length, {d_input}), got "
+                         f"{tuple(u.shape)}")
+    if u.shape[0] < 1 or u.shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one sample, got shape {tuple(u.shape)}")
+    if not torch.isfinite(u).all():
+        raise ValueError(f"{name} contain NaN or Inf")
+
+
+class ResidualBlock(nn.Module):
+    """Norm (pre or post), an SSM layer, dropout and the residual connection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.prenorm, self.residual = config.prenorm, config.residual
+        if config.layer == "s4":
+            self.layer: SSMLayer = S4Layer(config.d_model, config.d_state, config.rank,
+                                           config.dt_min, config.dt_max, config.dropout)
+        else:
+            self.layer = S4DLayer(config.d_model, config.d_state, config.init, config.disc,
+                                  config.dt_min, config.dt_max, config.dropout)
+        norm = config.norm == "layer"
+        self.norm = nn.LayerNorm(config.d_model) if norm else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def around(self, x: torch.Tensor, ssm) -> torch.Tensor:
+        """The block with `ssm` standing for the layer's view (conv, step or chunk)."""
+        z = self.norm(x) if self.prenorm else x
+        z = self.dropout(ssm(z))
+        x = x + z if self.residual else z
+        return x if self.prenorm else self.norm(x)
+
+    def forward(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        return self.around(x, lambda z: self.layer(z, rate))
+
+
+class S4Network(nn.Module):
+    """Encoder -> n_layers residual blocks -> decoder (per-step or causal running-mean head)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = (nn.Linear(config.d_input, config.d_model) if config.encoder
+                        else nn.Identity())
+        self.blocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.n_layers))
+        self.decoder = (nn.Linear(config.d_model, config.d_output) if config.decoder
+                        else nn.Identity())
+
+    @property
+    def pooled(self) -> bool:
+        return self.config.task == "classification"
+
+    def features(self, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """(B, L, d_input) -> (B, L, d_model), the output of the last block."""
+        x = self.encoder(u)
+        for block in self.blocks:
+            x = block(x, rate)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (B, L, d_model) -> outputs (B, L, d_output); causal running mean if pooled."""
+        if self.pooled:
+            count = torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
+            x = (torch.cumsum(x.to(torch.float64), dim=1) / count[:, None]).to(x.dtype)
+        return self.decoder(x)
+
+    def forward(self, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """The convolutional view: (B, L, d_input) -> (B, L, d_output)."""
+        if u.dim() != 3 or u.shape[-1] != self.config.d_input:
+            raise ValueError(f"inputs must have shape (batch, length, {self.config.d_input}), "
+                             f"got {tuple(u.shape)}")
+        return self.head(self.features(u, rate))
+
+    def to_recurrent(self, rate: float = 1.0, chunk_max: int | None = None) -> RecurrentNetwork:
+        """Discretise every layer once at this rate and return the recurrent form."""
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        return RecurrentNetwork(self, rate, chunk_max or self.config.chunk_max)
+
+    @torch.no_grad()
+    def predict(self, u: torch.Tensor, rate: float = 1.0, state: State | None = None,
+                return_state: bool = False) -> tuple[torch.Tensor, State | None]:
+        """Whole sequences: the conv view, or the exact chunked recurrence when a state is
+        given or asked for."""
+        check_input(u, self.config.d_input)
+        if state is None and not return_state:
+            return self(u, rate), None
+        rec = self.to_recurrent(rate)
+        if state is None:
+            state = rec.initial_state(u.shape[0])
+        rec.check_state(state, u.shape[0])
+        return rec.chunk(u, state)
+
+
+class RecurrentNetwork(nn.Module):
+    """The network in recurrent form: per-sample `step` and block `chunk` on explicit state.
+
+    State layout (each tensor batch first): for every block, real and imaginary parts
+    (B, H, N2) in float32; for classification, the running feature sum (B, d_model) and the
+    sample count (B, 1), both float64 so long streams keep their mean exact.
+    """
+
+    def __init__(self, net: S4Network, rate: float, chunk_max: int) -> None:
+        super().__init__()
+        self.config, self.rate = net.config, rate
+        self.encoder, self.decoder, self.pooled = net.encoder, net.decoder, net.pooled
+        self.blocks = nn.ModuleList(net.blocks)
+        with torch.no_grad():
+            self.layers = nn.ModuleList(b.layer.recurrence(rate, chunk_max) for b in net.blocks)
+        h, n2 = self.config.d_model, self.config.d_state // 2
+        spec = []
+        for i in range(len(self.layers)):
+            spec += [(f"layer{i}.re", (h, n2), torch.float32),
+                     (f"layer{i}.im", (h, n2), torch.float32)]
+        if self.pooled:
+            spec += [("pool.sum", (h,), torch.float64), ("pool.count", (1,), torch.float64)]
+        self.state_spec: list[tuple[str, tuple[int, ...], torch.dtype]] = spec
+        self.eval()
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(torch.Size(s).numel() * d.itemsize for _, s, d in self.state_spec)
+
+    def initial_state(self, batch: int, device: torch.device | str = "cpu") -> State:
+        return [torch.zeros(batch, *s, dtype=d, device=device) for _, s, d in self.state_spec]
+
+    def check_state(self, state: State, batch: int) -> None:
+        if len(state) != len(self.state_spec):
+            raise ValueError(f"state has {len(state)} tensors, expected {len(self.state_spec)}")
+        for x, (name, shape, dtype) in zip(state, self.state_spec, strict=True):
+            if tuple(x.shape) != (batch, *shape) or x.dtype != dtype:
+                raise ValueError(f"state tensor {name} must be {dtype} of shape "
+                                 f"{(batch, *shape)}, got {x.dtype} {tuple(x.shape)}")
+
+    def _run(self, x: torch.Tensor, state: State, view: str) -> tuple[torch.Tensor, State]:
+        new_state: State = []
+        for i, (block, layer) in enumerate(zip(self.blocks, self.layers, strict=True)):
+            xr, xi = state[2 * i], state[2 * i + 1]
+            out: list[torch.Tensor] = []
+
+            def ssm(z, layer=layer, xr=xr, xi=xi, out=out):
+                y, nr, ni = getattr(layer, view)(z, xr, xi)
+                out += [nr, ni]
+                return y
+
+            x = block.around(x, ssm)
+            new_state += out
+        return x, new_state
+
+    @torch.no_grad()
+    def step(self, u: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """u (B, d_input) -> y (B, d_output), new state."""
+        x, new_state = self._run(self.encoder(u), state, "step")  # (B, d_model)
+        if self.pooled:
+            total = state[-2] + x.to(torch.float64)  # (B, d_model)
+            count = state[-1] + 1  # (B, 1)
+            new_state += [total, count]
+            x = (total / count).to(u.dtype)
+        return self.decoder(x), new_state
+
+    @torch.no_grad()
+    def chunk(self, u: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """u (B, T, d_input) -> y (B, T, d_output), state after the block."""
+        x, new_state = self._run(self.encoder(u), state, "chunk")  # (B, T, d_model)
+        if self.pooled:
+            sums = state[-2][:, None] + torch.cumsum(x.to(torch.float64), dim=1)  # (B, T, H)
+            steps = torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
+            counts = state[-1][:, None] + steps[None, :, None]  # (B, T, 1)
+            new_state += [sums[:, -1], counts[:, -1]]
+            x = (sums / counts).to(u.dtype)
+        return self.decoder(x), new_state

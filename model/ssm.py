@@ -1,0 +1,167 @@
+"""S4D and S4 layers: parameters and the convolutional view.
+
+A layer maps (B, L, H) -> (B, L, H): y = K ∗ u + D·u, then GELU, a Linear to 2H and a GLU,
+like the official S4Block. Parameters are those of the continuous-time system; `rate` only
+rescales dt (a model trained at rate r served at r' uses dt·r/r', i.e. rate = r'/r).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.discretize import DPLRBilinear, discretize
+from model.hippo import log_uniform_dt, nplr_legs, s4d_legs, s4d_lin
+from model.kernels import causal_conv, fft_size, kernel_diag, kernel_dplr
+
+KERNEL_CACHE_SIZE = 8
+
+
+def as_complex(x: torch.Tensor) -> torch.Tensor:
+    """A (..., 2) real parameter as complex128."""
+    return torch.view_as_complex(x.to(torch.float64).contiguous())
+
+
+def as_real(x: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as (..., 2) float32 for storage."""
+    return torch.view_as_real(x.to(torch.complex128)).to(torch.float32).contiguous()
+
+
+class SSMLayer(nn.Module):
+    """Shared part of S4D and S4: kernel cache, D skip term and the pointwise output tail."""
+
+    def __init__(self, d_model: int, d_state: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_state % 2:
+            raise ValueError(f"d_state must be even (conjugate pairs), got {d_state}")
+        self.h, self.n2 = d_model, d_state // 2
+        self.D = nn.Parameter(torch.randn(d_model))  # (H,)
+        self.output_linear = nn.Linear(d_model, 2 * d_model)
+        self.dropout = nn.Dropout(dropout)
+        self._kernels: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    # --- to be provided by the subclasses -------------------------------------------------
+    def kernel(self, length: int, rate: float = 1.0) -> torch.Tensor:
+        """The convolution kernel (H, L) in float64."""
+        raise NotImplementedError
+
+    def recurrence(self, rate: float = 1.0, chunk_max: int = 256) -> nn.Module:
+        raise NotImplementedError
+
+    # --- convolutional view ---------------------------------------------------------------
+    def dt(self, rate: float) -> torch.Tensor:
+        return torch.exp(self.log_dt.to(torch.float64)) / rate  # (H,)
+
+    def _version(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    def kernel_fft(self, length: int, rate: float) -> tuple[torch.Tensor, int]:
+        """rfft of the kernel, cached by (length, rate) until a parameter changes."""
+        n_fft = fft_size(length)
+        device = self.D.device
+        if torch.is_grad_enabled() and self.training:
+            k = self.kernel(length, rate).to(torch.float32)  # differentiable path
+            return torch.fft.rfft(k, n=n_fft).T.to(device), n_fft
+        key = (length, float(rate), str(device), self._version())
+        if key in self._kernels:
+            self._kernels.move_to_end(key)
+            return self._kernels[key], n_fft
+        with torch.no_grad():
+            k = self.kernel(length, rate)  # (H, L) float64
+            k_f = torch.fft.rfft(k, n=n_fft).T.to(torch.complex64).to(device)  # (F, H)
+        self._kernels[key] = k_f
+        while len(self._kernels) > KERNEL_CACHE_SIZE:
+            self._kernels.popitem(last=False)
+        return k_f, n_fft
+
+    def clear_kernel_cache(self) -> None:
+        self._kernels.clear()
+
+    def tail(self, y: torch.Tensor) -> torch.Tensor:
+        """GELU -> Linear(H, 2H) -> GLU, applied per time step."""
+        y = self.dropout(F.gelu(y))
+        return F.glu(self.output_linear(y), dim=-1)
+
+    def forward(self, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """u (B, L, H) -> (B, L, H) through the convolutional view."""
+        k_f, n_fft = self.kernel_fft(u.shape[1], rate)
+        y = causal_conv(u, k_f, n_fft) + u * self.D  # (B, L, H)
+        return self.tail(y)
+
+
+class S4DLayer(SSMLayer):
+    """Diagonal state space layer (S4D) with ZOH or bilinear discretisation."""
+
+    def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", disc: str = "zoh",
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.0) -> None:
+        super().__init__(d_model, d_state, dropout)
+        if init not in ("legs", "lin"):
+            raise ValueError(f"unknown S4D init {init!r}: expected 'legs' or 'lin'")
+        self.disc = disc
+        lam, b = s4d_legs(self.n2) if init == "legs" else s4d_lin(self.n2)
+        lam, b = lam.expand(d_model, -1), b.expand(d_model, -1)  # (H, N2)
+        c = torch.randn(d_model, self.n2, dtype=torch.complex128) * 0.5**0.5  # (H, N2)
+        self.log_dt = nn.Parameter(log_uniform_dt(d_model, dt_min, dt_max).float())  # (H,)
+        self.log_a_real = nn.Parameter(torch.log(-lam.real).float())  # (H, N2) Re A = -exp(.)
+        self.a_imag = nn.Parameter(lam.imag.float().clone())  # (H, N2)
+        self.B = nn.Parameter(as_real(b))  # (H, N2, 2)
+        self.C = nn.Parameter(as_real(c))  # (H, N2, 2)
+
+    def continuous(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, B, C) complex128, each (H, N2)."""
+        a = -torch.exp(self.log_a_real.to(torch.float64)) + 1j * self.a_imag.to(torch.float64)
+        return a, as_complex(self.B), as_complex(self.C)
+
+    def discrete(self, rate: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Ā, B̄, C) complex128 at this rate."""
+        a, b, c = self.continuous()
+        da, db = discretize(a, b, self.dt(rate), self.disc)
+        return da, db, c
+
+    def kernel(self, length: int, rate: float = 1.0) -> torch.Tensor:
+        da, db, c = self.discrete(rate)
+        return kernel_diag(da, db, c, length)
+
+    def recurrence(self, rate: float = 1.0, chunk_max: int = 256) -> nn.Module:
+        from model.recurrent import DiagonalRecurrence
+
+        da, db, c = self.discrete(rate)
+        return DiagonalRecurrence(da, db, c, self, chunk_max)
+
+
+class S4Layer(SSMLayer):
+    """S4: A = Λ - P P* from HiPPO-LegS (diagonal plus low rank), bilinear discretisation."""
+
+    def __init__(self, d_model: int, d_state: int = 64, rank: int = 1, dt_min: float = 1e-3,
+                 dt_max: float = 1e-1, dropout: float = 0.0) -> None:
+        super().__init__(d_model, d_state, dropout)
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        lam, p, b = nplr_legs(d_state)  # (N2,) each
+        p = torch.cat([p[None], torch.zeros(rank - 1, self.n2, dtype=p.dtype)])  # (R, N2)
+        c = torch.randn(d_model, self.n2, dtype=torch.complex128) * 0.5**0.5  # (H, N2)
+        self.log_dt = nn.Parameter(log_uniform_dt(d_model, dt_min, dt_max).float())  # (H,)
+        self.log_lam_real = nn.Parameter(torch.log(-lam.real).expand(d_model, -1).float())
+        self.lam_imag = nn.Parameter(lam.imag.expand(d_model, -1).float().clone())  # (H, N2)
+        self.P = nn.Parameter(as_real(p[:, None].expand(-1, d_model, -1)))  # (R, H, N2, 2)
+        self.B = nn.Parameter(as_real(b.expand(d_model, -1)))  # (H, N2, 2)
+        self.C = nn.Parameter(as_real(c))  # (H, N2, 2)
+
+    def continuous(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Λ, P, B, C) complex128: Λ, B, C (H, N2), P (R, H, N2)."""
+        lam_re = -torch.exp(self.log_lam_real.to(torch.float64))
+        lam = lam_re + 1j * self.lam_imag.to(torch.float64)
+        return lam, as_complex(self.P), as_complex(self.B), as_complex(self.C)
+
+    def kernel(self, length: int, rate: float = 1.0) -> torch.Tensor:
+        lam, p, b, c = self.continuous()
+        return kernel_dplr(lam, p, b, c, self.dt(rate), length)
+
+    def recurrence(self, rate: float = 1.0, chunk_max: int = 256) -> nn.Module:
+        from model.recurrent import DPLRRecurrence
+
+        lam, p, b, c = self.continuous()
+        return DPLRRecurrence(DPLRBilinear.build(lam, p, b, self.dt(rate)), c, self, chunk_max)
