@@ -1,0 +1,137 @@
+"""The FastAPI application factory and the uvicorn runner with a graceful SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from server import http_api, ws_api
+from server.errors import ServeError
+from server.logs import context_id
+from server.models import load_models
+from server.runtime import Runtime
+from server.settings import Settings
+from server.store import SessionStore
+
+log = logging.getLogger("s4serve.app")
+_JANITOR_PERIOD = 30.0
+
+
+def create_app(settings: Settings | None = None, store: SessionStore | None = None) -> FastAPI:
+    settings = settings or Settings()
+    runtime = Runtime.create(settings, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.scheduler.start(asyncio.get_running_loop())
+        # Load in the background so /healthz answers at once and /readyz says 503 until done.
+        loader = asyncio.create_task(_load(runtime))
+        janitor = asyncio.create_task(_purge_expired(runtime))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            janitor.cancel()
+            if runtime.manager.live:
+                await runtime.drain()
+            runtime.scheduler.stop()
+            runtime.predict_executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="s4serve", version="1", lifespan=lifespan)
+    app.state.runtime = runtime
+    app.include_router(http_api.router)
+    app.include_router(ws_api.router)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        runtime.error(exc.code)
+        return JSONResponse(exc.body(), status_code=exc.http_status)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        token = context_id.set(request.headers.get("x-request-id") or uuid.uuid4().hex[:16])
+        try:
+            response = await call_next(request)
+            response.headers["x-request-id"] = context_id.get() or ""
+            return response
+        finally:
+            context_id.reset(token)
+
+    return app
+
+
+async def _load(runtime: Runtime) -> None:
+    try:
+        runtime.models = await asyncio.to_thread(load_models, runtime.settings)
+    except Exception as exc:
+        runtime.load_error = f"model loading failed: {exc}"
+        log.exception("model loading failed")
+        return
+    for info in (m.info for m in runtime.models.values()):
+        runtime.metrics.model_info.labels(
+            info.name, info.version, info.layer, info.device, info.backend
+        ).set(1)
+    runtime.ready = True
+    log.info(
+        "ready on %s:%d: %s", runtime.settings.host, runtime.settings.port,
+        ", ".join(sorted(runtime.models)) or "no models",
+    )
+
+
+async def _purge_expired(runtime: Runtime) -> None:
+    while True:
+        await asyncio.sleep(_JANITOR_PERIOD)
+        try:
+            await asyncio.to_thread(runtime.store.purge_expired)
+        except Exception:
+            log.exception("purging expired sessions failed")
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Config:
+    """The uvicorn settings the server needs: the frame size limit is enforced on the wire
+    (close 1009 before the message is buffered), and the sans-I/O websockets implementation
+    stops reading a socket until the app has taken the message it holds (backpressure)."""
+    options = dict(
+        host=settings.host, port=settings.port, ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes, log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: /readyz turns 503 and new sessions are refused; after
+    `drain_seconds` open sessions are snapshotted to the store and closed (1001), then uvicorn
+    shuts down as usual."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self._draining: asyncio.Task | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining is not None or self.runtime.draining:
+            return super().handle_exit(sig, frame)  # a second signal: stop now
+        self.runtime.draining = True
+        log.info("signal %s: draining", sig)
+        loop = asyncio.get_event_loop()
+        self._draining = loop.create_task(self._drain_then_exit(sig, frame))
+
+    async def _drain_then_exit(self, sig, frame) -> None:
+        await asyncio.sleep(self.runtime.settings.drain_seconds)
+        await self.runtime.drain()
+        super().handle_exit(sig, frame)

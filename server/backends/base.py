@@ -1,0 +1,138 @@
+"""The interface every runtime (torch, onnx, ...) implements for the server.
+
+Tensors crossing this interface are torch tensors on `backend.device` (a CPU runtime such as
+onnxruntime converts with zero-copy `.numpy()`), batch first. States are lists of tensors laid
+out as `state_spec` says, so the scheduler can keep them in slot tensors and gather/scatter rows.
+`step`/`chunk` must be pure functions of their inputs and safe to call from one compute thread
+while `predict` runs on another.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.errors import ServeError
+from server.state_blob import TensorSpec
+
+# backend name -> "module:class"; a new runtime adds one line here.
+_REGISTRY = {
+    "torch": "server.backends.torch:TorchBackend",
+    "onnx": "server.backends.onnx:OnnxBackend",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The public description of a served model (the contract's ModelInfo)."""
+
+    name: str
+    version: str
+    layer: str
+    task: str
+    d_input: int
+    d_output: int
+    labels: list[str] | None
+    sample_rate: float | None
+    n_layers: int
+    d_model: int
+    d_state: int
+    state_bytes: int
+    device: str
+    backend: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ModelBackend(ABC):
+    """One loaded model on one device."""
+
+    kind: str = "abstract"
+
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def state_spec(self) -> list[TensorSpec]: ...
+
+    @abstractmethod
+    def step(
+        self, u: torch.Tensor, state: list[torch.Tensor], rate: float
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One sample for B sessions: u (B, d_input) -> y (B, d_output), new state."""
+
+    @abstractmethod
+    def chunk(
+        self, u: torch.Tensor, state: list[torch.Tensor], rate: float
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """T samples for B sessions: u (B, T, d_input) -> y (B, T, d_output), new state."""
+
+    @abstractmethod
+    def predict(
+        self,
+        u: torch.Tensor,
+        rate: float,
+        state: list[torch.Tensor] | None = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Whole sequences u (B, L, d_input) through the convolutional view (or the exact
+        chunked recurrence when a state goes in or must come out)."""
+
+    def warmup(self) -> None:
+        """Run every code path once so the first client does not pay for setup."""
+        d_in = self.info.d_input
+        state = self.initial_state(2)
+        self.step(torch.zeros(2, d_in, device=self.device), state, 1.0)
+        self.chunk(torch.zeros(2, 3, d_in, device=self.device), state, 1.0)
+        self.predict(torch.zeros(1, 16, d_in, device=self.device), 1.0)
+
+    def initial_state(self, batch: int) -> list[torch.Tensor]:
+        return [
+            torch.zeros((batch, *s.shape), dtype=getattr(torch, s.dtype), device=self.device)
+            for s in self.state_spec
+        ]
+
+    def rate_for(self, sample_rate: float | None) -> float:
+        """The dt scale factor for a client's sample rate (1.0 = the model's own)."""
+        model_rate = self.info.sample_rate
+        if sample_rate is None:
+            return 1.0
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
+            raise ServeError("bad_request", "sample_rate must be a number")
+        if not (0 < sample_rate < float("inf")):
+            raise ServeError("bad_request", "sample_rate must be a positive finite number")
+        if model_rate is None:
+            raise ServeError(
+                "bad_request", f"model {self.info.name!r} has no sample rate; omit sample_rate"
+            )
+        return float(sample_rate) / float(model_rate)
+
+
+def load_backend(kind: str, model_dir: Path, device: str, max_rates: int = 8) -> ModelBackend:
+    """Instantiate the backend registered under `kind` for one model directory."""
+    try:
+        target = _REGISTRY[kind]
+    except KeyError:
+        raise ValueError(f"unknown backend {kind!r}; known: {sorted(_REGISTRY)}") from None
+    module_name, class_name = target.split(":")
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    return backend_class(Path(model_dir), device=device, max_rates=max_rates)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks the first CUDA device when there is one."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

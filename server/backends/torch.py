@@ -1,0 +1,85 @@
+"""The PyTorch backend: the model package's own network, conv and recurrent views."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_model
+from server.backends.base import ModelBackend, ModelInfo, resolve_device
+from server.state_blob import TensorSpec
+
+
+class TorchBackend(ModelBackend):
+    kind = "torch"
+
+    def __init__(self, model_dir: Path, device: str = "auto", max_rates: int = 8) -> None:
+        self._device = resolve_device(device)
+        self.net = load_model(model_dir).to(self._device).eval()
+        self._max_rates = max_rates
+        # Discretising for a rate is costly, so recurrences are cached, a few rates at most
+        # (clients choose rates, and an unbounded cache would let them grow memory).
+        self._recurrent: OrderedDict[float, object] = OrderedDict()
+        self._lock = threading.Lock()
+        rec = self._recurrence(1.0)
+        self._spec = [
+            TensorSpec(name, tuple(int(n) for n in shape), str(dtype).removeprefix("torch."))
+            for name, shape, dtype in rec.state_spec
+        ]
+        cfg = self.net.config
+        self._info = ModelInfo(
+            name=cfg.name,
+            version=str(cfg.version),
+            layer=cfg.layer,
+            task=cfg.task,
+            d_input=cfg.d_input,
+            d_output=cfg.d_output,
+            labels=list(cfg.labels) if cfg.labels else None,
+            sample_rate=float(cfg.sample_rate) if cfg.sample_rate else None,
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            d_state=cfg.d_state,
+            state_bytes=int(rec.state_bytes),
+            device=str(self._device),
+            backend=self.kind,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def state_spec(self) -> list[TensorSpec]:
+        return self._spec
+
+    def _recurrence(self, rate: float):
+        with self._lock:
+            rec = self._recurrent.get(rate)
+            if rec is None:
+                with torch.inference_mode():
+                    rec = self.net.to_recurrent(rate=rate)
+                self._recurrent[rate] = rec
+                while len(self._recurrent) > self._max_rates:
+                    self._recurrent.popitem(last=False)
+            else:
+                self._recurrent.move_to_end(rate)
+            return rec
+
+    @torch.inference_mode()
+    def step(self, u, state, rate):
+        return self._recurrence(rate).step(u, state)
+
+    @torch.inference_mode()
+    def chunk(self, u, state, rate):
+        return self._recurrence(rate).chunk(u, state)
+
+    @torch.inference_mode()
+    def predict(self, u, rate, state=None, return_state=False):
+        return self.net.predict(u, rate=rate, state=state, return_state=return_state)

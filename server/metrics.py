@@ -1,0 +1,86 @@
+"""Prometheus metrics, named as in docs/internals.md. Never a per-session label."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# `_created` series double the exposition for little use; dashboards rely on `_total`.
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+_COMPUTE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class Metrics:
+    """One registry per app, so that several servers in one process stay separate."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions_active = Gauge(
+            "s4serve_sessions_active", "Streaming sessions with an open connection.",
+            ["model"], registry=r,
+        )
+        self.sessions_opened = Counter(
+            "s4serve_sessions_opened_total", "Streaming sessions started or resumed.",
+            ["model"], registry=r,
+        )
+        self.session_limit = Gauge(
+            "s4serve_session_limit", "Most concurrent streaming sessions allowed.", registry=r
+        )
+        self.samples = Counter(
+            "s4serve_samples_total", "Input samples processed.", ["model", "mode"], registry=r
+        )
+        self.frames = Counter(
+            "s4serve_frames_total", "WebSocket data frames answered.",
+            ["model", "outcome"], registry=r,
+        )
+        self.requests = Counter(
+            "s4serve_requests_total", "Predict requests answered.",
+            ["model", "outcome"], registry=r,
+        )
+        self.frame_latency = Histogram(
+            "s4serve_frame_latency_seconds", "Time from receiving a frame to sending its reply.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.predict_latency = Histogram(
+            "s4serve_predict_latency_seconds", "Time to answer a predict request.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.step_batch_size = Histogram(
+            "s4serve_step_batch_size", "Sessions advanced by one batched step or chunk call.",
+            ["model"], buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.step_seconds = Histogram(
+            "s4serve_step_seconds", "Compute time of one batched recurrent call.",
+            ["model", "kind"], buckets=_COMPUTE_BUCKETS, registry=r,
+        )
+        self.conv_seconds = Histogram(
+            "s4serve_conv_seconds", "Compute time of one predict call.",
+            ["model"], buckets=_COMPUTE_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge(
+            "s4serve_queue_depth", "Frames waiting for the compute thread.", ["model"], registry=r
+        )
+        self.errors = Counter(
+            "s4serve_errors_total", "Errors answered, by code.", ["code"], registry=r
+        )
+        self.model_info = Gauge(
+            "s4serve_model_info", "Served models (value 1).",
+            ["model", "version", "layer", "device", "backend"], registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

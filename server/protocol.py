@@ -1,0 +1,115 @@
+"""Parsing and validation of what clients send; every failure is a documented error code."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.errors import ServeError
+
+WIRE_DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}
+INT16_SCALE = 1.0 / 32768.0
+OUTPUT_MODES = ("every", "last")
+_START_FIELDS = {"type", "dtype", "sample_rate", "output", "state", "resume"}
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    dtype: str = "float32"
+    sample_rate: float | None = None
+    output: str = "every"
+    state: str | None = None
+    resume: str | None = None
+
+
+def parse_text(text: str) -> dict[str, Any]:
+    """A client text message: a JSON object with a string `type`."""
+    try:
+        message = json.loads(text)
+    except ValueError as exc:
+        raise ServeError("bad_request", f"message is not valid JSON: {exc}") from exc
+    if not isinstance(message, dict):
+        raise ServeError("bad_request", "message must be a JSON object")
+    if not isinstance(message.get("type"), str):
+        raise ServeError("bad_request", "message needs a string field 'type'")
+    return message
+
+
+def parse_start(message: dict[str, Any]) -> StartOptions:
+    unknown = set(message) - _START_FIELDS
+    if unknown:
+        raise ServeError("bad_request", f"unknown start fields: {sorted(unknown)}")
+    dtype = message.get("dtype") or "float32"
+    if dtype not in WIRE_DTYPES:
+        raise ServeError("bad_dtype", f"dtype must be one of {sorted(WIRE_DTYPES)}")
+    output = message.get("output") or "every"
+    if output not in OUTPUT_MODES:
+        raise ServeError("bad_request", f"output must be one of {list(OUTPUT_MODES)}")
+    for key in ("state", "resume"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise ServeError("bad_request", f"{key} must be a string or null")
+    if message.get("state") is not None and message.get("resume") is not None:
+        raise ServeError("bad_request", "give either state or resume, not both")
+    return StartOptions(
+        dtype=dtype,
+        sample_rate=message.get("sample_rate"),
+        output=output,
+        state=message.get("state"),
+        resume=message.get("resume"),
+    )
+
+
+def binary_frame(data: bytes, dtype: str, d_input: int) -> np.ndarray:
+    """A binary frame: T × d_input little-endian samples, channel-interleaved -> (T, d_input)."""
+    wire = WIRE_DTYPES[dtype]
+    row_bytes = d_input * wire.itemsize
+    if not data or len(data) % row_bytes:
+        raise ServeError(
+            "bad_shape",
+            f"frame of {len(data)} bytes is not a positive multiple of "
+            f"d_input × itemsize = {row_bytes}",
+        )
+    samples = np.frombuffer(data, dtype=wire).reshape(-1, d_input)
+    return finite_float32(samples, scale=INT16_SCALE if dtype == "int16" else 1.0)
+
+
+def json_samples(message: dict[str, Any], d_input: int) -> np.ndarray:
+    """A text frame `{"type": "samples", "data": [[...], ...]}` -> (T, d_input)."""
+    data = message.get("data")
+    if not isinstance(data, list) or not data:
+        raise ServeError("bad_shape", "data must be a non-empty list of T rows")
+    array = to_float_array(data)
+    if array.ndim == 1 and d_input == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.shape[1] != d_input:
+        raise ServeError(
+            "bad_shape", f"data must be T rows of {d_input} numbers, got shape {array.shape}"
+        )
+    return finite_float32(array)
+
+
+def to_float_array(data: Any) -> np.ndarray:
+    """Nested JSON lists -> float64 array; ragged lists and non-numbers are rejected."""
+    try:
+        array = np.asarray(data)
+    except ValueError as exc:
+        raise ServeError("bad_shape", "arrays must be rectangular (equal-length rows)") from exc
+    if array.dtype == object:
+        raise ServeError("bad_shape", "arrays must be rectangular (equal-length rows)")
+    if array.dtype.kind not in "iuf":
+        raise ServeError("bad_dtype", "arrays must hold numbers")
+    return array.astype(np.float64)
+
+
+def finite_float32(array: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    if not np.isfinite(array).all():
+        raise ServeError("non_finite", "inputs contain NaN or Inf")
+    out = array.astype(np.float32)
+    if scale != 1.0:
+        out *= np.float32(scale)
+    if not np.isfinite(out).all():  # float64 values beyond float32's range
+        raise ServeError("non_finite", "inputs overflow float32")
+    return out

@@ -1,0 +1,175 @@
+"""Streaming sessions: creation, state blobs, resume tokens, takeover and detachment.
+
+A session lives while a connection owns it. When the connection drops without `end`, the
+session's state goes to the `SessionStore` for `resume_ttl` seconds under its resume token;
+a connection presenting the token brings it back. A token presented while another connection
+still owns the session takes the session over and the older connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.errors import ServeError
+from server.metrics import Metrics
+from server.models import LoadedModel
+from server.protocol import StartOptions
+from server.scheduler import Scheduler, Stream
+from server.state_blob import StateRecord, decode_state, encode_state
+from server.store import SessionRecord, SessionStore
+
+log = logging.getLogger("s4serve.sessions")
+
+
+class Owner(Protocol):
+    """The connection serving a session."""
+
+    def kick(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    token: str
+    model: LoadedModel
+    dtype: str
+    sample_rate: float | None
+    output: str
+    stream: Stream
+    owner: Owner | None = None
+
+    @property
+    def name(self) -> str:
+        return self.model.info.name
+
+    def started_message(self, samples: int) -> dict:
+        info = self.model.info
+        return {
+            "type": "started",
+            "session": self.id,
+            "resume_token": self.token,
+            "model": info.name,
+            "version": info.version,
+            "d_input": info.d_input,
+            "d_output": info.d_output,
+            "dtype": self.dtype,
+            "sample_rate": self.sample_rate,
+            "labels": info.labels,
+            "output": self.output,
+            "samples": samples,
+        }
+
+
+class SessionManager:
+    def __init__(
+        self, scheduler: Scheduler, store: SessionStore, metrics: Metrics, resume_ttl: float
+    ) -> None:
+        self.scheduler = scheduler
+        self.store = store
+        self.metrics = metrics
+        self.resume_ttl = resume_ttl
+        self.live: dict[str, Session] = {}
+
+    async def open(self, model: LoadedModel, opts: StartOptions, owner: Owner) -> Session:
+        """A new session, from zeros or from a state blob."""
+        backend = model.backend
+        sample_rate = opts.sample_rate if opts.sample_rate is not None else model.info.sample_rate
+        rate = backend.rate_for(opts.sample_rate)
+        arrays, samples = None, 0
+        if opts.state is not None:
+            record = decode_state(opts.state)
+            record.check(model.info.name, model.info.version, backend.state_spec)
+            arrays, samples = record.tensors, record.samples
+        session = await self._place(
+            model, uuid.uuid4().hex, secrets.token_urlsafe(24), opts.dtype, sample_rate,
+            opts.output, rate, arrays, samples,
+        )
+        session.owner = owner
+        return session
+
+    async def resume(self, model: LoadedModel, token: str, owner: Owner) -> tuple[Session, int]:
+        """Take over a live session or bring back a stored one; returns it and its samples."""
+        session = self.live.get(token)
+        if session is not None:
+            if session.model is not model:
+                raise ServeError("bad_request", "this resume token belongs to another model")
+            previous, session.owner = session.owner, owner
+            if previous is not None and previous is not owner:
+                previous.kick(1008, "resumed_elsewhere")
+            # Queued after whatever the old connection sent, so the count includes it all.
+            samples, _ = await self.scheduler.submit(session.stream, "snapshot")
+            log.info("session %s taken over by a new connection", session.id)
+            return session, samples
+        record = self.store.take(token)
+        if record is None:
+            raise ServeError("resume_not_found", "unknown or expired resume token")
+        if record.model != model.info.name:
+            self.store.put(token, record, self.resume_ttl)
+            raise ServeError("bad_request", "this resume token belongs to another model")
+        state = decode_state(record.state)
+        state.check(model.info.name, model.info.version, model.backend.state_spec)
+        session = await self._place(
+            model, record.session_id, token, record.dtype, record.sample_rate, record.output,
+            model.backend.rate_for(record.sample_rate if model.info.sample_rate else None),
+            state.tensors, state.samples,
+        )
+        session.owner = owner
+        log.info("session %s resumed at sample %d", session.id, state.samples)
+        return session, state.samples
+
+    async def _place(self, model, session_id, token, dtype, sample_rate, output, rate, arrays,
+                     samples) -> Session:
+        stream = self.scheduler.open(model.pool, rate, output == "last", arrays, samples)
+        if stream is None:
+            raise ServeError("overloaded", "no free session slot for this model")
+        await self.scheduler.submit(stream, "snapshot")  # the load has run once this returns
+        session = Session(session_id, token, model, dtype, sample_rate, output, stream)
+        self.live[token] = session
+        self.metrics.sessions_active.labels(session.name).inc()
+        self.metrics.sessions_opened.labels(session.name).inc()
+        return session
+
+    def submit_snapshot(self, session: Session) -> asyncio.Future:
+        """Queued behind the session's earlier frames; resolves to (samples, arrays)."""
+        return self.scheduler.submit(session.stream, "snapshot")
+
+    def submit_reset(self, session: Session) -> asyncio.Future:
+        return self.scheduler.submit(session.stream, "reset")
+
+    def submit_end(self, session: Session) -> asyncio.Future:
+        """Finish a session for good (its state is discarded); resolves to (samples, arrays)."""
+        return self._release(session)
+
+    def blob(self, session: Session, samples: int, arrays) -> str:
+        info = session.model.info
+        names = [spec.name for spec in session.model.backend.state_spec]
+        return encode_state(
+            StateRecord(info.name, info.version, samples, list(arrays), names, session.sample_rate)
+        )
+
+    async def detach(self, session: Session, owner: Owner) -> None:
+        """The owner's connection is gone: keep the state resumable for resume_ttl seconds."""
+        if session.owner is not owner:  # taken over: the session lives on elsewhere
+            return
+        samples, arrays = await self._release(session)
+        record = SessionRecord(
+            session.id, session.name, session.dtype, session.sample_rate, session.output,
+            samples, self.blob(session, samples, arrays),
+        )
+        self.store.put(session.token, record, self.resume_ttl)
+        log.info("session %s detached at sample %d, resumable", session.id, samples)
+
+    def _release(self, session: Session) -> asyncio.Future:
+        session.owner = None
+        if self.live.get(session.token) is session:
+            del self.live[session.token]
+            self.metrics.sessions_active.labels(session.name).dec()
+        return self.scheduler.submit(session.stream, "release")
+
+    def owners(self) -> list[Owner]:
+        return [s.owner for s in self.live.values() if s.owner is not None]

@@ -1,0 +1,80 @@
+"""Server settings: environment variables `S4SERVE_*`, overridable by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "model" / "zoo"
+
+
+def _split_csv(value: object) -> object:
+    # Env vars hold lists as comma-separated text; JSON lists work too.
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Sizes are bytes, times are seconds."""
+
+    model_config = SettingsConfigDict(env_prefix="S4SERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="model directories; empty means every one in zoo_dir"
+    )
+    zoo_dir: Path = DEFAULT_ZOO
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    backend: str = Field("torch", description="default backend for every model")
+    backends: dict[str, str] = Field(default_factory=dict, description="per-model overrides")
+
+    max_sessions: int = Field(1000, ge=1, description="concurrent streaming sessions")
+    max_frame_bytes: int = Field(1 << 20, ge=64, description="largest WebSocket message")
+    idle_timeout: float = Field(300.0, gt=0, description="close a silent session after this")
+    resume_ttl: float = Field(60.0, ge=0, description="keep a dropped session this long")
+    session_queue: int = Field(64, ge=1, description="frames in flight per session")
+    max_body_bytes: int = Field(64 << 20, ge=1, description="largest predict request body")
+    max_batch_length: int = Field(4_000_000, ge=1, description="largest batch × length")
+    max_pending_requests: int = Field(64, ge=1, description="predict requests queued")
+    max_rates: int = Field(8, ge=1, description="distinct sample rates kept discretised")
+
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    snapshot_dir: Path = Path("var/sessions")
+    drain_seconds: float = Field(
+        0.0, ge=0, description="after SIGTERM, answer readyz 503 this long before stopping"
+    )
+    scheduler_tick: float = Field(
+        0.0, ge=0, description="extra wait for more frames before each batched call"
+    )
+    scheduler_max_batch: int = Field(1024, ge=1, description="sessions per batched call")
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    json_logs: bool = False
+
+    @field_validator("models", "api_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _lists_from_env(cls, value: object) -> object:
+        return _split_csv(value)
+
+    def backend_for(self, model_name: str) -> str:
+        return self.backends.get(model_name, self.backend)
+
+    def model_dirs(self) -> list[Path]:
+        """The configured model directories, or every model found under the zoo."""
+        if self.models:
+            return list(self.models)
+        if not self.zoo_dir.is_dir():
+            return []
+        return sorted(p.parent for p in self.zoo_dir.glob("*/config.json"))

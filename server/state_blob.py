@@ -1,0 +1,136 @@
+"""The state blob: a versioned binary record of one session's recurrent state.
+
+Layout (all integers little-endian):
+
+    b"S4SB" | u16 format version | u32 header length | header (UTF-8 JSON) | tensor bytes
+
+The header names the model, its version, the sample count, the sample rate the state was
+advanced at, and each tensor's name, dtype and shape; the tensor bytes follow in that order,
+C-contiguous little-endian. Clients carry it as standard base64 text.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import ServeError
+
+MAGIC = b"S4SB"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sHI")
+_ALLOWED_DTYPES = {"float32", "float64", "complex64", "complex128", "int64"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One state tensor of a model: name, shape without the batch axis, numpy dtype name."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class StateRecord:
+    model: str
+    version: str
+    samples: int
+    tensors: list[np.ndarray]
+    names: list[str] = field(default_factory=list)
+    sample_rate: float | None = None
+
+    def check(self, model: str, version: str, spec: Sequence[TensorSpec]) -> None:
+        """Reject a record made by another model, version or state layout."""
+        if (self.model, self.version) != (model, version):
+            raise ServeError(
+                "bad_state",
+                f"state was made by model {self.model!r} version {self.version!r}, "
+                f"not {model!r} version {version!r}",
+            )
+        expected = [(s.name, tuple(s.shape), s.dtype) for s in spec]
+        got = [(n, t.shape, t.dtype.name) for n, t in zip(self.names, self.tensors, strict=True)]
+        if expected != got:
+            raise ServeError("bad_state", "state tensors do not match this model's state layout")
+
+
+def encode_state(record: StateRecord) -> str:
+    """Serialise a record to base64 text."""
+    arrays = [np.ascontiguousarray(t) for t in record.tensors]
+    header = {
+        "model": record.model,
+        "version": record.version,
+        "samples": int(record.samples),
+        "sample_rate": record.sample_rate,
+        "tensors": [
+            {"name": name, "dtype": a.dtype.name, "shape": list(a.shape)}
+            for name, a in zip(record.names, arrays, strict=True)
+        ],
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = b"".join(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in arrays)
+    raw = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + body
+    return base64.b64encode(raw).decode("ascii")
+
+
+def decode_state(blob: object) -> StateRecord:
+    """Parse base64 text into a record; any malformation is `bad_state`."""
+    if not isinstance(blob, str):
+        raise ServeError("bad_state", "state must be a base64 string")
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ServeError("bad_state", "state is not valid base64") from exc
+    try:
+        return _parse(raw)
+    except ServeError:
+        raise
+    except (ValueError, KeyError, TypeError, struct.error) as exc:
+        raise ServeError("bad_state", f"state record is malformed: {exc}") from exc
+
+
+def _parse(raw: bytes) -> StateRecord:
+    if len(raw) < _PREFIX.size:
+        raise ServeError("bad_state", "state record is truncated")
+    magic, version, head_len = _PREFIX.unpack_from(raw)
+    if magic != MAGIC:
+        raise ServeError("bad_state", "not an s4serve state record")
+    if version != FORMAT_VERSION:
+        raise ServeError("bad_state", f"state record format {version} is not supported")
+    head_end = _PREFIX.size + head_len
+    header = json.loads(raw[_PREFIX.size : head_end].decode())
+    offset = head_end
+    names: list[str] = []
+    tensors: list[np.ndarray] = []
+    for entry in header["tensors"]:
+        dtype_name = str(entry["dtype"])
+        if dtype_name not in _ALLOWED_DTYPES:
+            raise ServeError("bad_state", f"state tensor dtype {dtype_name!r} is not supported")
+        dtype = np.dtype(dtype_name).newbyteorder("<")
+        shape = tuple(int(n) for n in entry["shape"])
+        if any(n < 0 for n in shape):
+            raise ServeError("bad_state", "state tensor has a negative dimension")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset + nbytes > len(raw):
+            raise ServeError("bad_state", "state record is truncated")
+        array = np.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+        tensors.append(array.reshape(shape).astype(dtype.newbyteorder("="), copy=True))
+        names.append(str(entry["name"]))
+        offset += nbytes
+    if offset != len(raw):
+        raise ServeError("bad_state", "state record has trailing bytes")
+    rate = header.get("sample_rate")
+    return StateRecord(
+        model=str(header["model"]),
+        version=str(header["version"]),
+        samples=int(header["samples"]),
+        tensors=tensors,
+        names=names,
+        sample_rate=None if rate is None else float(rate),
+    )
