@@ -1,0 +1,103 @@
+"""Load on the predict endpoint: `concurrency` clients posting batch × length sequences."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import httpx
+import numpy as np
+
+from loadtest.config import PredictLoadConfig
+from loadtest.predict_client import predict
+from loadtest.signals import SignalSource
+from loadtest.stats import latency_summary_ms
+from loadtest.stream_load import auth_headers, fetch_model_info
+from loadtest.targets import check_target, http_base
+
+
+@dataclass
+class PredictResult:
+    config: dict
+    model_info: dict
+    ok: bool
+    failures: list[str]
+    requests: int
+    requests_ok: int
+    wrong_shape: int
+    errors: dict[str, int]
+    throughput: dict[str, float]
+    latency_ms: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+async def run_predict_load(cfg: PredictLoadConfig) -> PredictResult:
+    """Post until duration_s or max_requests; each answer must be (batch, length, d_output)."""
+    check_target(cfg.url, cfg.allow_remote)
+    base = http_base(cfg.url)
+    headers = auth_headers(cfg.token)
+    info = await fetch_model_info(base, cfg.model, headers)
+    inputs = SignalSource(cfg.signal, int(info["d_input"]), cfg.seed, cfg.npy_path).batch(
+        cfg.batch, cfg.length
+    )
+    want = (cfg.batch, cfg.length, int(info["d_output"]))
+    latencies: list[float] = []
+    errors: Counter = Counter()
+    wrong = 0
+    issued = 0
+    deadline = time.monotonic() + cfg.duration_s
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal issued, wrong
+        while time.monotonic() < deadline and issued < cfg.max_requests:
+            issued += 1
+            t = time.monotonic()
+            try:
+                _, out, code = await predict(
+                    client,
+                    base,
+                    cfg.model,
+                    inputs,
+                    body=cfg.body,
+                    headers=headers,
+                    timeout_s=cfg.timeout_s,
+                )
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] += 1
+                continue
+            if out is None:
+                errors[code or "unknown"] += 1
+            elif out.shape != want:
+                wrong += 1
+            else:
+                latencies.append(time.monotonic() - t)
+
+    start = time.monotonic()
+    limits = httpx.Limits(max_connections=cfg.concurrency)
+    async with httpx.AsyncClient(limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(cfg.concurrency)))
+    elapsed = time.monotonic() - start
+    failures = [f"{wrong} wrong shape"] if wrong else []
+    if errors:
+        failures.append("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(errors.items())))
+    ok_count = len(latencies)
+    return PredictResult(
+        config=cfg.model_dump(),
+        model_info=info,
+        ok=not failures,
+        failures=failures,
+        requests=issued,
+        requests_ok=ok_count,
+        wrong_shape=wrong,
+        errors=dict(errors),
+        throughput={
+            "requests_per_s": ok_count / elapsed,
+            "sequences_per_s": ok_count * cfg.batch / elapsed,
+            "samples_per_s": ok_count * cfg.batch * cfg.length / elapsed,
+        },
+        latency_ms=latency_summary_ms(np.asarray(latencies)),
+    )
