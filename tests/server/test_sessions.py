@@ -1,0 +1,83 @@
+"""Snapshot, reset, end, resume after a dropped connection, and takeover."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import websockets
+
+from tests.server.client import connect, predict, send_json, start, stream_binary
+
+U = np.random.default_rng(21).standard_normal((60, 2)).astype(np.float32)
+
+
+def expected(server) -> np.ndarray:
+    return np.array(predict(server.url, "seq", U[None])["outputs"])[0]
+
+
+async def test_snapshot_reset_and_end(server):
+    whole = expected(server)
+    async with await connect(server.ws_url, "seq") as ws:
+        await start(ws)
+        await stream_binary(ws, [U[:25]], 3)
+        snap = await send_json(ws, {"type": "snapshot"})
+        assert snap["type"] == "snapshot" and snap["samples"] == 25
+        assert await send_json(ws, {"type": "reset"}) == {"type": "reset", "samples": 0}
+        fresh = await stream_binary(ws, [U[:10]], 3)  # from zeros again
+        np.testing.assert_allclose(fresh, whole[:10], atol=1e-4)
+        assert (await send_json(ws, {"type": "snapshot"}))["samples"] == 10
+    async with await connect(server.ws_url, "seq") as ws:
+        started = await start(ws, state=snap["state"])
+        assert started["samples"] == 25
+        rest = await stream_binary(ws, [U[25:]], 3)
+        assert await send_json(ws, {"type": "end"}) == {"type": "end", "samples": len(U)}
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await ws.recv()
+    np.testing.assert_allclose(rest, whole[25:], atol=1e-4)
+
+
+async def test_resume_after_dropped_connection_is_identical(server):
+    uninterrupted = None
+    async with await connect(server.ws_url, "seq") as ws:
+        await start(ws)
+        uninterrupted = await stream_binary(ws, [U[t : t + 5] for t in range(0, 60, 5)], 3)
+
+    ws = await connect(server.ws_url, "seq")
+    started = await start(ws)
+    token = started["resume_token"]
+    before = await stream_binary(ws, [U[t : t + 5] for t in range(0, 30, 5)], 3)
+    ws.transport.abort()  # the network drops: no close handshake, no end
+    await asyncio.sleep(0.2)
+
+    async with await connect(server.ws_url, "seq") as ws2:
+        resumed = await start(ws2, resume=token)
+        assert resumed["session"] == started["session"]
+        assert resumed["samples"] == 30
+        after = await stream_binary(ws2, [U[t : t + 5] for t in range(30, 60, 5)], 3)
+    # Identical: the same operations on the same state give the same floats.
+    np.testing.assert_array_equal(np.concatenate([before, after]), uninterrupted)
+
+
+async def test_resume_takes_over_a_connection_the_server_thinks_alive(server):
+    old = await connect(server.ws_url, "seq")
+    started = await start(old)
+    await stream_binary(old, [U[:7]], 3)
+    async with await connect(server.ws_url, "seq") as new:
+        resumed = await start(new, resume=started["resume_token"])
+        assert resumed["samples"] == 7
+        with pytest.raises(websockets.ConnectionClosed):
+            await old.recv()
+        assert (old.close_code, old.close_reason) == (1008, "resumed_elsewhere")
+        got = await stream_binary(new, [U[7:]], 3)
+    np.testing.assert_allclose(got, expected(server)[7:], atol=1e-4)
+
+
+async def test_ended_session_cannot_be_resumed(server):
+    async with await connect(server.ws_url, "seq") as ws:
+        token = (await start(ws))["resume_token"]
+        await send_json(ws, {"type": "end"})
+    async with await connect(server.ws_url, "seq") as ws:
+        reply = await send_json(ws, {"type": "start", "resume": token})
+        assert reply["code"] == "resume_not_found"
