@@ -34,11 +34,13 @@ FROM ${BASE} AS runtime-base
 # Fixed ids so volume permissions and Kubernetes securityContext (runAsUser) can rely on them.
 RUN groupadd --system --gid 10001 s4serve \
  && useradd --system --uid 10001 --gid s4serve --home-dir /home/s4serve --create-home \
-      --shell /usr/sbin/nologin s4serve
+      --shell /usr/sbin/nologin s4serve \
+ && install -d -o 10001 -g 10001 /home/s4serve/var /home/s4serve/var/sessions
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    S4SERVE_SNAPSHOT_DIR=/home/s4serve/var/sessions
 USER 10001:10001
 WORKDIR /home/s4serve
 EXPOSE 8000
