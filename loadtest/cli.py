@@ -120,10 +120,14 @@ def echo(
     port: int = 8100,
     channels: Annotated[int, typer.Option(help="d_input = d_output of the echo model")] = 1,
     sample_rate: float = 100.0,
+    fault: Annotated[
+        str | None, typer.Option(help="KIND:N misbehaves every N frames (tests of the tester)")
+    ] = None,
 ) -> None:
     """Serve the model-free echo app (the transport ceiling) on the same FastAPI + uvicorn stack."""
     import uvicorn
 
     from loadtest.echo_app import create_echo_app
 
-    uvicorn.run(create_echo_app(channels, sample_rate), host=host, port=port, log_level="warning")
+    app_ = create_echo_app(channels, sample_rate, fault)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")

@@ -37,6 +37,7 @@ class StreamLoadConfig(BaseModel):
     workers: int = Field(1, ge=1, le=64, description="client processes sharing the sessions")
     scrape_interval_s: float = Field(1.0, gt=0)
     allow_remote: bool = False
+    ready_timeout_s: float = Field(60.0, gt=0, le=600, description="wait for /readyz")
     seed: int = 0
     token: str | None = Field(None, description="API key sent as a Bearer header")
 

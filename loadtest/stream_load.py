@@ -14,6 +14,7 @@ import numpy as np
 
 from loadtest.config import StreamLoadConfig
 from loadtest.predict_client import predict
+from loadtest.processes import wait_ready
 from loadtest.protocol import as_seen_by_server
 from loadtest.scrape import MetricsPoller, ServerView
 from loadtest.session import SessionPlan, SessionRecord, run_session
@@ -245,6 +246,7 @@ async def run_stream_load(cfg: StreamLoadConfig) -> StreamResult:
     check_target(cfg.url, cfg.allow_remote)
     base = http_base(cfg.url)
     headers = auth_headers(cfg.token)
+    await asyncio.to_thread(wait_ready, base, cfg.ready_timeout_s)
     info = await fetch_model_info(base, cfg.model, headers)
     poller = MetricsPoller(base, cfg.model, headers, cfg.scrape_interval_s)
     stop = asyncio.Event()
