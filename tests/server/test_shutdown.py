@@ -1,0 +1,76 @@
+"""SIGTERM: /readyz turns 503, sessions are snapshotted to the store and closed 1001, and after
+a restart they resume where they were (a real `s4serve serve` subprocess)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from tests.server.client import connect, predict, start, stream_binary
+from tests.server.conftest import free_port
+
+S4SERVE = str(Path(sys.executable).with_name("s4serve"))
+
+
+def launch(model_dir: Path, port: int, snapshots: Path) -> subprocess.Popen:
+    env = dict(os.environ, S4SERVE_DRAIN_SECONDS="1.0", S4SERVE_SNAPSHOT_DIR=str(snapshots))
+    process = subprocess.Popen(
+        [S4SERVE, "serve", "--model", str(model_dir), "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(process.communicate()[0])
+
+
+async def test_sigterm_drains_snapshots_and_resumes_after_restart(model_dirs, tmp_path):
+    port, snapshots = free_port(), tmp_path / "sessions"
+    url, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
+    u = np.random.default_rng(41).standard_normal((50, 2)).astype(np.float32)
+    process = launch(model_dirs["seq"], port, snapshots)
+    try:
+        expected = np.array(predict(url, "seq", u[None])["outputs"])[0]
+        ws = await connect(ws_url, "seq")
+        token = (await start(ws))["resume_token"]
+        before = await stream_binary(ws, [u[:20]], 3)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        async with await connect(ws_url, "seq") as refused:
+            with pytest.raises(websockets.ConnectionClosed):
+                await refused.recv()
+            assert refused.close_code == 1013
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+        assert (ws.close_code, ws.close_reason) == (1001, "server_shutdown")
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    finally:
+        process.kill()
+    assert len(list(snapshots.glob("*.json"))) == 1
+
+    process = launch(model_dirs["seq"], port, snapshots)
+    try:
+        async with await connect(ws_url, "seq") as ws:
+            resumed = await start(ws, resume=token)
+            assert resumed["samples"] == 20
+            after = await stream_binary(ws, [u[20:]], 3)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    np.testing.assert_allclose(np.concatenate([before, after]), expected, atol=1e-4)
