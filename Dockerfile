@@ -23,11 +23,17 @@ ARG TORCH_SPEC=torch==2.13.0
 ARG WHEELHOUSE=wheelhouse
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-COPY ${WHEELHOUSE}/ /wheelhouse/
-# Torch first and pinned, so the project's open "torch>=" range cannot pick another wheel.
+# Torch alone first, in its own layer: rebuilds after a code change reuse it from the cache.
+# Its C++ tests and headers (about 150 MB) are not needed to serve.
+COPY ${WHEELHOUSE}/torch-*.whl /wheelhouse/
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-index --find-links /wheelhouse "${TORCH_SPEC}" \
- && /opt/venv/bin/pip install --no-index --find-links /wheelhouse s4serve \
+ && /opt/venv/bin/pip install --no-index --find-links /wheelhouse --no-deps "${TORCH_SPEC}" \
+ && rm -rf /opt/venv/lib/python3*/site-packages/torch/test \
+           /opt/venv/lib/python3*/site-packages/torch/include
+COPY ${WHEELHOUSE}/ /wheelhouse/
+# TORCH_SPEC again so that its dependencies come in and the project's open "torch>=" range
+# cannot replace the pinned wheel.
+RUN /opt/venv/bin/pip install --no-index --find-links /wheelhouse "${TORCH_SPEC}" s4serve \
  && /opt/venv/bin/pip uninstall --yes pip
 
 FROM ${BASE} AS runtime-base

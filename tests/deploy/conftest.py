@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -21,3 +23,13 @@ def tool(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} is not installed (Debian package or .venv; see docs/deploy.md)")
     return found
+
+
+def load_deploy_script(name: str) -> ModuleType:
+    """Imports a helper script of deploy/docker (not a package: it is run as a file)."""
+    path = DEPLOY / "docker" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"deploy_docker_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
