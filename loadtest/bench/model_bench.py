@@ -1,0 +1,131 @@
+"""Model benches: recurrent step, chunk and convolution times, accuracy, and the O(N) check."""
+
+from __future__ import annotations
+
+import torch
+
+from loadtest.bench.networks import perturbed_network
+from loadtest.bench.timing import inner_for, time_call
+from model.network import S4Network
+from model.reference import reference_outputs
+
+# Official per-layer anchors (../shared/REFERENCE.md), seconds.
+STEP_ANCHOR_S = {"s4d": 500e-6, "s4": 2.04e-3}  # S4D step; S4 Woodbury ("linear") step, B=1
+CONV_ANCHOR_S = {"s4d": 7.4, "s4": 5.4}  # block forward at L=16000
+ACCURACY_GOAL = {"s4d": 1e-4, "s4": 2e-4}
+
+
+def _clear_kernels(net: S4Network) -> None:
+    for block in net.blocks:
+        block.layer.clear_kernel_cache()
+
+
+def step_times(net: S4Network, batches: tuple[int, ...], target_s: float, repeats: int) -> dict:
+    """Whole-network recurrent step time per batch size."""
+    rec = net.to_recurrent()
+    out = {}
+    for b in batches:
+        state = rec.initial_state(b)
+        u = torch.randn(b, net.config.d_input)
+        call = lambda rec=rec, u=u, state=state: rec.step(u, state)  # noqa: E731
+        out[b] = time_call(call, repeats, inner_for(target_s, call)).as_dict()
+    return out
+
+
+def chunk_time(net: S4Network, length: int, target_s: float, repeats: int) -> dict:
+    rec = net.to_recurrent()
+    state = rec.initial_state(1)
+    u = torch.randn(1, length, net.config.d_input)
+    call = lambda: rec.chunk(u, state)  # noqa: E731
+    return time_call(call, repeats, inner_for(target_s, call)).as_dict()
+
+
+@torch.no_grad()
+def conv_times(net: S4Network, length: int, repeats: int) -> dict:
+    """Convolutional forward at one length: cold (kernels recomputed) and warm (cached)."""
+    u = torch.randn(1, length, net.config.d_input)
+
+    def cold() -> None:
+        _clear_kernels(net)
+        net(u)
+
+    return {
+        "cold": time_call(cold, repeats=max(1, repeats // 3), warmup=0).as_dict(),
+        "warm": time_call(lambda: net(u), repeats, warmup=1).as_dict(),
+    }
+
+
+@torch.no_grad()
+def accuracy(net: S4Network, length: int, chunk: int = 320, seed: int = 0) -> dict:
+    """Max abs error of step, chunk and conv outputs vs the float64 dense reference."""
+    torch.manual_seed(seed)
+    u = torch.randn(1, length, net.config.d_input)
+    ref = reference_outputs(net, u)
+    rec = net.to_recurrent()
+    state = rec.initial_state(1)
+    steps = []
+    for t in range(length):
+        y, state = rec.step(u[:, t], state)
+        steps.append(y)
+    step_out = torch.stack(steps, dim=1)
+    state = rec.initial_state(1)
+    chunks = []
+    for start in range(0, length, chunk):
+        y, state = rec.chunk(u[:, start : start + chunk], state)
+        chunks.append(y)
+    chunk_out = torch.cat(chunks, dim=1)
+    conv_out = net(u)
+
+    def err(y: torch.Tensor) -> float:
+        return float((y.double() - ref).abs().max())
+
+    return {"length": length, "step": err(step_out), "chunk": err(chunk_out), "conv": err(conv_out)}
+
+
+def state_scaling(
+    layer: str, sizes: tuple[int, ...], batch: int, target_s: float, repeats: int, d_model: int
+) -> list[dict]:
+    """Step time vs state size N: per state element it should stay roughly flat (O(N))."""
+    rows = []
+    for n in sizes:
+        net = perturbed_network(layer, d_state=n, d_model=d_model)
+        t = step_times(net, (batch,), target_s, repeats)[batch]
+        elements = batch * net.config.n_layers * d_model * n // 2
+        rows.append({"d_state": n, "batch": batch, **t,
+                     "ns_per_state_element": 1e9 * t["median_s"] / elements})  # fmt: skip
+    return rows
+
+
+def run_model_benches(quick: bool, log=print) -> dict:
+    """Everything for the reference size (or small sizes in quick mode), S4D and S4."""
+    torch.set_num_threads(1)  # the official anchors are single-threaded
+    conv_len = 512 if quick else 16_000
+    acc_len = 256 if quick else 16_000
+    sizes = (16, 32) if quick else (16, 32, 64, 128, 256)
+    shape = dict(d_model=16, n_layers=2, d_state=16) if quick else {}
+    target_s, repeats = (0.02, 3) if quick else (0.3, 7)
+    results: dict = {"threads": 1, "conv_length": conv_len, "accuracy_length": acc_len}
+    for layer in ("s4d", "s4"):
+        net = perturbed_network(layer, **shape)
+        log(f"model bench {layer}: step")
+        entry = {"config": {k: getattr(net.config, k) for k in ("n_layers", "d_model", "d_state")},
+                 "step": step_times(net, (1, 1024), target_s, repeats),
+                 "chunk_320": chunk_time(net, 320, target_s, repeats)}  # fmt: skip
+        log(f"model bench {layer}: conv L={conv_len}")
+        entry["conv"] = conv_times(net, conv_len, repeats)
+        log(f"model bench {layer}: accuracy L={acc_len}")
+        entry["accuracy"] = accuracy(net, acc_len)
+        entry["accuracy"]["goal"] = ACCURACY_GOAL[layer]
+        log(f"model bench {layer}: state scaling")
+        entry["scaling"] = state_scaling(layer, sizes, 64, target_s, repeats,
+                                         shape.get("d_model", 128))  # fmt: skip
+        per_layer_step = entry["step"][1]["median_s"] / net.config.n_layers
+        per_layer_conv = entry["conv"]["cold"]["median_s"] / net.config.n_layers
+        entry["ratios"] = {
+            "step_per_layer_vs_anchor": per_layer_step / STEP_ANCHOR_S[layer],
+            "conv_cold_per_layer_vs_anchor": per_layer_conv / CONV_ANCHOR_S[layer]
+            if not quick
+            else None,
+        }
+        results[layer] = entry
+    return results

@@ -1,0 +1,166 @@
+"""BENCHMARKS.md from a suite result: tables of medians (IQR) and the ratios that matter."""
+
+from __future__ import annotations
+
+
+def _t(entry: dict | None, unit: str = "ms") -> str:
+    """'median (IQR x)' in the unit."""
+    if not entry:
+        return "-"
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    return f"{entry['median_s'] * scale:.3g} {unit} (IQR {entry['iqr_s'] * scale:.2g})"
+
+
+def _f(value: float | None, fmt: str = ".3g") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def _machine(m: dict, command: str) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    load = " / ".join(f"{x:.1f}" for x in m["load_average_start"])
+    end = " / ".join(f"{x:.1f}" for x in m.get("load_average_end", ()))
+    return [
+        f"- date: {m['date']}, commit {m['commit']}",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}",
+        f"- python {m['python']}; {versions}",
+        f"- load average (1/5/15 min) at start: {load}; at end: {end or '-'}",
+        f"- command: `{command}`",
+        f"- duration: {m.get('duration_s', 0):.0f} s",
+    ]
+
+
+def _model(r: dict) -> list[str]:
+    lines = [
+        "## Model (in process, 1 torch thread)", "",
+        f"Conv length L = {r['conv_length']}; accuracy length L = {r['accuracy_length']}. "
+        "Times: median (IQR) over repeats. Per-layer ratio = whole network / n_layers / official "
+        "per-layer anchor (S4D step 500 µs, S4 Woodbury step 2.04 ms, block forward at L=16000 "
+        "7.4 s S4D / 5.4 s S4); below 1 is faster than the official code.", "",
+        "| layer | shape | step B=1 | step B=1024 | chunk T=320 | conv cold | conv warm "
+        "| step/layer vs anchor | cold conv/layer vs anchor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for layer in ("s4d", "s4"):
+        e = r.get(layer)
+        if not e:
+            continue
+        c = e["config"]
+        ratios = e["ratios"]
+        lines.append(_row(
+            layer, f"{c['n_layers']}×{c['d_model']}, N={c['d_state']}", _t(e["step"][1], "us"),
+            _t(e["step"][1024]), _t(e["chunk_320"]), _t(e["conv"]["cold"], "s"),
+            _t(e["conv"]["warm"]), _f(ratios["step_per_layer_vs_anchor"]),
+            _f(ratios["conv_cold_per_layer_vs_anchor"]),
+        ))  # fmt: skip
+    lines += ["", "### Agreement with a float64 dense reference (max abs error)", "",
+              _row("layer", "L", "step", "chunk (T=320)", "conv", "goal", "met"),
+              _row(*["---"] * 7)]  # fmt: skip
+    for layer in ("s4d", "s4"):
+        a = r.get(layer, {}).get("accuracy")
+        if a:
+            worst = max(a["step"], a["chunk"], a["conv"])
+            lines.append(
+                _row(
+                    layer,
+                    a["length"],
+                    f"{a['step']:.2e}",
+                    f"{a['chunk']:.2e}",
+                    f"{a['conv']:.2e}",
+                    f"{a['goal']:.0e}",
+                    _yes(worst <= a["goal"]),
+                )
+            )
+    lines += ["", "### Step cost vs state size (B=64; O(N) means flat ns per state element)", "",
+              "| layer | N | step | ns per state element |", "|---|---|---|---|"]  # fmt: skip
+    for layer in ("s4d", "s4"):
+        for row in r.get(layer, {}).get("scaling", []):
+            per = f"{row['ns_per_state_element']:.1f}"
+            lines.append(_row(layer, row["d_state"], _t(row), per))
+    return lines
+
+
+def _backends(r: dict) -> list[str]:
+    lines = ["## Backends (server runtimes, reference-size S4D, 1 thread)", "",
+             "| backend | step B=1 | step B=1024 |", "|---|---|---|"]  # fmt: skip
+    for kind in ("torch", "onnx"):
+        e = r.get(kind, {})
+        if e.get("available"):
+            lines.append(f"| {kind} | {_t(e[1], 'us')} | {_t(e[1024])} |")
+        else:
+            lines.append(f"| {kind} | not available: {e.get('reason', '?')} | - |")
+    if "onnx_vs_torch" in r:
+        ratio = r["onnx_vs_torch"]
+        lines += ["", f"onnx / torch step time: B=1 {ratio[1]:.2f}, B=1024 {ratio[1024]:.2f}"]
+    return lines
+
+
+def _server(r: dict) -> list[str]:
+    m = r["models"]
+    lines = ["## Server end to end (loopback; client and server share the machine)", "",
+             f"Models: motion = {m['motion']}; digits = {m['digits']}. Per-sample float32 frames "
+             "at 100 Hz per session; latency is client send → reply over the hold phase.", "",
+             "| sessions | target | frames/s (offered) | p50 ms | p99 ms | max ms | client lag ms "
+             "| server batch mean | ok |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for n, entry in r["sessions"].items():
+        for target in ("model", "echo"):
+            e = entry[target]
+            lat, tp = e["latency_hold_ms"], e["throughput"]
+            batch = (e["server"].get("step_batch_size") or {}).get("mean")
+            rate = f"{tp['frames_per_s']:.0f} ({tp['offered_frames_per_s']:.0f})"
+            lines.append(
+                _row(
+                    n,
+                    target,
+                    rate,
+                    _f(lat["p50"]),
+                    _f(lat["p99"]),
+                    _f(lat["max"]),
+                    _f(e["client_max_send_lag_ms"]),
+                    _f(batch),
+                    _yes(e["ok"]),
+                )
+            )
+    ratios = [f"{n} sessions {_f(e['model_vs_echo'], '.2f')}" for n, e in r["sessions"].items()]
+    lines += ["", "Model / echo message rate: " + ", ".join(ratios)]
+    a = r["audio"]
+    top = a["ladder"][-1] if a["ladder"] else None
+    bound = "≥ " if top and top["sustained"] else ""
+    limit = f"p99 < {a['p99_limit_ms']:.0f} ms"
+    lines += ["", f"### Real-time 16 kHz audio (digits, 20 ms int16 frames, {limit})", "",
+              f"Sustained: **{bound}{a['max_streams']} streams**.", "",
+              _row("streams", "frames/s", "p99 ms", "all replies ok", "sustained"),
+              _row(*["---"] * 5)]  # fmt: skip
+    for s in a["ladder"]:
+        lines.append(
+            _row(
+                s["streams"],
+                f"{s['frames_per_s']:.0f}",
+                _f(s["p99_ms"]),
+                _yes(s["ok"]),
+                "yes" if s["sustained"] else "no",
+            )
+        )
+    return lines
+
+
+def render(result: dict, command: str) -> str:
+    mode = "quick (small sizes, smoke only)" if result["quick"] else "full"
+    lines = ["# s4serve benchmarks", "", f"Generated by `s4serve bench` ({mode}). "
+             "Medians with IQR over repeats; ratios are taken within this one run.", "",
+             *_machine(result["machine"], command), ""]  # fmt: skip
+    for key, section in (("model", _model), ("backends", _backends), ("server", _server)):
+        value = result.get(key)
+        if isinstance(value, dict) and "error" in value:
+            lines += [f"## {key}", "", f"Did not complete: `{value['error']}`"]
+        elif value:
+            lines += section(value)
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Server end to end: the load tester against s4serve and the echo app, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loadtest.bench.networks import served_model
+from loadtest.config import StreamLoadConfig
+from loadtest.processes import ServerProcess
+from loadtest.stream_load import StreamResult, run_loop, run_stream_load
+
+AUDIO_P99_LIMIT_MS = 100.0
+
+
+def _summary(result: StreamResult) -> dict:
+    return {
+        "ok": result.ok,
+        "failures": result.failures,
+        "throughput": result.throughput,
+        "latency_hold_ms": result.latency_hold_ms,
+        "client_max_send_lag_ms": result.client["max_send_lag_ms"],
+        "verify_max_abs_err": result.verify["max_abs_err"],
+        "server": {k: result.server.get(k) for k in
+                   ("step_batch_size", "step_seconds", "queue_depth_max", "frame_latency")},
+    }  # fmt: skip
+
+
+def _stream(url: str, model: str, sessions: int, hold_s: float, **kw) -> dict:
+    cfg = StreamLoadConfig(
+        url=url, model=model, sessions=sessions, ramp_s=max(0.5, sessions / 200), hold_s=hold_s,
+        drain_s=15.0, verify_sessions=2, **kw,
+    )  # fmt: skip
+    return _summary(run_loop(run_stream_load(cfg)))
+
+
+def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
+    counts = (1, 10) if quick else (1, 100, 1000)
+    ladder = (1, 2) if quick else (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    hold_s = 1.0 if quick else 10.0
+    audio_hold_s = 1.0 if quick else 5.0
+    motion_dir, motion_kind = served_model("motion", scratch)
+    digits_dir, digits_kind = served_model("digits", scratch)
+    results: dict = {"models": {"motion": motion_kind, "digits": digits_kind}, "sessions": {}}
+    logs = scratch / "logs"
+    logs.mkdir(exist_ok=True)
+    with (
+        ServerProcess.echo(channels=3, log_path=logs / "echo.log") as echo,
+        ServerProcess.s4serve([motion_dir, digits_dir], log_path=logs / "s4serve.log") as server,
+    ):
+        for n in counts:
+            log(f"server bench: {n} sessions × 100 Hz per-sample frames (model, then echo)")
+            model = _stream(server.url, "motion", n, hold_s, rate=100.0, frame=1)
+            ceiling = _stream(echo.url, "echo", n, hold_s, rate=100.0, frame=1)
+            ratio = model["throughput"]["frames_per_s"] / max(
+                ceiling["throughput"]["frames_per_s"], 1e-9
+            )
+            results["sessions"][n] = {"model": model, "echo": ceiling, "model_vs_echo": ratio}
+        results["audio"] = _audio_ladder(server.url, ladder, audio_hold_s, log)
+    return results
+
+
+def _audio_ladder(url: str, ladder: tuple[int, ...], hold_s: float, log) -> dict:
+    """More 16 kHz streams (20 ms int16 frames) until p99 latency passes the limit."""
+    steps, sustained = [], 0
+    for n in ladder:
+        log(f"server bench: {n} real-time 16 kHz audio streams")
+        run = _stream(url, "digits", n, hold_s, rate=16000.0, frame=320, wire="int16",
+                      sample_rate=16000.0)  # fmt: skip
+        p99 = run["latency_hold_ms"]["p99"]
+        good = run["ok"] and p99 is not None and p99 < AUDIO_P99_LIMIT_MS
+        steps.append({"streams": n, "p99_ms": p99, "ok": run["ok"], "sustained": good,
+                      "frames_per_s": run["throughput"]["frames_per_s"]})  # fmt: skip
+        if not good:
+            break
+        sustained = n
+    return {"p99_limit_ms": AUDIO_P99_LIMIT_MS, "max_streams": sustained, "ladder": steps}

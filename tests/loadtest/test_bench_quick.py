@@ -1,0 +1,34 @@
+"""`s4serve bench --quick`: every section runs and the report carries its numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from server.cli import app
+
+
+def test_quick_bench_writes_a_complete_report(tmp_path: Path):
+    out = tmp_path / "BENCH.md"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.with_suffix(".json").read_text())
+    text = out.read_text()
+    for heading in ("## Model", "## Backends", "## Server end to end", "16 kHz audio"):
+        assert heading in text
+    for layer in ("s4d", "s4"):
+        entry = data["model"][layer]
+        acc = entry["accuracy"]
+        assert max(acc["step"], acc["chunk"], acc["conv"]) <= acc["goal"]
+        assert entry["step"]["1"]["median_s"] > 0 and entry["step"]["1024"]["median_s"] > 0
+        assert [row["d_state"] for row in entry["scaling"]] == [16, 32]
+    backends = data["backends"]
+    assert backends["torch"]["available"]
+    assert backends["onnx"]["available"] or backends["onnx"]["reason"]
+    for entry in data["server"]["sessions"].values():
+        assert entry["model"]["ok"], entry["model"]["failures"]
+        assert entry["echo"]["ok"], entry["echo"]["failures"]
+        assert entry["model"]["verify_max_abs_err"] <= 1e-4
+    assert data["server"]["audio"]["ladder"], "the audio ladder ran at least one step"
