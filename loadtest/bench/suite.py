@@ -12,14 +12,20 @@ from pathlib import Path
 from loadtest.bench.machine import machine_info
 from loadtest.bench.report import render
 
-SECTIONS = ("model", "backends", "server")
+SECTIONS = ("model", "backends", "server", "gpu")
 
 
 def run_suite(
-    quick: bool, out: Path, sections: tuple[str, ...] = SECTIONS, command: str = "", log=print
+    quick: bool,
+    out: Path,
+    sections: tuple[str, ...] = SECTIONS,
+    command: str = "",
+    log=print,
+    json_out: Path | None = None,
 ) -> dict:
     """Run the chosen sections; a section that fails is reported as such, never skipped silently."""
     from loadtest.bench.backend_bench import run_backend_benches
+    from loadtest.bench.gpu_bench import run_gpu_bench
     from loadtest.bench.model_bench import run_model_benches
     from loadtest.bench.server_bench import run_server_benches
 
@@ -31,6 +37,7 @@ def run_suite(
             "model": lambda: run_model_benches(quick, log),
             "backends": lambda: run_backend_benches(scratch, quick, log),
             "server": lambda: run_server_benches(scratch, quick, log),
+            "gpu": lambda: run_gpu_bench(quick, log),
         }
         for name in sections:
             try:
@@ -41,5 +48,6 @@ def run_suite(
     result["machine"]["load_average_end"] = os.getloadavg()
     result["machine"]["duration_s"] = time.monotonic() - start
     out.write_text(render(result, command))
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
     return result

@@ -16,11 +16,13 @@ def register(app: typer.Typer) -> None:
 
 def bench(
     quick: Annotated[bool, typer.Option(help="Small sizes, seconds: a smoke test for CI.")] = False,
-    out: Annotated[Path, typer.Option(help="Markdown report (a .json sits beside it).")] = Path(
-        "BENCHMARKS.md"
-    ),
+    out: Annotated[Path, typer.Option(help="Markdown report.")] = Path("BENCHMARKS.md"),
+    json_out: Annotated[
+        Path | None, typer.Option(help="Also write the raw results as JSON.")
+    ] = None,
     section: Annotated[
-        list[str] | None, typer.Option(help="model, backends, server (repeatable; default all).")
+        list[str] | None,
+        typer.Option(help="model, backends, server, gpu (repeatable; default all)."),
     ] = None,
 ) -> None:
     """Measure step/chunk/conv speed and accuracy, backends and the server; write a report."""
@@ -31,7 +33,9 @@ def bench(
     if unknown:
         raise typer.BadParameter(f"unknown section(s) {sorted(unknown)}; known: {SECTIONS}")
     command = "s4serve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result = run_suite(quick, out, chosen, command, log=lambda m: typer.echo(m, err=True))
+    result = run_suite(
+        quick, out, chosen, command, log=lambda m: typer.echo(m, err=True), json_out=json_out
+    )
     failed = [name for name in chosen if "error" in result.get(name, {})]
     typer.echo(f"wrote {out}")
     if failed:

@@ -12,9 +12,11 @@ from server.cli import app
 
 def test_quick_bench_writes_a_complete_report(tmp_path: Path):
     out = tmp_path / "BENCH.md"
-    result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(out)])
+    raw = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--out", str(out), "--json-out", str(raw)]
+    result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
-    data = json.loads(out.with_suffix(".json").read_text())
+    data = json.loads(raw.read_text())
     text = out.read_text()
     for heading in ("## Model", "## Backends", "## Server end to end", "16 kHz audio"):
         assert heading in text
