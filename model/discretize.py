@@ -57,6 +57,8 @@ class DPLRBilinear:
     b2: torch.Tensor  # (H, N2) 2·B
     d: torch.Tensor  # (H, N2) 1/(2/dt - Λ)
     core: torch.Tensor  # (H, R, R) real, (I + P* D P)⁻¹
+    lam: torch.Tensor  # (H, N2) Λ, kept for dense set-up work
+    dt: torch.Tensor  # (H,)
 
     @classmethod
     def build(cls, lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor, dt: torch.Tensor
@@ -65,7 +67,7 @@ class DPLRBilinear:
         d = 1 / (two_dt - lam)  # (H, N2)
         gram = 2 * torch.einsum("ihn,hn,jhn->hij", p.conj(), d, p).real  # (H, R, R)
         eye = torch.eye(p.shape[0], dtype=gram.dtype)
-        return cls(two_dt + lam, p, 2 * b, d, torch.linalg.inv(eye + gram))
+        return cls(two_dt + lam, p, 2 * b, d, torch.linalg.inv(eye + gram), lam, dt)
 
     def resolve(self, v: torch.Tensor) -> torch.Tensor:
         """(2/dt - A)⁻¹ v for conjugate-symmetric v (..., H, N2)."""

@@ -7,6 +7,8 @@ usual mean-pooled classifier.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -14,6 +16,7 @@ from model.config import ModelConfig
 from model.ssm import S4DLayer, S4Layer, SSMLayer
 
 State = list[torch.Tensor]
+RECURRENT_CACHE_SIZE = 4
 
 
 def check_input(u: torch.Tensor, d_input: int, name: str = "inputs") -> None:
@@ -97,6 +100,18 @@ class S4Network(nn.Module):
             raise ValueError(f"rate must be positive, got {rate}")
         return RecurrentNetwork(self, rate, chunk_max or self.config.chunk_max)
 
+    def recurrent(self, rate: float = 1.0) -> RecurrentNetwork:
+        """`to_recurrent(rate)`, cached for the last few rates until a parameter changes."""
+        version = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cache = self.__dict__.setdefault("_recurrent_cache", OrderedDict())
+        key = (float(rate), version)
+        if key not in cache:
+            cache[key] = self.to_recurrent(rate)
+            while len(cache) > RECURRENT_CACHE_SIZE:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
+
     @torch.no_grad()
     def predict(self, u: torch.Tensor, rate: float = 1.0, state: State | None = None,
                 return_state: bool = False) -> tuple[torch.Tensor, State | None]:
@@ -105,7 +120,7 @@ class S4Network(nn.Module):
         check_input(u, self.config.d_input)
         if state is None and not return_state:
             return self(u, rate), None
-        rec = self.to_recurrent(rate)
+        rec = self.recurrent(rate)
         if state is None:
             state = rec.initial_state(u.shape[0])
         rec.check_state(state, u.shape[0])

@@ -1,0 +1,242 @@
+"""Training a causal S4 classifier on a registered dataset, and scoring it on held-out data.
+
+A run config (JSON or YAML) has two sections: `model`, the ModelConfig fields (the dataset
+fills in d_input, d_output, labels and sample_rate), and `train`, the TrainSettings below.
+Inputs are standardised per channel with training-set statistics while training; at the end
+the standardisation is folded into the linear encoder, so the saved model takes raw samples.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm import tqdm
+
+from model.config import ModelConfig
+from model.data.base import Dataset, Split
+from model.network import S4Network
+
+# Parameters of the continuous-time system (dt, A, B and S4's low-rank P): trained with a
+# smaller learning rate and no weight decay, as in the S4 papers; C and D are ordinary weights.
+SSM_PARAMETER_NAMES = ("log_dt", "log_a_real", "a_imag", "log_lam_real", "lam_imag", "B", "P")
+
+
+class TrainSettings(BaseModel):
+    """Optimisation settings: AdamW, cosine learning-rate decay after a linear warm-up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(4e-3, gt=0)
+    ssm_lr: float = Field(1e-3, gt=0, description="learning rate of dt, A, B (and P)")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    eval_batch_size: int = Field(64, ge=1)
+
+
+class RunConfig(BaseModel):
+    """A training config file: the network (ModelConfig fields) and how to train it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: dict = Field(default_factory=dict)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        return cls.model_validate(data or {})
+
+    def model_config_for(self, dataset: Dataset) -> ModelConfig:
+        """The architecture with the dataset's shape and metadata filled in."""
+        return ModelConfig.model_validate({
+            **self.model,
+            "task": "classification",
+            "d_input": dataset.channels,
+            "d_output": len(dataset.labels),
+            "labels": list(dataset.labels),
+            "sample_rate": dataset.sample_rate,
+        })
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def parameter_groups(net: nn.Module, settings: TrainSettings) -> list[dict]:
+    """AdamW groups: SSM parameters (smaller lr, no decay), other matrices, biases and norms."""
+    ssm, decay, no_decay = [], [], []
+    for name, param in net.named_parameters():
+        if name.rsplit(".", 1)[-1] in SSM_PARAMETER_NAMES:
+            ssm.append(param)
+        elif param.dim() >= 2:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [
+        {"params": decay, "lr": settings.lr, "weight_decay": settings.weight_decay},
+        {"params": no_decay, "lr": settings.lr, "weight_decay": 0.0},
+        {"params": ssm, "lr": settings.ssm_lr, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def channel_statistics(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation over every training sample."""
+    flat = split.inputs.reshape(-1, split.inputs.shape[-1]).astype(np.float64)
+    return flat.mean(axis=0), np.maximum(flat.std(axis=0), 1e-8)
+
+
+@torch.no_grad()
+def fold_standardisation(net: S4Network, mean: np.ndarray, std: np.ndarray) -> None:
+    """Make encoder(x) equal what encoder((x - mean) / std) was, so the model takes raw input."""
+    encoder = net.encoder
+    if not isinstance(encoder, nn.Linear):
+        raise ValueError("folding input standardisation needs a linear encoder")
+    scale = torch.as_tensor(1.0 / std, dtype=torch.float64)
+    shift = torch.as_tensor(mean, dtype=torch.float64)
+    weight = encoder.weight.to(torch.float64) * scale[None, :]
+    encoder.bias.copy_((encoder.bias.to(torch.float64) - weight @ shift).to(encoder.bias.dtype))
+    encoder.weight.copy_(weight.to(encoder.weight.dtype))
+
+
+def batches(split: Split, batch_size: int, generator: torch.Generator | None,
+            mean: np.ndarray | None = None, std: np.ndarray | None = None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches in a seeded random order (or in order without a generator)."""
+    order = (torch.randperm(len(split), generator=generator) if generator is not None
+             else torch.arange(len(split)))
+    for start in range(0, len(split), batch_size):
+        index = order[start:start + batch_size].numpy()
+        inputs = split.inputs[index]
+        if mean is not None and std is not None:
+            inputs = (inputs - mean) / std
+        yield (torch.as_tensor(inputs, dtype=torch.float32),
+               torch.as_tensor(split.targets[index]))
+
+
+@torch.no_grad()
+def final_logits(net: S4Network, split: Split, rate: float = 1.0,
+                 batch_size: int = 64) -> torch.Tensor:
+    """Logits at each sequence's last sample (the causal head's full-sequence prediction)."""
+    was_training = net.training
+    net.eval()
+    outputs = [net(inputs, rate=rate)[:, -1]
+               for inputs, _ in batches(split, batch_size, generator=None)]
+    net.train(was_training)
+    return torch.cat(outputs)
+
+
+def accuracy(net: S4Network, split: Split, rate: float = 1.0, batch_size: int = 64) -> float:
+    predictions = final_logits(net, split, rate, batch_size).argmax(dim=-1).numpy()
+    return float((predictions == split.targets).mean())
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
+
+    return factor
+
+
+def fit(config: ModelConfig, dataset: Dataset, settings: TrainSettings,
+        progress: bool = True) -> tuple[S4Network, dict]:
+    """Train from scratch with cross-entropy on the final-sample logits; returns net, history."""
+    seed_everything(settings.seed)
+    net = S4Network(config).train()
+    optimizer = torch.optim.AdamW(parameter_groups(net, settings))
+    steps_per_epoch = -(-len(dataset.train) // settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_schedule(total_steps, settings.warmup_steps))
+    mean, std = channel_statistics(dataset.train)
+    order = torch.Generator().manual_seed(settings.seed)
+    losses: list[float] = []
+    started = time.perf_counter()
+    with tqdm(total=total_steps, desc=f"train {config.name}", disable=not progress,
+              unit="step") as bar:
+        for epoch in range(settings.epochs):
+            epoch_losses = []
+            for inputs, targets in batches(dataset.train, settings.batch_size, order, mean, std):
+                loss = F.cross_entropy(net(inputs)[:, -1], targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if settings.grad_clip:
+                    nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                epoch_losses.append(loss.item())
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+                bar.update()
+            losses.append(float(np.mean(epoch_losses)))
+    fold_standardisation(net, mean, std)
+    net.eval()
+    history = {"epoch_loss": losses, "steps": total_steps,
+               "seconds": round(time.perf_counter() - started, 1)}
+    return net, history
+
+
+def evaluate(net: S4Network, dataset: Dataset, batch_size: int = 64) -> dict:
+    """Held-out accuracy (final-sample logits) on the test split and every extra evaluation."""
+    # Training accuracy on a test-sized prefix: enough to show the fit, cheap on long audio.
+    train_prefix = dataset.train.head(max(len(dataset.test), 1))
+    results = {"test_accuracy": accuracy(net, dataset.test, 1.0, batch_size),
+               "train_accuracy": accuracy(net, train_prefix, 1.0, batch_size),
+               "train_accuracy_items": len(train_prefix)}
+    for key, extra in dataset.extra_evaluations.items():
+        results[key] = {"accuracy": accuracy(net, extra.split, extra.rate, batch_size),
+                        "rate": extra.rate, "what": extra.description}
+    return results
+
+
+def train_and_save(config_path: str | Path, dataset_name: str, out: str | Path, *,
+                   seed: int | None = None, epochs: int | None = None, limit: int | None = None,
+                   command: str = "", baselines: bool = True, progress: bool = True,
+                   dataset_options: dict | None = None) -> dict:
+    """The whole `s4serve train` run: load data, train, evaluate, save model + metrics.json."""
+    from model.baselines import evaluate_baselines
+    from model.checkpoint import save_model
+    from model.data import load_dataset
+
+    run = RunConfig.from_file(config_path)
+    overrides = {key: value for key, value in (("seed", seed), ("epochs", epochs))
+                 if value is not None}
+    settings = run.train.model_copy(update=overrides)
+    settings = TrainSettings.model_validate(settings.model_dump())
+    dataset = load_dataset(dataset_name, limit=limit, **(dataset_options or {}))
+    config = run.model_config_for(dataset)
+    net, history = fit(config, dataset, settings, progress=progress)
+    metrics = {
+        "task": "classification",
+        "accuracy_is": "argmax of the causal head's logits at each sequence's last sample",
+        **evaluate(net, dataset, settings.eval_batch_size),
+        "baselines": evaluate_baselines(dataset, settings.seed) if baselines else {},
+        "data": {**dataset.describe(), "limit": limit},
+        "training": {
+            "command": command,
+            "config_file": str(config_path),
+            "settings": settings.model_dump(),
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "torch": torch.__version__,
+            **history,
+        },
+    }
+    save_model(net, out, metrics=metrics)
+    return metrics

@@ -1,0 +1,114 @@
+"""Step, chunk and convolution agree with each other and with a float64 dense reference."""
+
+import random
+
+import pytest
+import torch
+
+from model.reference import reference_outputs
+from tests.model.conftest import perturbed_network
+
+CASES = [("s4d", "zoh", "legs", 1), ("s4d", "bilinear", "lin", 1), ("s4", "bilinear", "legs", 1),
+         ("s4", "bilinear", "legs", 2)]
+
+
+def run_steps(rec, u):
+    state = rec.initial_state(u.shape[0])
+    ys = []
+    for t in range(u.shape[1]):
+        y, state = rec.step(u[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def run_chunks(rec, u, seed=0):
+    rng = random.Random(seed)
+    state = rec.initial_state(u.shape[0])
+    ys, t = [], 0
+    while t < u.shape[1]:
+        size = rng.choice([1, 2, 3, 7, 64, 65, 100, 300, 1000])
+        y, state = rec.chunk(u[:, t:t + size], state)
+        ys.append(y)
+        t += size
+    return torch.cat(ys, dim=1), state
+
+
+@pytest.mark.parametrize(("layer", "disc", "init", "rank"), CASES)
+def test_three_views_match_float64_reference_at_4096(layer, disc, init, rank):
+    net = perturbed_network(layer=layer, disc=disc, init=init, rank=rank, task="regression",
+                            d_model=8, n_layers=2, d_state=32, chunk_max=256)
+    u = torch.randn(2, 4096, 3)
+    ref = reference_outputs(net, u)
+    with torch.no_grad():
+        conv = net(u)
+    rec = net.to_recurrent()
+    stepped, state_s = run_steps(rec, u)
+    chunked, state_c = run_chunks(rec, u)
+    assert ref.abs().max() > 0.1  # a meaningful signal, not all zeros
+    for name, y in (("conv", conv), ("step", stepped), ("chunk", chunked)):
+        err = (y.double() - ref).abs().max().item()
+        assert err < 1e-4, f"{name} is {err:.2e} off the float64 reference"
+    for a, b in zip(state_s, state_c, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer", ["s4d", "s4"])
+@pytest.mark.parametrize("rate", [0.5, 2.0])
+def test_views_agree_at_other_rates(layer, rate):
+    net = perturbed_network(layer=layer, task="classification", labels=list("abcde"))
+    u = torch.randn(2, 700, 3)
+    with torch.no_grad():
+        conv = net(u, rate=rate)
+    rec = net.to_recurrent(rate=rate)
+    stepped, _ = run_steps(rec, u)
+    chunked, _ = run_chunks(rec, u, seed=1)
+    assert (conv - stepped).abs().max() < 1e-4
+    assert (conv - chunked).abs().max() < 1e-4
+    # and the rate really changes the model
+    with torch.no_grad():
+        assert (net(u, rate=1.0) - conv).abs().max() > 1e-3
+
+
+def test_rate_is_a_dt_rescale():
+    """Running at rate r equals a model whose log dt is lowered by log r."""
+    net = perturbed_network(layer="s4d", task="regression")
+    u = torch.randn(1, 300, 3)
+    with torch.no_grad():
+        at_half = net(u, rate=0.5)
+        for block in net.blocks:
+            block.layer.log_dt.add_(torch.log(torch.tensor(2.0)))
+        rescaled = net(u)
+    assert torch.allclose(at_half, rescaled, atol=1e-5)
+
+
+def test_classification_is_causal_and_last_step_is_mean_pooled():
+    net = perturbed_network(layer="s4d", task="classification", labels=list("abcde"))
+    u = torch.randn(1, 200, 3)
+    with torch.no_grad():
+        y = net(u)
+        v = u.clone()
+        v[:, 120:] = torch.randn(1, 80, 3)  # change only the future
+        assert torch.allclose(net(v)[:, :120], y[:, :120], atol=1e-6)
+        pooled = net.decoder(net.features(u).mean(dim=1))
+    assert torch.allclose(y[:, -1], pooled, atol=1e-5)
+
+
+def test_batching_does_not_change_a_sequence():
+    net = perturbed_network(layer="s4")
+    u = torch.randn(5, 128, 3)
+    rec = net.to_recurrent()
+    batched, _ = run_steps(rec, u)
+    alone, _ = run_steps(rec, u[2:3])
+    assert torch.allclose(batched[2:3], alone, atol=1e-6)
+
+
+def test_chunk_continues_from_a_given_state():
+    net = perturbed_network(layer="s4")
+    u = torch.randn(2, 500, 3)
+    rec = net.to_recurrent()
+    full, state_full = rec.chunk(u, rec.initial_state(2))
+    _, mid = rec.chunk(u[:, :123], rec.initial_state(2))
+    rest, state_rest = net.predict(u[:, 123:], state=mid, return_state=True)
+    assert torch.allclose(full[:, 123:], rest, atol=1e-5)
+    for a, b in zip(state_full, state_rest, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
