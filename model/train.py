@@ -141,9 +141,14 @@ def final_logits(net: S4Network, split: Split, rate: float = 1.0,
     return torch.cat(outputs)
 
 
+def predictions(net: S4Network, split: Split, rate: float = 1.0,
+                batch_size: int = 64) -> np.ndarray:
+    """Predicted class index per sequence (argmax of the final-sample logits)."""
+    return final_logits(net, split, rate, batch_size).argmax(dim=-1).numpy()
+
+
 def accuracy(net: S4Network, split: Split, rate: float = 1.0, batch_size: int = 64) -> float:
-    predictions = final_logits(net, split, rate, batch_size).argmax(dim=-1).numpy()
-    return float((predictions == split.targets).mean())
+    return float((predictions(net, split, rate, batch_size) == split.targets).mean())
 
 
 def cosine_schedule(total_steps: int, warmup_steps: int):
@@ -197,12 +202,17 @@ def evaluate(net: S4Network, dataset: Dataset, batch_size: int = 64) -> dict:
     """Held-out accuracy (final-sample logits) on the test split and every extra evaluation."""
     # Training accuracy on a test-sized prefix: enough to show the fit, cheap on long audio.
     train_prefix = dataset.train.head(max(len(dataset.test), 1))
-    results = {"test_accuracy": accuracy(net, dataset.test, 1.0, batch_size),
+    # Per-item test predictions are stored so a check can re-score any subset cheaply.
+    test_predicted = predictions(net, dataset.test, 1.0, batch_size)
+    results = {"test_accuracy": float((test_predicted == dataset.test.targets).mean()),
                "train_accuracy": accuracy(net, train_prefix, 1.0, batch_size),
                "train_accuracy_items": len(train_prefix)}
     for key, extra in dataset.extra_evaluations.items():
-        results[key] = {"accuracy": accuracy(net, extra.split, extra.rate, batch_size),
-                        "rate": extra.rate, "what": extra.description}
+        extra_predicted = predictions(net, extra.split, extra.rate, batch_size)
+        results[key] = {"accuracy": float((extra_predicted == extra.split.targets).mean()),
+                        "rate": extra.rate, "what": extra.description,
+                        "predictions": extra_predicted.tolist()}
+    results["test_predictions"] = test_predicted.tolist()
     return results
 
 

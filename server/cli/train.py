@@ -1,7 +1,55 @@
-"""Placeholder until the 'train' command lands; replaced by its owner."""
+"""`s4serve train`: train a causal S4 classifier on a registered dataset, save a model directory."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
 
 import typer
 
 
+def train(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                  help="training config (JSON or YAML): `model` and `train`"),
+    dataset: str = typer.Option(..., "--dataset", help="dataset name, e.g. basicmotions or "
+                                "espeak-digits"),
+    out: Path = typer.Option(..., "--out", help="model directory to write"),
+    seed: int | None = typer.Option(None, help="override the config's seed"),
+    epochs: int | None = typer.Option(None, help="override the config's epochs"),
+    limit: int | None = typer.Option(None, help="use only the first N items of each split"),
+    cache_dir: Path | None = typer.Option(None, help="where generated data is cached "
+                                          "(espeak-digits; default ~/.cache/s4serve)"),
+    baselines: bool = typer.Option(True, help="also score the baselines on the same split"),
+) -> None:
+    """Train from CONFIG on --dataset and save weights, config.json and metrics.json in --out."""
+    from model.data import LOADERS
+    from model.train import train_and_save
+
+    if dataset not in LOADERS:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; known: "
+                                 f"{', '.join(sorted(LOADERS))}", param_hint="--dataset")
+    options = {"cache_dir": cache_dir} if cache_dir else {}
+    command = _command_line(config, dataset, out, seed, epochs, limit)
+    metrics = train_and_save(config, dataset, out, seed=seed, epochs=epochs, limit=limit,
+                             command=command, baselines=baselines, dataset_options=options)
+    typer.echo(f"held-out accuracy {metrics['test_accuracy']:.3f} "
+               f"({metrics['data']['test_size']} sequences); model written to {out}")
+    for key, value in metrics.items():
+        if isinstance(value, dict) and "rate" in value:
+            typer.echo(f"{key}: accuracy {value['accuracy']:.3f} at rate {value['rate']}")
+    for name, result in metrics["baselines"].items():
+        typer.echo(f"baseline {name}: accuracy {result['accuracy']:.3f}")
+
+
+def _command_line(config: Path, dataset: str, out: Path, seed: int | None, epochs: int | None,
+                  limit: int | None) -> str:
+    """The command that reproduces this run (data caching options do not change the result)."""
+    words = ["s4serve", "train", str(config), "--dataset", dataset, "--out", str(out)]
+    for flag, value in (("--seed", seed), ("--epochs", epochs), ("--limit", limit)):
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("train")(train)
