@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loadtest.bench.networks import served_model
+from loadtest.bench.profile import finish_profile, start_profile
 from loadtest.config import StreamLoadConfig
 from loadtest.processes import ServerProcess
 from loadtest.stream_load import StreamResult, run_loop, run_stream_load
@@ -35,6 +36,7 @@ def _stream(url: str, model: str, sessions: int, hold_s: float, **kw) -> dict:
 
 def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
     counts = (1, 10) if quick else (1, 100, 1000)
+    profile_at = counts[1]
     ladder = (1, 2) if quick else (1, 2, 4, 8, 16, 24, 32, 48, 64)
     hold_s = 1.0 if quick else 10.0
     audio_hold_s = 1.0 if quick else 5.0
@@ -49,7 +51,13 @@ def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
     ):
         for n in counts:
             log(f"server bench: {n} sessions × 100 Hz per-sample frames (model, then echo)")
+            profiling = n == profile_at
+            if profiling:
+                spy_out = scratch / "server-profile.txt"
+                spy = start_profile(server.pid, max(0.5, n / 200) + hold_s, spy_out)
             model = _stream(server.url, "motion", n, hold_s, rate=100.0, frame=1)
+            if profiling:
+                results["profile"] = {"sessions": n, **finish_profile(spy, spy_out)}
             ceiling = _stream(echo.url, "echo", n, hold_s, rate=100.0, frame=1)
             ratio = model["throughput"]["frames_per_s"] / max(
                 ceiling["throughput"]["frames_per_s"], 1e-9
