@@ -135,6 +135,7 @@ def _server(r: dict) -> list[str]:
         for target in ("model", "echo"):
             for failure in entry[target]["failures"]:
                 lines.append(f"- {n} sessions, {target}: {failure}")
+    lines += _k6(r.get("k6"))
     lines += _profile(r.get("profile"))
     a = r["audio"]
     top = a["ladder"][-1] if a["ladder"] else None
@@ -167,6 +168,20 @@ def _gpu(r: dict) -> list[str]:
         e = r[layer]
         lines.append(_row(layer, _t(e["cold"]), _t(e["warm"]), f"{e['max_abs_err_vs_cpu']:.2e}"))
     return lines
+
+
+def _k6(k: dict | None) -> list[str]:
+    if not k:
+        return []
+    if not k.get("available"):
+        return ["", f"k6 cross-check not run: {k.get('reason')}"]
+    lat = k["latency_ms"]
+    return ["", f"k6 cross-check (loadtest/k6/stream.js, {k['sessions']} sessions, model): "
+            f"{k['frames_answered']:.0f} of {k['frames_sent']:.0f} frames answered "
+            f"({k['answered_per_s']:.0f}/s), latency ms p50 {_f(lat['med'])}, "
+            f"p90 {_f(lat['p(90)'])}, p99 {_f(lat['p(99)'])}, max {_f(lat['max'])} "
+            "(1 ms resolution); "
+            f"checks {'passed' if k['passed'] else 'FAILED'}."]  # fmt: skip
 
 
 def _profile(p: dict | None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loadtest.bench.k6_bench import run_k6
 from loadtest.bench.networks import served_model
 from loadtest.bench.profile import finish_profile, start_profile
 from loadtest.config import StreamLoadConfig
@@ -58,6 +59,8 @@ def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
             model = _stream(server.url, "motion", n, hold_s, rate=100.0, frame=1)
             if profiling:
                 results["profile"] = {"sessions": n, **finish_profile(spy, spy_out)}
+                log(f"server bench: k6 at {n} sessions")
+                results["k6"] = run_k6(server.url, "motion", n, 100.0, hold_s, scratch)
             ceiling = _stream(echo.url, "echo", n, hold_s, rate=100.0, frame=1)
             ratio = model["throughput"]["frames_per_s"] / max(
                 ceiling["throughput"]["frames_per_s"], 1e-9
