@@ -10,6 +10,7 @@ from loadtest.bench.profile import finish_profile, start_profile
 from loadtest.config import StreamLoadConfig
 from loadtest.processes import ServerProcess
 from loadtest.stream_load import StreamResult, run_loop, run_stream_load
+from model.checkpoint import load_config
 
 AUDIO_P99_LIMIT_MS = 100.0
 
@@ -46,8 +47,9 @@ def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
     results: dict = {"models": {"motion": motion_kind, "digits": digits_kind}, "sessions": {}}
     logs = scratch / "logs"
     logs.mkdir(exist_ok=True)
+    channels = load_config(motion_dir).d_input  # same bytes per frame as the model's stream
     with (
-        ServerProcess.echo(channels=3, log_path=logs / "echo.log") as echo,
+        ServerProcess.echo(channels=channels, log_path=logs / "echo.log") as echo,
         ServerProcess.s4serve([motion_dir, digits_dir], log_path=logs / "s4serve.log") as server,
     ):
         for n in counts:
