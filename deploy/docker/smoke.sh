@@ -22,9 +22,12 @@ CACHE=${S4SERVE_SMOKE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/s4serve-smoke}
 BASE_IMAGE=${BASE_IMAGE:-s4serve-base:bookworm}
 SUITE=bookworm
 IMAGE=s4serve:smoke-$$
+# The builder stage stays tagged between runs, so its torch layer is reused from the cache.
+BUILDER_CACHE=s4serve-smoke:builder-cache
 CONTAINER=s4serve-smoke-$$
 WORK=$(mktemp -d /tmp/s4serve-smoke.XXXXXX)
 STARTED_DOCKERD_PID=""
+DANGLING_BEFORE=unknown
 NETWORK_ARGS=()
 HOST_NETWORK=no
 
@@ -41,6 +44,10 @@ cleanup() {
     fi
     "$DOCKER" rm -f -v "$CONTAINER" >/dev/null 2>&1
     "$DOCKER" rmi -f "$IMAGE" >/dev/null 2>&1
+    # Untagged images this run left behind (stages, the previous builder cache); nothing older.
+    if [ "$DANGLING_BEFORE" != unknown ]; then
+      comm -13 <(echo "$DANGLING_BEFORE") <(dangling_images) | xargs -r "$DOCKER" rmi >/dev/null 2>&1
+    fi
   fi
   if [ -n "$STARTED_DOCKERD_PID" ]; then
     log "stopping the dockerd this script started (pid $STARTED_DOCKERD_PID)"
@@ -54,6 +61,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR
+
+dangling_images() {
+  "$DOCKER" images --quiet --no-trunc --filter dangling=true | sort -u
+}
 
 cannot_run_engine() {
   log "CANNOT RUN A DOCKER ENGINE ON THIS MACHINE: $*"
@@ -159,34 +170,31 @@ free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# Waits for /readyz, giving up early when the container exits.
-wait_ready() {
-  local url=$1 probe='import sys, urllib.request
-try:
-    sys.exit(urllib.request.urlopen(sys.argv[1] + "/readyz", timeout=3).status != 200)
-except OSError:
-    sys.exit(1)'
-  for _ in $(seq 1 180); do
-    "$PYTHON" -c "$probe" "$url" && return 0
-    [ "$("$DOCKER" inspect --format '{{.State.Running}}' "$CONTAINER")" = true ] ||
-      { log "container exited before it was ready"; return 1; }
-    sleep 1
-  done
-  log "/readyz not ready after 180s"
-  return 1
-}
-
-wait_healthy() {
-  local status
-  for _ in $(seq 1 60); do
-    status=$("$DOCKER" inspect --format '{{.State.Health.Status}}' "$CONTAINER")
-    [ "$status" = healthy ] && return 0
+# Runs "$@" every second until it succeeds; gives up after $1 seconds or when the container exits.
+poll_container() {
+  local seconds=$1
+  shift
+  for _ in $(seq 1 "$seconds"); do
+    "$@" && return 0
     [ "$("$DOCKER" inspect --format '{{.State.Running}}' "$CONTAINER")" = true ] ||
       { log "container exited"; return 1; }
     sleep 1
   done
-  log "HEALTHCHECK status still '$status' after 60s"
   return 1
+}
+
+is_ready() {
+  "$PYTHON" - "$1" <<'PY'
+import sys, urllib.request
+try:
+    sys.exit(urllib.request.urlopen(sys.argv[1] + "/readyz", timeout=3).status != 200)
+except OSError:
+    sys.exit(1)
+PY
+}
+
+is_healthy() {
+  [ "$("$DOCKER" inspect --format '{{.State.Health.Status}}' "$CONTAINER")" = healthy ]
 }
 
 main() {
@@ -201,17 +209,20 @@ main() {
 
   t0=$SECONDS
   cp "$REPO/.dockerignore" "$WORK/context/"
+  DANGLING_BEFORE=$(dangling_images)
   # The legacy builder works with every engine version and needs no buildx plugin.
-  DOCKER_BUILDKIT=0 "$DOCKER" build "${NETWORK_ARGS[@]}" --build-arg "BASE=$BASE_IMAGE" \
-    --build-arg "TORCH_SPEC=$TORCH_SPEC" -f "$REPO/Dockerfile" -t "$IMAGE" "$WORK/context" \
-    >"$WORK/build.log" 2>&1 || { tail -n 30 "$WORK/build.log" >&2; exit 1; }
+  local -a build=(build "${NETWORK_ARGS[@]}" --build-arg "BASE=$BASE_IMAGE"
+                  --build-arg "TORCH_SPEC=$TORCH_SPEC" -f "$REPO/Dockerfile")
+  { DOCKER_BUILDKIT=0 "$DOCKER" "${build[@]}" --target builder -t "$BUILDER_CACHE" \
+      "$WORK/context" && DOCKER_BUILDKIT=0 "$DOCKER" "${build[@]}" -t "$IMAGE" "$WORK/context"
+  } >"$WORK/build.log" 2>&1 || { tail -n 30 "$WORK/build.log" >&2; exit 1; }
   log "image $IMAGE built in $(elapsed "$t0"), size $("$DOCKER" image inspect --format \
     '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1 / 1e6}')"
 
   # The image's default command serves the shipped models (model/zoo); without any, a tiny
   # generated model is mounted instead, so the container machinery is still proven.
   local -a serve=(s4serve serve --host 0.0.0.0 --port 8000) mounts=()
-  if ! compgen -G "$REPO/model/zoo/*/config.json" >/dev/null; then
+  if ! compgen -G "$WORK/src/model/zoo/*/config.json" >/dev/null; then  # what the wheel holds
     log "WARNING: no shipped models in model/zoo; serving a generated test model instead"
     "$PYTHON" "$REPO/deploy/docker/make_test_model.py" "$WORK/models/smoke" >/dev/null
     chmod -R a+rX "$WORK/models"
@@ -235,11 +246,11 @@ main() {
   [ "$uid" != 0 ] || { log "the server runs as root"; exit 1; }
   log "container runs as uid $uid; waiting for $url/readyz"
 
-  wait_ready "$url"
+  poll_container 180 is_ready "$url" || { log "/readyz never answered 200"; exit 1; }
   log "ready after $(elapsed "$t0"); streaming one session and one predict"
   "$PYTHON" "$REPO/deploy/docker/smoke_client.py" --url "$url" --timeout 30
   if [ "$HOST_NETWORK" = no ]; then
-    wait_healthy
+    poll_container 60 is_healthy || { log "HEALTHCHECK never reported healthy"; exit 1; }
     log "HEALTHCHECK reports healthy"
   else
     log "HEALTHCHECK not checked: with host networking the server is not on port 8000"
@@ -249,4 +260,5 @@ main() {
   log "all good in $(elapsed "$t_all")"
 }
 
-main "$@"
+# On one line: bash reads a script as it runs, so nothing after this may be read mid-run.
+main "$@"; exit $?
