@@ -154,3 +154,12 @@ def test_manifest_is_plain_json(exported):
     _, paths, _ = exported
     manifest = json.loads(paths["manifest"].read_text())
     assert all(s["dtype"] in ("float32", "float64") for s in manifest["state_spec"])
+
+
+def test_dynamo_exporter_gives_the_same_graph_semantics(tmp_path):
+    net = perturbed_network(seed=6, layer="s4d", task="classification", n_layers=1, d_model=4)
+    export_onnx(net, tmp_path, chunk=8, exporter="dynamo")
+    ort_rec, rec = OnnxRecurrence(tmp_path), net.to_recurrent()
+    u = torch.randn(4, 8 + 3, net.config.d_input, generator=torch.Generator().manual_seed(6))
+    assert_same(ort_rec.chunk(u.numpy(), ort_rec.initial_state(4)),
+                rec.chunk(u, rec.initial_state(4)))
