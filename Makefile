@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: install serve test lint bench bench-quick loadtest clean
+.PHONY: install serve test lint bench bench-quick docker-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: install
 
 bench-quick: install
 	$(BIN)/s4serve bench --quick --out /tmp/s4serve-bench-quick.md
+
+docker-smoke: install
+	bash deploy/docker/smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -35,6 +35,7 @@ def save_model(net: S4Network, directory: str | Path, metrics: dict | None = Non
                for k, v in net.state_dict().items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "s4serve",
                                                            "format_version": "1"})
+    (out / WEIGHTS_FILE).chmod(0o644)  # readable by a server running as another user
     if metrics is not None:
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return out
