@@ -7,6 +7,7 @@ usual mean-pooled classifier.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -150,6 +151,7 @@ class RecurrentNetwork(nn.Module):
         if self.pooled:
             spec += [("pool.sum", (h,), torch.float64), ("pool.count", (1,), torch.float64)]
         self.state_spec: list[tuple[str, tuple[int, ...], torch.dtype]] = spec
+        self._compiled: torch.jit.ScriptModule | None = None
         self.eval()
 
     @property
@@ -182,6 +184,18 @@ class RecurrentNetwork(nn.Module):
             new_state += out
         return x, new_state
 
+    def compiled_step(self):
+        """`step` as a frozen TorchScript graph (same numbers, dynamic batch): at small batches
+        Python dispatch dominates a step, and the graph removes most of it."""
+        if self._compiled is None:
+            view = _StepView(self).eval()
+            example = (torch.zeros(2, self.config.d_input), self.initial_state(2))
+            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer notes about Python values
+                traced = torch.jit.trace(view, example, check_trace=False)
+                self._compiled = torch.jit.freeze(traced)
+        return self._compiled
+
     @torch.no_grad()
     def step(self, u: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """u (B, d_input) -> y (B, d_output), new state."""
@@ -204,3 +218,14 @@ class RecurrentNetwork(nn.Module):
             new_state += [sums[:, -1], counts[:, -1]]
             x = (sums / counts).to(u.dtype)
         return self.decoder(x), new_state
+
+
+class _StepView(nn.Module):
+    """`RecurrentNetwork.step` as a module, for tracing."""
+
+    def __init__(self, rec: RecurrentNetwork) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def forward(self, u: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        return self.rec.step(u, state)

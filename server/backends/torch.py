@@ -65,6 +65,7 @@ class TorchBackend(ModelBackend):
             if rec is None:
                 with torch.inference_mode():
                     rec = self.net.to_recurrent(rate=rate)
+                rec.compiled_step()  # compile while holding the lock, once per rate
                 self._recurrent[rate] = rec
                 while len(self._recurrent) > self._max_rates:
                     self._recurrent.popitem(last=False)
@@ -74,7 +75,7 @@ class TorchBackend(ModelBackend):
 
     @torch.inference_mode()
     def step(self, u, state, rate):
-        return self._recurrence(rate).step(u, state)
+        return self._recurrence(rate).compiled_step()(u, state)
 
     @torch.inference_mode()
     def chunk(self, u, state, rate):

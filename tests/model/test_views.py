@@ -112,3 +112,18 @@ def test_chunk_continues_from_a_given_state():
     assert torch.allclose(full[:, 123:], rest, atol=1e-5)
     for a, b in zip(state_full, state_rest, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["s4d", "s4"])
+def test_compiled_step_gives_the_same_numbers_at_any_batch(layer):
+    net = perturbed_network(layer=layer, task="classification", labels=list("abcde"))
+    rec = net.to_recurrent(rate=0.5)
+    fast = rec.compiled_step()
+    for batch in (1, 5):
+        u = torch.randn(batch, 40, 3)
+        eager, _ = run_steps(rec, u)
+        state, out = rec.initial_state(batch), []
+        for t in range(u.shape[1]):
+            y, state = fast(u[:, t], state)
+            out.append(y)
+        assert torch.allclose(torch.stack(out, dim=1), eager, atol=1e-6)
