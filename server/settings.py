@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     max_batch_length: int = Field(4_000_000, ge=1, description="largest batch × length")
     max_pending_requests: int = Field(64, ge=1, description="predict requests queued")
     max_rates: int = Field(8, ge=1, description="distinct sample rates kept discretised")
+    torch_threads: int = Field(
+        1, ge=0, description="torch intra-op threads (0: torch's default); the step thread and "
+        "the predict worker run side by side, and small steps only lose from more threads"
+    )
 
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

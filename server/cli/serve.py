@@ -62,6 +62,10 @@ def run(settings: Settings) -> None:
     from server.logs import configure
 
     configure(settings.log_level, settings.json_logs)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app.state.runtime)
     server.run()
