@@ -71,7 +71,7 @@ class LayerRecurrence(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = u.shape[1]
         k = self.k[:, :t]  # (H, T)
-        if t <= DIRECT_CONV_MAX:
+        if t <= DIRECT_CONV_MAX or torch.jit.is_tracing():  # graphs: real ops only, no FFT
             y = causal_conv_direct(u, k)  # (B, T, H)
         else:
             n = 2 * t
