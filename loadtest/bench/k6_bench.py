@@ -32,13 +32,18 @@ def run_k6(
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 120)
     if not summary.exists():
         return {"available": False, "reason": (proc.stderr or proc.stdout)[-300:]}
-    metrics = json.loads(summary.read_text())["metrics"]
+    data = json.loads(summary.read_text())
+    metrics = data["metrics"]
+    checks = data.get("root_group", {}).get("checks", {})
+    failed_checks = {name: c.get("fails", 0) for name, c in checks.items() if c.get("fails")}
     latency = metrics.get("s4_frame_latency", {})
     sent = metrics.get("s4_frames_sent", {}).get("count", 0)
     answered = metrics.get("s4_frames_answered", {}).get("count", 0)
     return {
         "available": True,
         "passed": proc.returncode == 0,
+        "failed_checks": failed_checks,
+        "bad_replies": metrics.get("s4_bad_replies", {}).get("count", 0),
         "sessions": sessions,
         "frames_sent": sent,
         "frames_answered": answered,

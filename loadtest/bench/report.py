@@ -181,7 +181,15 @@ def _k6(k: dict | None) -> list[str]:
             f"({k['answered_per_s']:.0f}/s), latency ms p50 {_f(lat['med'])}, "
             f"p90 {_f(lat['p(90)'])}, p99 {_f(lat['p(99)'])}, max {_f(lat['max'])} "
             "(1 ms resolution); "
-            f"checks {'passed' if k['passed'] else 'FAILED'}."]  # fmt: skip
+            f"checks {'passed' if k['passed'] else 'FAILED'}"
+            + (f" ({_failed_checks(k)})." if not k["passed"] else ".")]  # fmt: skip
+
+
+def _failed_checks(k: dict) -> str:
+    parts = [f"{name}: {n} sessions failed" for name, n in k.get("failed_checks", {}).items()]
+    if k.get("bad_replies"):
+        parts.append(f"{k['bad_replies']:.0f} bad replies")
+    return "; ".join(parts) or "thresholds crossed"
 
 
 def _profile(p: dict | None) -> list[str]:
