@@ -91,7 +91,7 @@ def test_s4serve_train_generates_trains_saves_and_the_model_predicts(tmp_path):
     config = tmp_path / "digits.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"name": "digits-tiny", **TINY_MODEL},
-        "train": {"seed": 3, "epochs": 2, "batch_size": 5, "lr": 0.01},
+        "train": {"seed": 3, "epochs": 1, "batch_size": 5, "lr": 0.01},
     }))
     out, cache = tmp_path / "model", tmp_path / "cache"
     result = CliRunner().invoke(app, [
