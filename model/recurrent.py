@@ -24,6 +24,13 @@ from model.kernels import causal_conv_direct, conj_extend, dplr_transition
 DIRECT_CONV_MAX = 64
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_n a·b over the last axis; one fused kernel, or Mul + ReduceSum for ONNX."""
+    if torch.onnx.is_in_onnx_export():
+        return (a * b).sum(-1)
+    return torch.linalg.vecdot(a, b)
+
+
 def _f32(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float32).contiguous()
 
@@ -116,15 +123,20 @@ class DiagonalRecurrence(LayerRecurrence):
         for name, value in (("da", da), ("db", db), ("c2", c2)):
             self.register_buffer(f"{name}_re", _f32(value.real))  # (H, N2)
             self.register_buffer(f"{name}_im", _f32(value.imag))
+            self.register_buffer(f"neg_{name}_im", _f32(-value.imag))
         self.register_buffer("pow_re", _f32(powers.real))  # (Tm+1, H, N2)
         self.register_buffer("pow_im", _f32(powers.imag))
 
     def ssm_step(self, u, xr, xi):
+        # In-place multiply-adds: at large batch the step is memory bound, so every pass over
+        # the (B, H, N2) state counts.
         u_ = u[..., None]  # (B, H, 1)
-        nr = self.da_re * xr - self.da_im * xi + self.db_re * u_  # (B, H, N2)
-        ni = self.da_re * xi + self.da_im * xr + self.db_im * u_
-        y = (self.c2_re * nr - self.c2_im * ni).sum(-1) + self.skip * u  # (B, H)
-        return y, nr, ni
+        nr = torch.mul(xr, self.da_re)  # (B, H, N2) Re(Ā x + B̄ u)
+        nr.addcmul_(xi, self.neg_da_im).addcmul_(u_, self.db_re)
+        ni = torch.mul(xi, self.da_re)  # (B, H, N2) Im(Ā x + B̄ u)
+        ni.addcmul_(xr, self.da_im).addcmul_(u_, self.db_im)
+        y = _dot(nr, self.c2_re) + _dot(ni, self.neg_c2_im)
+        return y + self.skip * u, nr, ni  # (B, H)
 
     def transition(self, xr, xi, t):
         pr, pi = self.pow_re[t], self.pow_im[t]  # (H, N2)
@@ -173,6 +185,7 @@ class DPLRRecurrence(LayerRecurrence):
                             ("p", terms.p), ("dp", terms.d * terms.p)):
             self.register_buffer(f"{name}_re", _f32(value.real))
             self.register_buffer(f"{name}_im", _f32(value.imag))
+            self.register_buffer(f"neg_{name}_im", _f32(-value.imag))
         self.register_buffer("core", _f32(terms.core))  # (H, R, R)
 
     def _inner(self, xr: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
@@ -181,19 +194,21 @@ class DPLRRecurrence(LayerRecurrence):
                     + torch.einsum("rhn,bhn->bhr", self.p_im, xi))
 
     def ssm_step(self, u, xr, xi):
-        s = self._inner(xr, xi)  # (B, H, R)
+        s = self._inner(xr, xi)  # (B, H, R) P* x
         u_ = u[..., None]  # (B, H, 1)
-        vr = (self.a0_re * xr - self.a0_im * xi - torch.einsum("rhn,bhr->bhn", self.p_re, s)
-              + self.b2_re * u_)  # (B, H, N2) (2/dt + A) x + 2 B u
-        vi = (self.a0_re * xi + self.a0_im * xr - torch.einsum("rhn,bhr->bhn", self.p_im, s)
-              + self.b2_im * u_)
-        wr = self.d_re * vr - self.d_im * vi  # (B, H, N2) D v
-        wi = self.d_re * vi + self.d_im * vr
+        vr = torch.mul(xr, self.a0_re)  # (B, H, N2) (2/dt + A) x + 2 B u
+        vr.addcmul_(xi, self.neg_a0_im).addcmul_(u_, self.b2_re)
+        vr.sub_(torch.einsum("rhn,bhr->bhn", self.p_re, s))
+        vi = torch.mul(xi, self.a0_re)
+        vi.addcmul_(xr, self.a0_im).addcmul_(u_, self.b2_im)
+        vi.sub_(torch.einsum("rhn,bhr->bhn", self.p_im, s))
+        wr = torch.mul(vr, self.d_re).addcmul_(vi, self.neg_d_im)  # (B, H, N2) D v
+        wi = torch.mul(vi, self.d_re).addcmul_(vr, self.d_im)
         q = torch.einsum("hij,bhj->bhi", self.core, self._inner(wr, wi))  # (B, H, R)
-        nr = wr - torch.einsum("rhn,bhr->bhn", self.dp_re, q)  # (B, H, N2)
-        ni = wi - torch.einsum("rhn,bhr->bhn", self.dp_im, q)
-        y = (self.c2_re * nr - self.c2_im * ni).sum(-1) + self.skip * u  # (B, H)
-        return y, nr, ni
+        wr.sub_(torch.einsum("rhn,bhr->bhn", self.dp_re, q))  # x' = D v - D P core P* D v
+        wi.sub_(torch.einsum("rhn,bhr->bhn", self.dp_im, q))
+        y = _dot(wr, self.c2_re) + _dot(wi, self.neg_c2_im)
+        return y + self.skip * u, wr, wi  # (B, H)
 
     def transition(self, xr, xi, t):
         m_re, m_im = getattr(self, f"trans_re_{t}"), getattr(self, f"trans_im_{t}")
