@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: install serve test lint bench bench-quick docker-smoke clean
+.PHONY: install serve test lint bench bench-quick loadtest docker-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: install
 
 bench-quick: install
 	$(BIN)/s4serve bench --quick --out /tmp/s4serve-bench-quick.md
+
+loadtest: install
+	$(BIN)/s4serve loadtest stream --url http://$(HOST):$(PORT) --model motion --sessions 100 --rate 100 --hold 10 --png-out loadtest.png
 
 docker-smoke: install
 	bash deploy/docker/smoke.sh
