@@ -51,6 +51,8 @@ class Stream:
     output_last: bool
     samples: int = 0
     ops: deque[Op] = field(default_factory=deque)
+    queued: Any = None  # this model's queue-depth gauge, resolved once
+
 
     @property
     def model(self) -> str:
@@ -90,6 +92,7 @@ class Scheduler:
         if slot is None:
             return None
         stream = Stream(pool=pool, slot=slot, rate=rate, output_last=output_last)
+        stream.queued = self.metrics.queue_depth.labels(stream.model)
         self.submit(stream, "load", (state, samples))
         return stream
 
@@ -101,7 +104,7 @@ class Scheduler:
             self._ready[stream] = None
             self._cond.notify()
         if kind == "frame":
-            self.metrics.queue_depth.labels(stream.model).inc()
+            stream.queued.inc()
         return future
 
     # ----- compute thread ------------------------------------------------------------
@@ -134,7 +137,7 @@ class Scheduler:
         groups: dict[tuple, list[tuple[Stream, Op]]] = defaultdict(list)
         for stream, op in taken:
             if op.kind == "frame":
-                self.metrics.queue_depth.labels(stream.model).dec()
+                stream.queued.dec()
                 length = op.payload.shape[0]
                 groups[(id(stream.pool), stream.rate, length)].append((stream, op))
                 continue

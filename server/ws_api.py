@@ -241,6 +241,10 @@ class Connection:
 
     async def _write(self, session: Session, replies: asyncio.Queue, credits) -> None:
         metrics, name = self.rt.metrics, session.name
+        # label lookups take a lock and a dict probe: resolve them once per connection
+        frames_ok = metrics.frames.labels(name, "ok")
+        frames_error = metrics.frames.labels(name, "error")
+        latency = metrics.frame_latency.labels(name)
         while (reply := await replies.get()) is not None:
             try:
                 value = await reply.future if reply.future is not None else None
@@ -252,10 +256,10 @@ class Connection:
             await self._send(self._render(session, reply, value))
             if reply.kind == "error":
                 self.rt.error(reply.error.code)
-                metrics.frames.labels(name, "error").inc()
+                frames_error.inc()
             elif reply.kind in ("binary", "json"):
-                metrics.frames.labels(name, "ok").inc()
-                metrics.frame_latency.labels(name).observe(time.perf_counter() - reply.received)
+                frames_ok.inc()
+                latency.observe(time.perf_counter() - reply.received)
             credits.release()
 
     def _render(self, session: Session, reply: Reply, value: Any) -> dict[str, Any] | bytes:
