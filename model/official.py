@@ -24,7 +24,7 @@ from model.network import S4Network
 KNOWN_ROOTS = ("layer.kernel.inv_dt", "kernel.log_dt", "encoder.weight")
 
 
-class ImportError_(ValueError):
+class OfficialImportError(ValueError):
     """A checkpoint that cannot be imported, with the reason."""
 
 
@@ -34,13 +34,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ImportError_(f"{path}: not a state dict of tensors")
+        raise OfficialImportError(f"{path}: not a state dict of tensors")
     for key in obj:
         for root in KNOWN_ROOTS:
             if key.endswith(root):
                 prefix = key[: -len(root)]
                 return {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
-    raise ImportError_(f"{path}: no official S4 module found (looked for keys ending in "
+    raise OfficialImportError(f"{path}: no official S4 module found (looked for keys ending in "
                        f"{', '.join(KNOWN_ROOTS)})")
 
 
@@ -57,14 +57,14 @@ def _transform(x: torch.Tensor, name: str, what: str) -> torch.Tensor:
         return torch.sigmoid(x)
     if name in ("none", "identity"):
         return x
-    raise ImportError_(f"unsupported {what} {name!r}")
+    raise OfficialImportError(f"unsupported {what} {name!r}")
 
 
 def _tile(x: torch.Tensor, h: int, axis: int) -> torch.Tensor:
     """Shared copies (n_ssm < H): feature h uses copy h mod S."""
     copies = x.shape[axis]
     if h % copies:
-        raise ImportError_(f"d_model {h} is not a multiple of n_ssm {copies}")
+        raise OfficialImportError(f"d_model {h} is not a multiple of n_ssm {copies}")
     return x.repeat(*[h // copies if i == axis else 1 for i in range(x.dim())])
 
 
@@ -78,15 +78,15 @@ def _real(x: torch.Tensor) -> torch.Tensor:
 
 def _single_channel(sd: dict, kwargs: dict) -> None:
     if kwargs.get("bidirectional"):
-        raise ImportError_("bidirectional layers look at the future and cannot be stepped; "
+        raise OfficialImportError("bidirectional layers look at the future and cannot be stepped; "
                            "s4serve serves causal streams only")
     if sd["layer.kernel.C"].shape[0] != 1 or kwargs.get("channels", 1) != 1:
-        raise ImportError_("only channels=1 is supported (one SSM output per feature)")
+        raise OfficialImportError("only channels=1 is supported (one SSM output per feature)")
     if kwargs.get("activation", "gelu") != "gelu" or kwargs.get("final_act", "glu") != "glu":
-        raise ImportError_("only activation='gelu' with final_act='glu' is supported")
+        raise OfficialImportError("only activation='gelu' with final_act='glu' is supported")
     for flag in ("gate", "bottleneck"):
         if kwargs.get(flag):
-            raise ImportError_(f"S4Block option {flag} is not supported")
+            raise OfficialImportError(f"S4Block option {flag} is not supported")
 
 
 def convert_block(sd: dict, kwargs: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -96,16 +96,16 @@ def convert_block(sd: dict, kwargs: dict) -> tuple[ModelConfig, dict[str, torch.
     mode = kwargs.get("mode", "dplr")
     dplr = "layer.kernel.P" in sd
     if (mode in ("diag", "s4d") and dplr) or (mode in ("dplr", "s4", "nplr") and not dplr):
-        raise ImportError_(f"mode {mode!r} does not match the state dict")
+        raise OfficialImportError(f"mode {mode!r} does not match the state dict")
     disc = "bilinear" if dplr else kwargs.get("disc", "zoh")
     if disc == "dss":
-        raise ImportError_("disc='dss' has no recurrent step in the official code and cannot "
-                           "be streamed")
+        raise OfficialImportError("disc='dss' has no recurrent step in the official code and "
+                                  "cannot be streamed")
     if kwargs.get("is_real"):
-        raise ImportError_("is_real=True (real diagonal SSMs) is not supported")
+        raise OfficialImportError("is_real=True (real diagonal SSMs) is not supported")
     inv_dt = sd["layer.kernel.inv_dt"]
     if inv_dt.shape[-1] != 1:
-        raise ImportError_("dt_tie=False (a dt per state) is not supported")
+        raise OfficialImportError("dt_tie=False (a dt per state) is not supported")
     dt = _transform(inv_dt[:, 0], kwargs.get("dt_transform", "exp"), "dt_transform")  # (H,)
     re = -_transform(sd["layer.kernel.A_real"], kwargs.get("real_transform", "exp"),
                      "real_transform")  # (S, N2)
@@ -191,9 +191,9 @@ def import_official(config_path: str | Path, weights_path: str | Path,
     elif "kernel.log_dt" in sd:
         config, tensors = convert_minimal(sd, kwargs)
     else:
-        raise ImportError_(f"{weights_path}: unrecognised official module")
+        raise OfficialImportError(f"{weights_path}: unrecognised official module")
     if not all(math.isfinite(v) for t in tensors.values() for v in (t.abs().max().item(),)):
-        raise ImportError_("the converted parameters contain NaN or Inf (is Re(A) < 0?)")
+        raise OfficialImportError("the converted parameters contain NaN or Inf (is Re(A) < 0?)")
     source = meta.get("module") or meta.get("case") or "state-spaces/s4"
     config = config.model_copy(update={
         "name": name or meta.get("case", "imported"),
@@ -201,5 +201,5 @@ def import_official(config_path: str | Path, weights_path: str | Path,
     net = S4Network(ModelConfig.model_validate(config.model_dump()))
     missing, unexpected = net.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise ImportError_(f"conversion left missing {missing} / unexpected {unexpected}")
+        raise OfficialImportError(f"conversion left missing {missing} / unexpected {unexpected}")
     return net.eval()

@@ -24,11 +24,11 @@ def import_official_cmd(
     name: str | None = typer.Option(None, "--name", help="model name (default: the case)"),
 ) -> None:
     """Convert a state-spaces/s4 checkpoint (S4Block diag/dplr, minimal S4D, example.py)."""
-    from model.official import ImportError_, import_official
+    from model.official import OfficialImportError, import_official
 
     try:
         net = import_official(config, weights, name=name)
-    except (ImportError_, KeyError) as exc:
+    except (OfficialImportError, KeyError) as exc:
         typer.secho(f"cannot import {weights}: {exc}", err=True, fg="red")
         raise typer.Exit(2) from exc
     save_model(net, out, metrics={"imported_from": {"config": str(config),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_model, save_model
-from model.official import ImportError_, import_official, read_state_dict
+from model.official import OfficialImportError, import_official, read_state_dict
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "official-s4"
 TOL = 1e-4
@@ -91,5 +91,5 @@ def test_unservable_variants_are_rejected(tmp_path, change, message):
     meta["constructor_kwargs"].update(change)
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(meta))
-    with pytest.raises(ImportError_, match=message):
+    with pytest.raises(OfficialImportError, match=message):
         import_official(cfg, FIXTURES / "s4d_block" / "state_dict.pt")
