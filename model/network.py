@@ -151,7 +151,7 @@ class RecurrentNetwork(nn.Module):
         if self.pooled:
             spec += [("pool.sum", (h,), torch.float64), ("pool.count", (1,), torch.float64)]
         self.state_spec: list[tuple[str, tuple[int, ...], torch.dtype]] = spec
-        self._compiled: torch.jit.ScriptModule | None = None
+        self._compiled: dict[str, object] = {}
         self.eval()
 
     @property
@@ -184,17 +184,27 @@ class RecurrentNetwork(nn.Module):
             new_state += out
         return x, new_state
 
-    def compiled_step(self):
-        """`step` as a frozen TorchScript graph (same numbers, dynamic batch): at small batches
-        Python dispatch dominates a step, and the graph removes most of it."""
-        if self._compiled is None:
+    def compiled_step(self, compiler: str = "torchscript"):
+        """`step` compiled once (same numbers, dynamic batch). At small batches Python dispatch
+        dominates a step: "torchscript" (a frozen traced graph) removes most of it at no
+        start-up cost; "inductor" (torch.compile) also fuses the memory-bound elementwise work
+        into generated C++ (about 20 s to compile per rate, needs a C++ compiler)."""
+        if compiler not in self._compiled:
             view = _StepView(self).eval()
-            example = (torch.zeros(2, self.config.d_input), self.initial_state(2))
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer notes about Python values
-                traced = torch.jit.trace(view, example, check_trace=False)
-                self._compiled = torch.jit.freeze(traced)
-        return self._compiled
+            if compiler == "torchscript":
+                example = (torch.zeros(2, self.config.d_input), self.initial_state(2))
+                with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # tracer notes about Python values
+                    traced = torch.jit.trace(view, example, check_trace=False)
+                    self._compiled[compiler] = torch.jit.freeze(traced)
+            elif compiler == "inductor":
+                self._compiled[compiler] = torch.compile(view, dynamic=True)
+            elif compiler == "eager":
+                self._compiled[compiler] = self.step
+            else:
+                raise ValueError(f"unknown step compiler {compiler!r}: expected torchscript, "
+                                 "inductor or eager")
+        return self._compiled[compiler]
 
     @torch.no_grad()
     def step(self, u: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -20,15 +20,20 @@ def _clear_kernels(net: S4Network) -> None:
         block.layer.clear_kernel_cache()
 
 
-def step_times(net: S4Network, batches: tuple[int, ...], target_s: float, repeats: int) -> dict:
-    """Whole-network recurrent step time per batch size."""
+def step_times(net: S4Network, batches: tuple[int, ...], target_s: float, repeats: int,
+               compiler: str = "torchscript") -> dict:
+    """Whole-network recurrent step time per batch size, as the torch backend runs it
+    (`compiled_step`, TorchScript by default; "eager" is the plain Python step)."""
     rec = net.to_recurrent()
+    step = rec.compiled_step(compiler)
     out = {}
-    for b in batches:
-        state = rec.initial_state(b)
-        u = torch.randn(b, net.config.d_input)
-        call = lambda rec=rec, u=u, state=state: rec.step(u, state)  # noqa: E731
-        out[b] = time_call(call, repeats, inner_for(target_s, call)).as_dict()
+    with torch.no_grad():
+        for b in batches:
+            state = rec.initial_state(b)
+            u = torch.randn(b, net.config.d_input)
+            call = lambda u=u, state=state: step(u, state)  # noqa: E731
+            call()  # first call compiles (inductor)
+            out[b] = time_call(call, repeats, inner_for(target_s, call)).as_dict()
     return out
 
 
@@ -110,6 +115,8 @@ def run_model_benches(quick: bool, log=print) -> dict:
         log(f"model bench {layer}: step")
         entry = {"config": {k: getattr(net.config, k) for k in ("n_layers", "d_model", "d_state")},
                  "step": step_times(net, (1, 1024), target_s, repeats),
+                 "step_variants": {c: step_times(net, (1, 1024), target_s, repeats, c)
+                                   for c in (("eager",) if quick else ("eager", "inductor"))},
                  "chunk_320": chunk_time(net, 320, target_s, repeats)}  # fmt: skip
         log(f"model bench {layer}: conv L={conv_len}")
         entry["conv"] = conv_times(net, conv_len, repeats)

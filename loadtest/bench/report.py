@@ -61,6 +61,18 @@ def _model(r: dict) -> list[str]:
             _t(e["conv"]["warm"]), _f(ratios["step_per_layer_vs_anchor"]),
             _f(ratios["conv_cold_per_layer_vs_anchor"]),
         ))  # fmt: skip
+    lines += ["", "### Step variants (whole network)", "",
+              "The table above times the step as the torch backend runs it (a frozen TorchScript "
+              "graph). Eager is the plain Python `RecurrentNetwork.step`; inductor is "
+              "`--backend torch-inductor` (torch.compile, opt-in).", "",
+              "| layer | variant | step B=1 | step B=1024 |", "|---|---|---|---|"]
+    for layer in ("s4d", "s4"):
+        e = r.get(layer)
+        if not e:
+            continue
+        variants = {"torchscript (served)": e["step"], **e.get("step_variants", {})}
+        for name, t in variants.items():
+            lines.append(_row(layer, name, _t(t[1]), _t(t[1024])))
     lines += ["", "### Agreement with a float64 dense reference (max abs error)", "",
               _row("layer", "L", "step", "chunk (T=320)", "conv", "goal", "met"),
               _row(*["---"] * 7)]  # fmt: skip

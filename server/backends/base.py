@@ -23,6 +23,7 @@ from server.state_blob import TensorSpec
 # backend name -> "module:class"; a new runtime adds one line here.
 _REGISTRY = {
     "torch": "server.backends.torch:TorchBackend",
+    "torch-inductor": "server.backends.torch:InductorTorchBackend",
     "onnx": "server.backends.onnx:OnnxBackend",
 }
 

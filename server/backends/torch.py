@@ -15,6 +15,7 @@ from server.state_blob import TensorSpec
 
 class TorchBackend(ModelBackend):
     kind = "torch"
+    step_compiler = "torchscript"  # see RecurrentNetwork.compiled_step
 
     def __init__(self, model_dir: Path, device: str = "auto", max_rates: int = 8) -> None:
         self._device = resolve_device(device)
@@ -65,7 +66,7 @@ class TorchBackend(ModelBackend):
             if rec is None:
                 with torch.inference_mode():
                     rec = self.net.to_recurrent(rate=rate)
-                rec.compiled_step()  # compile while holding the lock, once per rate
+                rec.compiled_step(self.step_compiler)  # compile under the lock, once per rate
                 self._recurrent[rate] = rec
                 while len(self._recurrent) > self._max_rates:
                     self._recurrent.popitem(last=False)
@@ -75,7 +76,7 @@ class TorchBackend(ModelBackend):
 
     @torch.inference_mode()
     def step(self, u, state, rate):
-        return self._recurrence(rate).compiled_step()(u, state)
+        return self._recurrence(rate).compiled_step(self.step_compiler)(u, state)
 
     @torch.inference_mode()
     def chunk(self, u, state, rate):
@@ -84,3 +85,10 @@ class TorchBackend(ModelBackend):
     @torch.inference_mode()
     def predict(self, u, rate, state=None, return_state=False):
         return self.net.predict(u, rate=rate, state=state, return_state=return_state)
+
+
+class InductorTorchBackend(TorchBackend):
+    """The torch backend with steps compiled by torch.compile (opt-in: `--backend
+    torch-inductor`); ModelInfo still says "torch"."""
+
+    step_compiler = "inductor"

@@ -118,7 +118,7 @@ def test_chunk_continues_from_a_given_state():
 def test_compiled_step_gives_the_same_numbers_at_any_batch(layer):
     net = perturbed_network(layer=layer, task="classification", labels=list("abcde"))
     rec = net.to_recurrent(rate=0.5)
-    fast = rec.compiled_step()
+    fast = rec.compiled_step("torchscript")
     for batch in (1, 5):
         u = torch.randn(batch, 40, 3)
         eager, _ = run_steps(rec, u)
@@ -127,3 +127,18 @@ def test_compiled_step_gives_the_same_numbers_at_any_batch(layer):
             y, state = fast(u[:, t], state)
             out.append(y)
         assert torch.allclose(torch.stack(out, dim=1), eager, atol=1e-6)
+
+
+def test_inductor_step_gives_the_same_numbers():
+    net = perturbed_network(layer="s4d", task="classification", labels=list("abcde"))
+    rec = net.to_recurrent()
+    fast = rec.compiled_step("inductor")
+    for batch in (1, 3):
+        u = torch.randn(batch, 5, 3)
+        eager, _ = run_steps(rec, u)
+        state, out = rec.initial_state(batch), []
+        with torch.no_grad():
+            for t in range(u.shape[1]):
+                y, state = fast(u[:, t], state)
+                out.append(y)
+        assert torch.allclose(torch.stack(out, dim=1), eager, atol=1e-5)

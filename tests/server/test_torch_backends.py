@@ -1,0 +1,24 @@
+"""The torch backend's step compilers give the same numbers as the eager recurrence."""
+
+import torch
+
+from model.checkpoint import save_model
+from server.backends import load_backend
+from tests.model.conftest import perturbed_network
+
+
+def test_torchscript_and_inductor_backends_match_eager(tmp_path):
+    net = perturbed_network(layer="s4", task="classification", labels=list("abcde"))
+    save_model(net, tmp_path / "m")
+    rec = net.to_recurrent(rate=2.0)
+    u = torch.randn(4, 3)
+    expected, expected_state = rec.step(u, rec.initial_state(4))
+    for kind in ("torch", "torch-inductor"):
+        backend = load_backend(kind, tmp_path / "m", "cpu")
+        assert backend.info.backend == "torch"
+        state = [torch.zeros(4, *s.shape, dtype=getattr(torch, s.dtype))
+                 for s in backend.state_spec]
+        y, new_state = backend.step(u, state, 2.0)
+        assert torch.allclose(y, expected, atol=1e-5)
+        for a, b in zip(new_state, expected_state, strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
