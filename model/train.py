@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,10 @@ class TrainSettings(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     eval_batch_size: int = Field(64, ge=1)
+    time_budget_s: float | None = Field(
+        None, gt=0, description="wall-clock limit for the optimisation steps: the schedule "
+        "anneals by whichever of steps or time is further along, and training stops when it "
+        "runs out (runs with a budget are not bit-reproducible)")
 
 
 class RunConfig(BaseModel):
@@ -151,11 +155,15 @@ def accuracy(net: S4Network, split: Split, rate: float = 1.0, batch_size: int = 
     return float((predictions(net, split, rate, batch_size) == split.targets).mean())
 
 
-def cosine_schedule(total_steps: int, warmup_steps: int):
+def cosine_schedule(total_steps: int, warmup_steps: int,
+                    time_fraction: Callable[[], float] | None = None):
+    """Linear warm-up, then cosine decay over the steps (or the time budget, if further on)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if time_fraction is not None:
+            progress = max(progress, time_fraction())
         return 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
 
     return factor
@@ -169,12 +177,19 @@ def fit(config: ModelConfig, dataset: Dataset, settings: TrainSettings,
     optimizer = torch.optim.AdamW(parameter_groups(net, settings))
     steps_per_epoch = -(-len(dataset.train) // settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
+    started = time.perf_counter()
+    budget = settings.time_budget_s
+
+    def time_fraction() -> float:
+        return (time.perf_counter() - started) / budget if budget else 0.0
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(total_steps, settings.warmup_steps))
+        optimizer, cosine_schedule(total_steps, settings.warmup_steps,
+                                   time_fraction if budget else None))
     mean, std = channel_statistics(dataset.train)
     order = torch.Generator().manual_seed(settings.seed)
     losses: list[float] = []
-    started = time.perf_counter()
+    steps_done = 0
     with tqdm(total=total_steps, desc=f"train {config.name}", disable=not progress,
               unit="step") as bar:
         for epoch in range(settings.epochs):
@@ -188,12 +203,17 @@ def fit(config: ModelConfig, dataset: Dataset, settings: TrainSettings,
                 optimizer.step()
                 scheduler.step()
                 epoch_losses.append(loss.item())
+                steps_done += 1
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
                 bar.update()
+                if time_fraction() >= 1.0:
+                    break
             losses.append(float(np.mean(epoch_losses)))
+            if time_fraction() >= 1.0:
+                break
     fold_standardisation(net, mean, std)
     net.eval()
-    history = {"epoch_loss": losses, "steps": total_steps,
+    history = {"epoch_loss": losses, "steps": steps_done, "planned_steps": total_steps,
                "seconds": round(time.perf_counter() - started, 1)}
     return net, history
 

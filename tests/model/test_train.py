@@ -18,6 +18,7 @@ from model.train import (
     RunConfig,
     TrainSettings,
     channel_statistics,
+    cosine_schedule,
     fit,
     fold_standardisation,
     parameter_groups,
@@ -63,6 +64,20 @@ def _tiny_fit(seed: int):
     config = RunConfig(model=TINY_MODEL).model_config_for(data)
     settings = TrainSettings(seed=seed, epochs=2, batch_size=4, lr=0.01)
     return fit(config, data, settings, progress=False)
+
+
+def test_time_budget_anneals_and_stops_training():
+    steps_only = cosine_schedule(total_steps=100, warmup_steps=0)
+    assert steps_only(0) == pytest.approx(1.0) and steps_only(50) == pytest.approx(0.5)
+    half_time = cosine_schedule(100, 0, time_fraction=lambda: 0.5)
+    assert half_time(10) == pytest.approx(0.5)  # time is further along than the steps
+    assert half_time(90) == pytest.approx(steps_only(90))  # steps are further along than time
+    data = load_dataset("basicmotions", limit=8)
+    config = RunConfig(model=TINY_MODEL).model_config_for(data)
+    settings = TrainSettings(epochs=3, batch_size=4, time_budget_s=1e-9)
+    _, history = fit(config, data, settings, progress=False)
+    assert history["steps"] == 1 and history["planned_steps"] == 6
+    assert len(history["epoch_loss"]) == 1
 
 
 def test_training_is_reproducible_with_a_seed():
