@@ -7,6 +7,7 @@ import torch
 
 from model.checkpoint import load_model, save_model
 from model.official import OfficialImportError, import_official, read_state_dict
+from tests.model.test_views import run_steps
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "official-s4"
 TOL = 1e-4
@@ -21,12 +22,7 @@ def load_case(case):
 
 
 def stepped(rec, u):
-    state = rec.initial_state(u.shape[0])
-    out = []
-    for t in range(u.shape[1]):
-        y, state = rec.step(u[:, t], state)
-        out.append(y)
-    return torch.stack(out, dim=1)
+    return run_steps(rec, u)[0]
 
 
 @pytest.mark.parametrize("case", ["s4d_block", "s4_dplr_block", "s4d_minimal"])
