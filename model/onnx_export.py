@@ -18,10 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
-from unittest import mock
 
 import onnx
 import torch
@@ -67,17 +65,6 @@ def fingerprint(net: S4Network) -> str:
     return digest.hexdigest()
 
 
-def _real_conv_only(block: int):
-    """While tracing, make every chunk piece up to `block` use the Toeplitz convolution.
-
-    The model switches to the FFT above DIRECT_CONV_MAX samples; FFTs would put complex tensors
-    in the graph. Lead: a `conv="direct"` option on LayerRecurrence would make this patch moot.
-    """
-    if block <= recurrent.DIRECT_CONV_MAX:
-        return nullcontext()
-    return mock.patch.object(recurrent, "DIRECT_CONV_MAX", block)
-
-
 def _export_graph(rec: RecurrentNetwork, view: str, path: Path, block: int | None,
                   exporter: Exporter) -> None:
     batch = 2  # any size > 1: a batch of 1 could be specialised by the tracer
@@ -95,7 +82,7 @@ def _export_graph(rec: RecurrentNetwork, view: str, path: Path, block: int | Non
     else:
         options = dict(dynamo=False,
                        dynamic_axes={n: {0: "batch"} for n in input_names + output_names})
-    with _real_conv_only(block or 1), warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
         torch.onnx.export(_View(rec, view).eval(), (samples, state), str(path),
                           input_names=input_names, output_names=output_names,

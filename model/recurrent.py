@@ -24,9 +24,15 @@ from model.kernels import causal_conv_direct, conj_extend, dplr_transition
 DIRECT_CONV_MAX = 64
 
 
+def _capturing_graph() -> bool:
+    """True while a graph is being traced or exported (TorchScript, ONNX, torch.export)."""
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_exporting())
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_n a·b over the last axis; one fused kernel, or Mul + ReduceSum for ONNX."""
-    if torch.onnx.is_in_onnx_export():
+    if _capturing_graph():
         return (a * b).sum(-1)
     return torch.linalg.vecdot(a, b)
 
@@ -78,7 +84,7 @@ class LayerRecurrence(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = u.shape[1]
         k = self.k[:, :t]  # (H, T)
-        if t <= DIRECT_CONV_MAX or torch.jit.is_tracing():  # graphs: real ops only, no FFT
+        if t <= DIRECT_CONV_MAX or _capturing_graph():  # graphs: real ops only, no FFT
             y = causal_conv_direct(u, k)  # (B, T, H)
         else:
             n = 2 * t
@@ -123,6 +129,7 @@ class DiagonalRecurrence(LayerRecurrence):
         for name, value in (("da", da), ("db", db), ("c2", c2)):
             self.register_buffer(f"{name}_re", _f32(value.real))  # (H, N2)
             self.register_buffer(f"{name}_im", _f32(value.imag))
+        for name, value in (("da", da), ("c2", c2)):  # addcmul_ takes no sign
             self.register_buffer(f"neg_{name}_im", _f32(-value.imag))
         self.register_buffer("pow_re", _f32(powers.real))  # (Tm+1, H, N2)
         self.register_buffer("pow_im", _f32(powers.imag))
@@ -185,6 +192,7 @@ class DPLRRecurrence(LayerRecurrence):
                             ("p", terms.p), ("dp", terms.d * terms.p)):
             self.register_buffer(f"{name}_re", _f32(value.real))
             self.register_buffer(f"{name}_im", _f32(value.imag))
+        for name, value in (("a0", terms.a0), ("d", terms.d), ("c2", c2)):
             self.register_buffer(f"neg_{name}_im", _f32(-value.imag))
         self.register_buffer("core", _f32(terms.core))  # (H, R, R)
 
