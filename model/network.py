@@ -7,6 +7,7 @@ usual mean-pooled classifier.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import OrderedDict
 
@@ -69,6 +70,19 @@ class S4Network(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.n_layers))
         self.decoder = (nn.Linear(config.d_model, config.d_output) if config.decoder
                         else nn.Identity())
+        self.recurrent_cache_size = RECURRENT_CACHE_SIZE  # rates kept by `recurrent`
+        self._recurrent_cache: OrderedDict[tuple, RecurrentNetwork] = OrderedDict()
+        self._recurrent_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # copies and pickles carry the parameters, not the derived recurrent forms or the lock
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in ("_recurrent_cache", "_recurrent_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._recurrent_cache = OrderedDict()
+        self._recurrent_lock = threading.Lock()
 
     @property
     def pooled(self) -> bool:
@@ -102,16 +116,17 @@ class S4Network(nn.Module):
         return RecurrentNetwork(self, rate, chunk_max or self.config.chunk_max)
 
     def recurrent(self, rate: float = 1.0) -> RecurrentNetwork:
-        """`to_recurrent(rate)`, cached for the last few rates until a parameter changes."""
+        """`to_recurrent(rate)`, cached for the last few rates until a parameter changes.
+        Thread-safe: a server's step thread and predict worker share the cache."""
         version = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        cache = self.__dict__.setdefault("_recurrent_cache", OrderedDict())
-        key = (float(rate), version)
-        if key not in cache:
-            cache[key] = self.to_recurrent(rate)
-            while len(cache) > RECURRENT_CACHE_SIZE:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-        return cache[key]
+        with self._recurrent_lock:
+            key = (float(rate), version)
+            if key not in self._recurrent_cache:
+                self._recurrent_cache[key] = self.to_recurrent(rate)
+                while len(self._recurrent_cache) > self.recurrent_cache_size:
+                    self._recurrent_cache.popitem(last=False)
+            self._recurrent_cache.move_to_end(key)
+            return self._recurrent_cache[key]
 
     @torch.no_grad()
     def predict(self, u: torch.Tensor, rate: float = 1.0, state: State | None = None,

@@ -7,8 +7,6 @@ real check. O(L·N²) — for tests and the benchmark's accuracy report only.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from model.kernels import conj_extend
@@ -60,7 +58,9 @@ def ssm_reference(layer: SSMLayer, u: torch.Tensor, rate: float = 1.0) -> torch.
 @torch.no_grad()
 def reference_outputs(net: S4Network, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
     """The whole network in float64 with the dense reference SSM: (B, L, d_in) -> (B, L, d_out)."""
-    net64 = copy.deepcopy(net).double().eval()
+    net64 = S4Network(net.config)
+    net64.load_state_dict(net.state_dict())
+    net64 = net64.double().eval()
     x = net64.encoder(u.double())
     for block in net64.blocks:
         layer = block.layer

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from loadtest.bench.networks import perturbed_network
 from loadtest.bench.timing import time_call
+from model.network import S4Network
 
 
 def _synced(fn):
@@ -32,7 +31,9 @@ def run_gpu_bench(quick: bool, log=print) -> dict:
         net = perturbed_network(layer)
         u = torch.randn(batch, length, 1)
         cpu_out = net(u)
-        gpu_net = copy.deepcopy(net).to("cuda:0")
+        gpu_net = S4Network(net.config)  # a twin: the CPU network stays as the reference
+        gpu_net.load_state_dict(net.state_dict())
+        gpu_net = gpu_net.to("cuda:0").eval()
         u_gpu = u.to("cuda:0")
         cold = time_call(_synced(lambda net=gpu_net, u=u_gpu: net(u)), repeats=1, warmup=0)
         warm = time_call(_synced(lambda net=gpu_net, u=u_gpu: net(u)), repeats=5)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,10 +19,10 @@ class TorchBackend(ModelBackend):
         self._device = resolve_device(device)
         self.net = load_model(model_dir).to(self._device).eval()
         self._max_rates = max_rates
-        # Discretising for a rate is costly, so recurrences are cached, a few rates at most
-        # (clients choose rates, and an unbounded cache would let them grow memory).
-        self._recurrent: OrderedDict[float, object] = OrderedDict()
-        self._lock = threading.Lock()
+        # Discretising for a rate is costly, so the network caches its recurrent forms, a few
+        # rates at most (clients choose rates: an unbounded cache would let them grow memory).
+        # Streams and predict-with-state share that one cache.
+        self.net.recurrent_cache_size = max_rates
         rec = self._recurrence(1.0)
         self._spec = [
             TensorSpec(name, tuple(int(n) for n in shape), str(dtype).removeprefix("torch."))
@@ -61,21 +59,12 @@ class TorchBackend(ModelBackend):
         return self._spec
 
     def _recurrence(self, rate: float):
-        with self._lock:
-            rec = self._recurrent.get(rate)
-            if rec is None:
-                with torch.inference_mode():
-                    rec = self.net.to_recurrent(rate=rate)
-                rec.compiled_step(self.step_compiler)  # compile under the lock, once per rate
-                self._recurrent[rate] = rec
-                while len(self._recurrent) > self._max_rates:
-                    self._recurrent.popitem(last=False)
-            else:
-                self._recurrent.move_to_end(rate)
-            return rec
+        with torch.inference_mode():
+            return self.net.recurrent(rate)
 
     @torch.inference_mode()
     def step(self, u, state, rate):
+        # compiled once per rate on first use; only the compute thread steps
         return self._recurrence(rate).compiled_step(self.step_compiler)(u, state)
 
     @torch.inference_mode()

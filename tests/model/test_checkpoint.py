@@ -60,3 +60,15 @@ def test_bad_inputs_get_clear_errors(u, message):
     net = perturbed_network()
     with pytest.raises(ValueError, match=message):
         net.predict(u)
+
+
+def test_network_copies_without_its_derived_caches():
+    import copy
+
+    net = perturbed_network(layer="s4")
+    net.recurrent(1.0)  # populate the cache of recurrent forms
+    twin = copy.deepcopy(net)
+    u = torch.randn(1, 30, 3)
+    a, _ = net.predict(u, return_state=True)
+    b, _ = twin.predict(u, return_state=True)
+    assert torch.equal(a, b)
