@@ -20,6 +20,7 @@ from server.models import load_models
 from server.runtime import Runtime
 from server.settings import Settings
 from server.store import SessionStore
+from server.transport import PushProtocol
 
 log = logging.getLogger("s4serve.app")
 _JANITOR_PERIOD = 30.0
@@ -102,11 +103,12 @@ async def _purge_expired(runtime: Runtime) -> None:
 
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Config:
     """The uvicorn settings the server needs: the frame size limit is enforced on the wire
-    (close 1009 before the message is buffered), and the sans-I/O websockets implementation
-    stops reading a socket until the app has taken the message it holds (backpressure)."""
+    (close 1009 before the message is buffered), and streams get the push transport
+    (server/transport.py). Per-message deflate is off: float samples do not compress, and
+    zlib per message was a large share of the per-frame cost."""
     options = dict(
-        host=settings.host, port=settings.port, ws="websockets-sansio",
-        ws_max_size=settings.max_frame_bytes, log_config=None,
+        host=settings.host, port=settings.port, ws=PushProtocol,
+        ws_max_size=settings.max_frame_bytes, ws_per_message_deflate=False, log_config=None,
         timeout_graceful_shutdown=10,
     )
     options.update(overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -10,6 +11,21 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+
+
+def observe_many(child: Histogram, values: np.ndarray) -> None:
+    """`child.observe(v)` for every v, in one pass: the hot path answers hundreds of frames per
+    tick, and one observe each (a lock and a bucket search) was a visible share of it.
+    Reads prometheus_client's bucket fields (stable since 0.4; tests compare with observe)."""
+    if not len(values):
+        return
+    bounds = child._upper_bounds  # ascending, ends with +Inf
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for bucket, count in zip(child._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    child._sum.inc(float(values.sum()))
+
 
 # `_created` series double the exposition for little use; dashboards rely on `_total`.
 disable_created_metrics()

@@ -42,7 +42,10 @@ class Runtime:
     def create(cls, settings: Settings, store: SessionStore | None = None) -> Runtime:
         metrics = Metrics()
         metrics.session_limit.set(settings.max_sessions)
-        scheduler = Scheduler(metrics, settings.scheduler_max_batch, settings.scheduler_tick)
+        scheduler = Scheduler(
+            metrics, settings.scheduler_max_batch, settings.scheduler_tick,
+            settings.tick_samples, settings.max_queued_frames, settings.max_lag,
+        )
         store = store or LocalDirectoryStore(settings.snapshot_dir)
         manager = SessionManager(scheduler, store, metrics, settings.resume_ttl)
         guard = Guard(settings.api_keys, settings.allowed_origins)

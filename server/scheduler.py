@@ -1,44 +1,63 @@
-"""The step scheduler: one compute thread advances many sessions per batched call.
+"""The step scheduler: batched recurrent steps of many sessions, on the event loop.
 
-Each session (a `Stream`) has a FIFO of operations. Every tick the compute thread takes the
-head operation of each ready stream (at most `max_batch` of them), runs control operations
-(load, reset, snapshot, release) directly, and advances the frames in one call per group:
-per-sample frames of one (model, rate) as one batched `step`, multi-sample frames of one
-(model, rate, T) as one batched `chunk`. Whether a frame goes through `step` or `chunk` depends
-only on its own length, never on what other sessions do, so batching cannot change a session's
-numbers. Results go back to the event loop with `call_soon_threadsafe`.
+Each session (a `Stream`) has a FIFO of items: data frames and in-order control items (reset,
+snapshot, end, an error reply). A tick takes every ready stream (at most `max_batch`), runs the
+control items at their heads, and advances the head frame of each by at most `piece` samples in
+one call per group: per-sample frames of one (model, rate) as one batched `step`, pieces of one
+(model, rate, T) as one batched `chunk`. How a frame is cut into pieces depends only on its own
+length, never on other sessions, so batching cannot change a session's numbers.
+
+Ticks run on the event loop between reads: a tick batches whatever arrived since the last one,
+and no other thread competes for the GIL (a compute thread spent most of its time waiting for
+it). Replies go straight to each stream's `Sink`, which writes them to its socket.
+Work for a stream that is gone is dropped at once (`release`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from server.metrics import Metrics
+from server.errors import ServeError
+from server.metrics import Metrics, observe_many
 from server.slots import SlotPool
 
 log = logging.getLogger("s4serve.scheduler")
 
 
-@dataclass
-class FrameResult:
-    outputs: np.ndarray  # (T or 1, d_output) float32
-    t: int  # index of the frame's first sample in the session
+@dataclass(eq=False, slots=True)
+class Frame:
+    samples: np.ndarray  # (T, d_input) float32
+    seq: int
+    received: float  # perf_counter at receipt
+    text: bool  # reply as a JSON "outputs" message
+    t: int = 0  # index of the frame's first sample in the session
+    done: int = 0  # samples computed so far
+    pieces: list[np.ndarray] | None = None  # outputs of earlier pieces
 
 
-@dataclass
-class Op:
-    kind: str  # "frame" | "load" | "reset" | "snapshot" | "release"
-    payload: Any
-    future: asyncio.Future
+@dataclass(eq=False, slots=True)
+class Control:
+    kind: str  # "reset" | "snapshot" | "end" | "error"
+    error: ServeError | None = None
+    seq: int | None = None
+
+
+class Sink(Protocol):
+    """Where a stream's replies go (the connection that owns it)."""
+
+    def frame_done(self, frame: Frame, outputs: np.ndarray) -> None: ...
+
+    def frame_failed(self, frame: Frame, exc: Exception) -> None: ...
+
+    def control_done(self, item: Control, value: Any) -> None: ...
 
 
 @dataclass(eq=False)
@@ -49,169 +68,216 @@ class Stream:
     slot: int
     rate: float
     output_last: bool
+    sink: Sink | None = None
     samples: int = 0
-    ops: deque[Op] = field(default_factory=deque)
-    queued: Any = None  # this model's queue-depth gauge, resolved once
-
+    queue: deque[Frame | Control] = field(default_factory=deque)
 
     @property
     def model(self) -> str:
         return self.pool.backend.info.name
 
 
+class _ModelMetrics:
+    """One model's metric children, resolved once (a label lookup takes a lock)."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.frames_ok = metrics.frames.labels(name, "ok")
+        self.latency = metrics.frame_latency.labels(name)
+        self.step = metrics.step_seconds.labels(name, "step")
+        self.chunk = metrics.step_seconds.labels(name, "chunk")
+        self.batch = metrics.step_batch_size.labels(name)
+        self.samples = metrics.samples.labels(name, "stream")
+        self.queue = metrics.queue_depth.labels(name)
+        self.queued = 0  # frames waiting, this model
+        self.latencies: list[float] = []  # receipt times of the frames answered this tick
+
+
 class Scheduler:
-    def __init__(self, metrics: Metrics, max_batch: int = 1024, tick: float = 0.0) -> None:
+    def __init__(self, metrics: Metrics, max_batch: int = 1024, tick: float = 0.0,
+                 piece: int = 64, max_queued: int = 1 << 16, max_lag: float = 1.0) -> None:
         self.metrics = metrics
         self.max_batch = max_batch
         self.tick = tick
+        self.piece = piece
+        self.max_queued = max_queued
+        self.max_lag = max_lag
+        self.lag = 0.0  # age of the oldest unstarted head frame at the last tick, seconds
+        self.ticks = 0
         self._ready: OrderedDict[Stream, None] = OrderedDict()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._models: dict[SlotPool, _ModelMetrics] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending = False
 
-    # ----- event-loop side -------------------------------------------------------------
+    # ----- lifecycle ---------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="s4serve-compute", daemon=True)
-        self._thread.start()
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._ready.clear()
 
-    def open(
-        self, pool: SlotPool, rate: float, output_last: bool, state: list[np.ndarray] | None,
-        samples: int = 0,
-    ) -> Stream | None:
-        """A stream in a fresh slot (None when the pool is full); its first op loads the state."""
+    @property
+    def idle(self) -> bool:
+        return not self._ready
+
+    def open(self, pool: SlotPool, rate: float, output_last: bool,
+             state: list[np.ndarray] | None, samples: int = 0) -> Stream | None:
+        """A stream in a fresh slot holding `state` (zeros when None); None when full."""
         slot = pool.allocate()
         if slot is None:
             return None
-        stream = Stream(pool=pool, slot=slot, rate=rate, output_last=output_last)
-        stream.queued = self.metrics.queue_depth.labels(stream.model)
-        self.submit(stream, "load", (state, samples))
-        return stream
-
-    def submit(self, stream: Stream, kind: str, payload: Any = None) -> asyncio.Future:
-        assert self._loop is not None, "scheduler not started"
-        future = self._loop.create_future()
-        with self._cond:
-            stream.ops.append(Op(kind, payload, future))
-            self._ready[stream] = None
-            self._cond.notify()
-        if kind == "frame":
-            stream.queued.inc()
-        return future
-
-    # ----- compute thread ------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._ready and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-            if self.tick:
-                time.sleep(self.tick)
-            taken = self._take()
-            results = self._process(taken)
-            if results:
-                self._loop.call_soon_threadsafe(_deliver, results)
-
-    def _take(self) -> list[tuple[Stream, Op]]:
-        taken = []
-        with self._cond:
-            for _ in range(min(len(self._ready), self.max_batch)):
-                stream, _ = self._ready.popitem(last=False)
-                taken.append((stream, stream.ops.popleft()))
-                if stream.ops:  # back of the line: every ready session gets its turn
-                    self._ready[stream] = None
-        return taken
-
-    def _process(self, taken: list[tuple[Stream, Op]]) -> list[tuple[asyncio.Future, Any, bool]]:
-        results: list[tuple[asyncio.Future, Any, bool]] = []
-        groups: dict[tuple, list[tuple[Stream, Op]]] = defaultdict(list)
-        for stream, op in taken:
-            if op.kind == "frame":
-                stream.queued.dec()
-                length = op.payload.shape[0]
-                groups[(id(stream.pool), stream.rate, length)].append((stream, op))
-                continue
-            try:
-                results.append((op.future, self._control(stream, op), False))
-            except Exception as exc:  # reported to that session only
-                log.exception("control operation %s failed", op.kind)
-                results.append((op.future, exc, True))
-        for members in groups.values():
-            try:
-                outcome = self._advance(members)
-                results.extend(
-                    (op.future, r, False) for (_, op), r in zip(members, outcome, strict=True)
-                )
-            except Exception as exc:  # the states were not written back: nothing is lost
-                log.exception("batched call failed")
-                results.extend((op.future, exc, True) for _, op in members)
-        return results
-
-    def _control(self, stream: Stream, op: Op) -> Any:
-        pool, slot = stream.pool, stream.slot
-        if op.kind == "load":
-            arrays, samples = op.payload
-            if arrays is None:
-                pool.zero(slot)
-            else:
-                pool.load(slot, arrays)
-            stream.samples = samples
-            return samples
-        if op.kind == "reset":
-            pool.zero(slot)
-            stream.samples = 0
-            return 0
-        if op.kind == "snapshot":
-            return stream.samples, pool.read(slot)
-        if op.kind == "release":
-            snapshot = stream.samples, pool.read(slot)
+        try:
+            pool.zero(slot) if state is None else pool.load(slot, state)
+        except Exception:
             pool.free(slot)
-            return snapshot
-        raise ValueError(f"unknown operation {op.kind!r}")
+            raise
+        self._model(pool)
+        return Stream(pool=pool, slot=slot, rate=rate, output_last=output_last, samples=samples)
 
-    def _advance(self, members: list[tuple[Stream, Op]]) -> list[FrameResult]:
-        first = members[0][0]
-        pool, backend, rate = first.pool, first.pool.backend, first.rate
-        model = backend.info.name
-        length = members[0][1].payload.shape[0]
-        index = pool.index([s.slot for s, _ in members])
-        u = torch.from_numpy(np.stack([op.payload for _, op in members])).to(backend.device)
-        state = pool.gather(index)
-        started = time.perf_counter()
+    # ----- what connections call ---------------------------------------------------------
+    def overloaded(self, pool: SlotPool) -> bool:
+        """Past capacity: this model's queue is full, or frames wait longer than max_lag."""
+        return self.lag > self.max_lag or self._model(pool).queued >= self.max_queued
+
+    def _model(self, pool: SlotPool) -> _ModelMetrics:
+        model = self._models.get(pool)
+        if model is None:
+            model = self._models[pool] = _ModelMetrics(self.metrics, pool.backend.info.name)
+        return model
+
+    def submit(self, stream: Stream, item: Frame | Control) -> None:
+        """Queue an item behind the stream's earlier ones; a tick will answer it."""
+        stream.queue.append(item)
+        if type(item) is Frame:
+            self._models[stream.pool].queued += 1
+        if stream not in self._ready:
+            self._ready[stream] = None
+        if not self._pending:
+            self._pending = True
+            if self.tick:
+                self._loop.call_later(self.tick, self._tick)
+            else:
+                self._loop.call_soon(self._tick)
+
+    def snapshot(self, stream: Stream) -> tuple[int, list[np.ndarray]]:
+        """The state now (every item queued so far not yet applied)."""
+        return stream.samples, stream.pool.read(stream.slot)
+
+    def drop(self, stream: Stream) -> int:
+        """Forget the stream's queued work (its connection is gone); returns frames dropped."""
+        dropped = sum(1 for item in stream.queue if type(item) is Frame)
+        self._models[stream.pool].queued -= dropped
+        stream.queue.clear()
+        self._ready.pop(stream, None)
+        return dropped
+
+    def release(self, stream: Stream) -> tuple[int, list[np.ndarray]]:
+        """Drop queued work, free the slot; returns the final (samples, state)."""
+        self.drop(stream)
+        snapshot = self.snapshot(stream)
+        stream.pool.free(stream.slot)
+        stream.sink = None
+        return snapshot
+
+    def reset(self, stream: Stream) -> None:
+        stream.pool.zero(stream.slot)
+        stream.samples = 0
+
+    # ----- the tick ----------------------------------------------------------------------
+    def _tick(self) -> None:
+        self._pending = False
+        self.ticks += 1
+        now = time.perf_counter()
+        oldest = now
+        groups: dict[tuple, list[Stream]] = {}
+        taken: list[Stream] = []
+        ready, piece = self._ready, self.piece
+        for _ in range(min(len(ready), self.max_batch)):
+            stream, _ = ready.popitem(last=False)
+            queue = stream.queue
+            while queue and type(queue[0]) is Control:
+                self.apply(stream, queue.popleft())
+            if not queue or stream.sink is None:
+                continue
+            frame = queue[0]
+            if frame.done == 0:
+                frame.t = stream.samples
+                oldest = min(oldest, frame.received)
+            length = min(len(frame.samples) - frame.done, piece)
+            groups.setdefault((stream.pool, stream.rate, length), []).append(stream)
+            taken.append(stream)
+        self.lag = now - oldest
+        for (pool, rate, length), members in groups.items():
+            self._advance(pool, rate, length, members)
+        for stream in taken:
+            if stream.queue and stream.sink is not None:
+                ready[stream] = None
+        for model in self._models.values():
+            if model.latencies:
+                done = time.perf_counter()
+                observe_many(model.latency, done - np.asarray(model.latencies))
+                model.frames_ok.inc(len(model.latencies))
+                model.latencies.clear()
+            model.queue.set(model.queued)
+        if ready and not self._pending:
+            self._pending = True
+            self._loop.call_soon(self._tick)
+
+    def apply(self, stream: Stream, item: Control) -> None:
+        """Run a control item now (its turn has come) and hand the result to the sink."""
+        value: Any = None
+        if item.kind == "reset":
+            self.reset(stream)
+            value = 0
+        elif item.kind in ("snapshot", "end"):
+            value = self.snapshot(stream)
+        if stream.sink is not None:
+            stream.sink.control_done(item, value)
+
+    def _advance(self, pool: SlotPool, rate: float, length: int, members: list[Stream]) -> None:
+        backend, model = pool.backend, self._models[pool]
+        frames = [s.queue[0] for s in members]
         if length == 1:
-            y, state = backend.step(u[:, 0], state, rate)
-            y = y[:, None]
-            kind = "step"
+            u = np.stack([f.samples[f.done] for f in frames])  # (B, d_input)
         else:
-            y, state = backend.chunk(u, state, rate)
-            kind = "chunk"
-        pool.scatter(index, state)
-        y = y.to("cpu", torch.float32).numpy()
-        self.metrics.step_seconds.labels(model, kind).observe(time.perf_counter() - started)
-        self.metrics.step_batch_size.labels(model).observe(len(members))
-        self.metrics.samples.labels(model, "stream").inc(length * len(members))
-        out = []
-        for row, (stream, _) in zip(y, members, strict=True):
-            out.append(FrameResult(row[-1:] if stream.output_last else row, stream.samples))
+            u = np.stack([f.samples[f.done:f.done + length] for f in frames])  # (B, T, d_input)
+        index = pool.index([s.slot for s in members])
+        started = time.perf_counter()
+        try:
+            state = pool.gather(index)
+            x = torch.from_numpy(u).to(backend.device)
+            if length == 1:
+                y, state = backend.step(x, state, rate)
+                y = y[:, None]  # (B, 1, d_output)
+            else:
+                y, state = backend.chunk(x, state, rate)  # (B, T, d_output)
+            pool.scatter(index, state)
+            y = y.to("cpu", torch.float32).numpy()
+        except Exception as exc:  # the states were not written back: nothing is lost
+            log.exception("batched call failed")
+            for stream, frame in zip(members, frames, strict=True):
+                self._finish(stream)
+                stream.sink.frame_failed(frame, exc)
+            return
+        (model.step if length == 1 else model.chunk).observe(time.perf_counter() - started)
+        model.batch.observe(len(members))
+        model.samples.inc(length * len(members))
+        for stream, frame, out in zip(members, frames, y, strict=True):
             stream.samples += length
-        return out
+            frame.done += length
+            if frame.done < len(frame.samples):
+                if stream.output_last:
+                    frame.pieces = [out[-1:]]
+                else:
+                    frame.pieces = [*(frame.pieces or ()), out]
+                continue
+            if frame.pieces:
+                out = out[-1:] if stream.output_last else np.concatenate([*frame.pieces, out])
+            elif stream.output_last:
+                out = out[-1:]
+            self._finish(stream)
+            model.latencies.append(frame.received)
+            stream.sink.frame_done(frame, out)
 
-
-def _deliver(results: list[tuple[asyncio.Future, Any, bool]]) -> None:
-    for future, value, failed in results:
-        if future.done():  # the connection went away; the work still counted
-            continue
-        if failed:
-            future.set_exception(value)
-        else:
-            future.set_result(value)
+    def _finish(self, stream: Stream) -> None:
+        stream.queue.popleft()
+        self._models[stream.pool].queued -= 1

@@ -8,7 +8,6 @@ still owns the session takes the session over and the older connection is closed
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import uuid
@@ -19,15 +18,15 @@ from server.errors import ServeError
 from server.metrics import Metrics
 from server.models import LoadedModel
 from server.protocol import StartOptions
-from server.scheduler import Scheduler, Stream
+from server.scheduler import Scheduler, Sink, Stream
 from server.state_blob import StateRecord, decode_state, encode_state
 from server.store import SessionRecord, SessionStore
 
 log = logging.getLogger("s4serve.sessions")
 
 
-class Owner(Protocol):
-    """The connection serving a session."""
+class Owner(Sink, Protocol):
+    """The connection serving a session: it gets the session's replies."""
 
     def kick(self, code: int, reason: str) -> None: ...
 
@@ -66,6 +65,9 @@ class Session:
 
 
 class SessionManager:
+    """Every method runs on the event loop, where the scheduler's ticks run too, so a
+    session's state can be read or replaced between ticks without locks."""
+
     def __init__(
         self, scheduler: Scheduler, store: SessionStore, metrics: Metrics, resume_ttl: float
     ) -> None:
@@ -75,7 +77,7 @@ class SessionManager:
         self.resume_ttl = resume_ttl
         self.live: dict[str, Session] = {}
 
-    async def open(self, model: LoadedModel, opts: StartOptions, owner: Owner) -> Session:
+    def open(self, model: LoadedModel, opts: StartOptions, owner: Owner) -> Session:
         """A new session, from zeros or from a state blob."""
         backend = model.backend
         sample_rate = opts.sample_rate if opts.sample_rate is not None else model.info.sample_rate
@@ -85,26 +87,26 @@ class SessionManager:
             record = decode_state(opts.state)
             record.check(model.info.name, model.info.version, backend.state_spec)
             arrays, samples = record.tensors, record.samples
-        session = await self._place(
+        return self._place(
             model, uuid.uuid4().hex, secrets.token_urlsafe(24), opts.dtype, sample_rate,
-            opts.output, rate, arrays, samples,
+            opts.output, rate, arrays, samples, owner,
         )
-        session.owner = owner
-        return session
 
-    async def resume(self, model: LoadedModel, token: str, owner: Owner) -> tuple[Session, int]:
+    def resume(self, model: LoadedModel, token: str, owner: Owner) -> tuple[Session, int]:
         """Take over a live session or bring back a stored one; returns it and its samples."""
         session = self.live.get(token)
         if session is not None:
             if session.model is not model:
                 raise ServeError("bad_request", "this resume token belongs to another model")
             previous, session.owner = session.owner, owner
+            # The old connection's queued frames would be answered to a dead socket: drop them;
+            # `samples` tells the client where to replay from.
+            self.scheduler.drop(session.stream)
+            session.stream.sink = owner
             if previous is not None and previous is not owner:
                 previous.kick(1008, "resumed_elsewhere")
-            # Queued after whatever the old connection sent, so the count includes it all.
-            samples, _ = await self.scheduler.submit(session.stream, "snapshot")
             log.info("session %s taken over by a new connection", session.id)
-            return session, samples
+            return session, session.stream.samples
         record = self.store.take(token)
         if record is None:
             raise ServeError("resume_not_found", "unknown or expired resume token")
@@ -113,37 +115,25 @@ class SessionManager:
             raise ServeError("bad_request", "this resume token belongs to another model")
         state = decode_state(record.state)
         state.check(model.info.name, model.info.version, model.backend.state_spec)
-        session = await self._place(
+        session = self._place(
             model, record.session_id, token, record.dtype, record.sample_rate, record.output,
             model.backend.rate_for(record.sample_rate if model.info.sample_rate else None),
-            state.tensors, state.samples,
+            state.tensors, state.samples, owner,
         )
-        session.owner = owner
         log.info("session %s resumed at sample %d", session.id, state.samples)
         return session, state.samples
 
-    async def _place(self, model, session_id, token, dtype, sample_rate, output, rate, arrays,
-                     samples) -> Session:
+    def _place(self, model, session_id, token, dtype, sample_rate, output, rate, arrays,
+               samples, owner) -> Session:
         stream = self.scheduler.open(model.pool, rate, output == "last", arrays, samples)
         if stream is None:
             raise ServeError("overloaded", "no free session slot for this model")
-        await self.scheduler.submit(stream, "snapshot")  # the load has run once this returns
-        session = Session(session_id, token, model, dtype, sample_rate, output, stream)
+        stream.sink = owner
+        session = Session(session_id, token, model, dtype, sample_rate, output, stream, owner)
         self.live[token] = session
         self.metrics.sessions_active.labels(session.name).inc()
         self.metrics.sessions_opened.labels(session.name).inc()
         return session
-
-    def submit_snapshot(self, session: Session) -> asyncio.Future:
-        """Queued behind the session's earlier frames; resolves to (samples, arrays)."""
-        return self.scheduler.submit(session.stream, "snapshot")
-
-    def submit_reset(self, session: Session) -> asyncio.Future:
-        return self.scheduler.submit(session.stream, "reset")
-
-    def submit_end(self, session: Session) -> asyncio.Future:
-        """Finish a session for good (its state is discarded); resolves to (samples, arrays)."""
-        return self._release(session)
 
     def blob(self, session: Session, samples: int, arrays) -> str:
         info = session.model.info
@@ -152,11 +142,17 @@ class SessionManager:
             StateRecord(info.name, info.version, samples, list(arrays), names, session.sample_rate)
         )
 
-    async def detach(self, session: Session, owner: Owner) -> None:
-        """The owner's connection is gone: keep the state resumable for resume_ttl seconds."""
+    def end(self, session: Session) -> int:
+        """Finish a session for good (its state is discarded); returns its sample count."""
+        samples, _ = self._release(session)
+        return samples
+
+    def detach(self, session: Session, owner: Owner) -> None:
+        """The owner's connection is gone: its queued work is dropped and the state stays
+        resumable for resume_ttl seconds."""
         if session.owner is not owner:  # taken over: the session lives on elsewhere
             return
-        samples, arrays = await self._release(session)
+        samples, arrays = self._release(session)
         record = SessionRecord(
             session.id, session.name, session.dtype, session.sample_rate, session.output,
             samples, self.blob(session, samples, arrays),
@@ -164,12 +160,12 @@ class SessionManager:
         self.store.put(session.token, record, self.resume_ttl)
         log.info("session %s detached at sample %d, resumable", session.id, samples)
 
-    def _release(self, session: Session) -> asyncio.Future:
+    def _release(self, session: Session) -> tuple[int, list]:
         session.owner = None
         if self.live.get(session.token) is session:
             del self.live[session.token]
             self.metrics.sessions_active.labels(session.name).dec()
-        return self.scheduler.submit(session.stream, "release")
+        return self.scheduler.release(session.stream)
 
     def owners(self) -> list[Owner]:
         return [s.owner for s in self.live.values() if s.owner is not None]

@@ -63,6 +63,18 @@ class Settings(BaseSettings):
         0.0, ge=0, description="extra wait for more frames before each batched call"
     )
     scheduler_max_batch: int = Field(1024, ge=1, description="sessions per batched call")
+    tick_samples: int = Field(
+        64, ge=1, description="most samples of one frame computed per tick: a longer frame "
+        "takes several ticks, so one client's big frames cannot hold up the others"
+    )
+    max_queued_frames: int = Field(
+        65536, ge=1, description="frames queued per model before new ones are answered "
+        "'overloaded'"
+    )
+    max_lag: float = Field(
+        1.0, gt=0, description="when the oldest waiting frame is older than this, new frames "
+        "are answered 'overloaded' and new sessions refused (1013) until it recovers"
+    )
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = False

@@ -1,21 +1,22 @@
-"""WS /v1/models/{name}/stream: the transport of one streaming session.
+"""WS /v1/models/{name}/stream: the transport side of one streaming session.
 
-A reader task takes client messages, validates them and queues their work with the scheduler;
-a writer task sends the replies in the order the messages came. The reader waits for a free
-credit (one per reply in flight, `session_queue` in all) before it reads another message, so a
-client that floods is slowed down by TCP backpressure instead of growing server memory.
+The connection is a `transport.Handler`: each client message arrives as a plain call on the
+event loop, is validated and queued with the scheduler, and each reply is written to the socket
+the moment a tick produces it; no task, timer or future per message. Flow control: when a
+session has `session_queue` items unanswered, or its socket's write buffer is full, reading
+pauses (TCP backpressure) until it drains, so a client that floods or never reads cannot grow
+server memory; keepalive pings are answered by the transport regardless.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, WebSocket
 
 from server.errors import (
@@ -29,7 +30,9 @@ from server.errors import (
 from server.models import LoadedModel
 from server.protocol import binary_frame, json_samples, parse_start, parse_text
 from server.runtime import Runtime
+from server.scheduler import Control, Frame
 from server.sessions import Session
+from server.transport import EXTENSION, AsgiPeer, Peer
 
 log = logging.getLogger("s4serve.ws")
 router = APIRouter()
@@ -37,246 +40,248 @@ router = APIRouter()
 
 @router.websocket("/v1/models/{name}/stream")
 async def stream(websocket: WebSocket, name: str) -> None:
-    await Connection(websocket.app.state.runtime, websocket).serve(name)
-
-
-@dataclass
-class Reply:
-    kind: str  # "binary" | "json" | "reset" | "snapshot" | "end" | "error"
-    future: asyncio.Future | None
-    received: float
-    seq: int | None = None
-    error: ServeError | None = None
-
-
-class _Closing(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        self.code, self.reason = code, reason
+    await websocket.accept()
+    push = websocket.scope.get("extensions", {}).get(EXTENSION)
+    peer: Peer = push["peer"] if push else AsgiPeer(websocket)
+    connection = Connection(websocket.app.state.runtime, peer, websocket)
+    if connection.admit(name):
+        peer.attach(connection)
+    await connection.finished
+    await peer.flushed()
 
 
 class Connection:
-    def __init__(self, runtime: Runtime, websocket: WebSocket) -> None:
+    """One client connection and, once started, its session."""
+
+    def __init__(self, runtime: Runtime, peer: Peer, websocket: WebSocket) -> None:
         self.rt = runtime
+        self.peer = peer
         self.ws = websocket
         self.settings = runtime.settings
-        self.close_with: tuple[int, str] | None = None
-        self.ended = False
-        self.alive = True
-        self._reader: asyncio.Task | None = None
+        self.model: LoadedModel | None = None
+        self.session: Session | None = None
+        self.seq = 0
+        self.paused = False
+        self.counted = False
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.finished: asyncio.Future = loop.create_future()
+        self.last_seen = loop.time()
+        self._idle = loop.call_later(self.settings.idle_timeout, self._check_idle)
 
-    # ----- lifecycle ----------------------------------------------------------------
-    async def serve(self, name: str) -> None:
-        await self.ws.accept()
-        try:
-            model = self._admit(name)
-        except _Closing as closing:
-            await self._close(closing.code, closing.reason)
-            return
-        self.rt.connections += 1
-        try:
-            session = await self._handshake(model)
-            if session is not None:
-                await self._run(session)
-        except _Closing as closing:
-            if self.alive:
-                self.close_with = self.close_with or (closing.code, closing.reason)
-        finally:
-            self.rt.connections -= 1
-        if self.close_with is not None:
-            await self._close(*self.close_with)
-
-    def _admit(self, name: str) -> LoadedModel:
-        headers, guard = self.ws.headers, self.rt.guard
+    # ----- lifecycle ---------------------------------------------------------------------
+    def admit(self, name: str) -> bool:
+        headers, guard, rt = self.ws.headers, self.rt.guard, self.rt
+        reason = None
         if not guard.origin_ok(headers):
-            self.rt.error("origin_not_allowed")
-            raise _Closing(CLOSE_POLICY, "origin_not_allowed")
-        if not guard.key_ok(headers, self.ws.query_params):
-            self.rt.error("unauthorized")
-            raise _Closing(CLOSE_POLICY, "unauthorized")
-        if self.rt.draining or not self.rt.ready:
-            self.rt.error("overloaded")
-            raise _Closing(CLOSE_TRY_AGAIN, "draining" if self.rt.draining else "not_ready")
-        if name not in self.rt.models:
-            self.rt.error("model_not_found")
-            raise _Closing(CLOSE_POLICY, "model_not_found")
-        if self.rt.connections >= self.settings.max_sessions:
-            self.rt.error("overloaded")
-            raise _Closing(CLOSE_TRY_AGAIN, "overloaded")
-        return self.rt.models[name]
+            code, reason, error = CLOSE_POLICY, "origin_not_allowed", "origin_not_allowed"
+        elif not guard.key_ok(headers, self.ws.query_params):
+            code, reason, error = CLOSE_POLICY, "unauthorized", "unauthorized"
+        elif rt.draining or not rt.ready:
+            code, error = CLOSE_TRY_AGAIN, "overloaded"
+            reason = "draining" if rt.draining else "not_ready"
+        elif name not in rt.models:
+            code, reason, error = CLOSE_POLICY, "model_not_found", "model_not_found"
+        elif rt.connections >= self.settings.max_sessions:
+            code, reason, error = CLOSE_TRY_AGAIN, "overloaded", "overloaded"
+        if reason is not None:
+            rt.error(error)
+            self._close(code, reason)
+            return False
+        self.model = rt.models[name]
+        rt.connections += 1
+        self.counted = True
+        return True
 
     def kick(self, code: int, reason: str) -> None:
-        """Close this connection from outside (takeover, shutdown); its session stays intact."""
-        self.close_with = (code, reason)
-        if self._reader is not None:
-            self._reader.cancel()
+        """Close this connection from outside (takeover, shutdown); the session stays
+        resumable: its state goes to the store now, queued work is dropped."""
+        self._let_go()
+        self._close(code, reason)
 
-    async def _close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            await self.ws.close(code=code, reason=reason)
+    def _close(self, code: int, reason: str) -> None:
+        self.peer.close(code, reason)
+        if not self.counted:  # never admitted: nothing else will end the handler
+            self._done()
 
-    async def _receive(self) -> dict[str, Any]:
-        try:
-            message = await asyncio.wait_for(self.ws.receive(), self.settings.idle_timeout)
-        except TimeoutError:
-            self.rt.error("idle_timeout")
-            raise _Closing(CLOSE_POLICY, "idle_timeout") from None
-        if message["type"] == "websocket.disconnect":
-            self.alive = False
-            raise _Closing(CLOSE_NORMAL, "disconnected")
-        size = len(message.get("bytes") or message.get("text") or "")
-        if size > self.settings.max_frame_bytes:  # uvicorn's ws_max_size normally stops it first
-            self.rt.error("too_large")
-            raise _Closing(CLOSE_TOO_BIG, "frame_too_large")
-        return message
+    def _let_go(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            self.rt.manager.detach(session, self)
 
-    async def _send(self, payload: dict[str, Any] | bytes) -> None:
-        if not self.alive:
+    def on_disconnect(self) -> None:
+        self._let_go()
+        self._done()
+
+    def _done(self) -> None:
+        self._idle.cancel()
+        if self.counted:
+            self.counted = False
+            self.rt.connections -= 1
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    def _check_idle(self) -> None:
+        left = self.last_seen + self.settings.idle_timeout - self.loop.time()
+        if left > 0:
+            self._idle = self.loop.call_later(left, self._check_idle)
             return
+        self.rt.error("idle_timeout")
+        self.kick(CLOSE_POLICY, "idle_timeout")
+
+    # ----- incoming ----------------------------------------------------------------------
+    def on_message(self, data: bytes | str) -> None:
+        self.last_seen = self.loop.time()
         try:
-            if isinstance(payload, bytes):
-                await self.ws.send_bytes(payload)
+            if len(data) > self.settings.max_frame_bytes:  # uvicorn's ws_max_size stops it first
+                self.rt.error("too_large")
+                self.kick(CLOSE_TOO_BIG, "frame_too_large")
+            elif self.session is None:
+                self._before_start(data)
+            elif type(data) is bytes:
+                self._binary(data)
             else:
-                await self.ws.send_text(json.dumps(payload))
-        except Exception:  # the peer is gone; the work it asked for still counts
-            self.alive = False
+                self._text(data)
+        except Exception:
+            log.exception("stream message handling failed")
+            self.kick(CLOSE_INTERNAL, "internal")
 
-    # ----- before start -------------------------------------------------------------
-    async def _handshake(self, model: LoadedModel) -> Session | None:
-        while True:
-            message = await self._receive()
-            try:
-                return await self._start(model, message)
-            except ServeError as err:
-                self.rt.error(err.code)
-                await self._send(err.ws_message())
-                if err.code == "resume_not_found":
-                    raise _Closing(CLOSE_POLICY, "resume_not_found") from None
-                if err.code == "overloaded":
-                    raise _Closing(CLOSE_TRY_AGAIN, "overloaded") from None
-
-    async def _start(self, model: LoadedModel, message: dict[str, Any]) -> Session:
-        if message.get("text") is None:
-            raise ServeError("not_started", "send a start message before any data")
-        parsed = parse_text(message["text"])
-        if parsed["type"] != "start":
-            known = parsed["type"] in ("samples", "reset", "snapshot", "end")
-            if known:
-                raise ServeError("not_started", "send a start message before any data")
-            raise ServeError("unknown_type", f"unknown message type {parsed['type']!r}")
-        opts = parse_start(parsed)
-        manager = self.rt.manager
-        if opts.resume is not None:
-            session, samples = await manager.resume(model, opts.resume, self)
-        else:
-            session = await manager.open(model, opts, self)
-            samples = session.stream.samples
-        await self._send(session.started_message(samples))
-        return session
-
-    # ----- after start --------------------------------------------------------------
-    async def _run(self, session: Session) -> None:
-        replies: asyncio.Queue[Reply | None] = asyncio.Queue()
-        credits = asyncio.Semaphore(self.settings.session_queue)
-        writer = asyncio.create_task(self._write(session, replies, credits))
-        self._reader = asyncio.create_task(self._read(session, replies, credits))
-        await asyncio.wait([self._reader])
-        if not self._reader.cancelled() and self._reader.exception() is not None:
-            closing = self._reader.exception()
-            if not isinstance(closing, _Closing):
-                log.error("session %s reader failed", session.id, exc_info=closing)
-                closing = _Closing(CLOSE_INTERNAL, "internal")
-            if closing.code != CLOSE_NORMAL or self.alive:
-                self.close_with = self.close_with or (closing.code, closing.reason)
-        await replies.put(None)
-        await writer
-        if self.ended:
-            self.close_with = (CLOSE_NORMAL, "end")
-        else:
-            await self.rt.manager.detach(session, self)
-
-    async def _read(self, session: Session, replies: asyncio.Queue, credits) -> None:
-        seq = 0
-        while True:
-            await credits.acquire()
-            message = await self._receive()
-            received = time.perf_counter()
-            reply = self._dispatch(session, message, received, seq)
-            if reply.seq is not None:  # data frames, accepted or not, are numbered
-                seq += 1
-            replies.put_nowait(reply)
-            if reply.kind == "end":
-                self.ended = True
-                return
-
-    def _dispatch(self, session: Session, message: dict, received: float, seq: int) -> Reply:
-        manager, scheduler, d_input = self.rt.manager, self.rt.scheduler, session.model.info.d_input
+    def _before_start(self, data: bytes | str) -> None:
         try:
-            if message.get("bytes") is not None:
-                try:
-                    frame = binary_frame(message["bytes"], session.dtype, d_input)
-                except ServeError as err:
-                    return Reply("error", None, received, seq, err)
-                return Reply("binary", scheduler.submit(session.stream, "frame", frame),
-                             received, seq)
-            parsed = parse_text(message["text"])
-            kind = parsed["type"]
-            if kind == "samples":
-                try:
-                    frame = json_samples(parsed, d_input)
-                except ServeError as err:
-                    return Reply("error", None, received, seq, err)
-                return Reply("json", scheduler.submit(session.stream, "frame", frame),
-                             received, seq)
-            if kind == "reset":
-                return Reply("reset", manager.submit_reset(session), received)
-            if kind == "snapshot":
-                return Reply("snapshot", manager.submit_snapshot(session), received)
-            if kind == "end":
-                return Reply("end", manager.submit_end(session), received)
-            if kind == "start":
-                raise ServeError("already_started", "this connection has started its session")
-            raise ServeError("unknown_type", f"unknown message type {kind!r}")
+            if type(data) is bytes:
+                raise ServeError("not_started", "send a start message before any data")
+            parsed = parse_text(data)
+            if parsed["type"] != "start":
+                if parsed["type"] in ("samples", "reset", "snapshot", "end"):
+                    raise ServeError("not_started", "send a start message before any data")
+                raise ServeError("unknown_type", f"unknown message type {parsed['type']!r}")
+            opts = parse_start(parsed)
+            manager = self.rt.manager
+            if opts.resume is not None:
+                session, samples = manager.resume(self.model, opts.resume, self)
+            else:
+                if self.rt.scheduler.overloaded(self.model.pool):
+                    raise ServeError("overloaded", "the server is past capacity: retry later")
+                session = manager.open(self.model, opts, self)
+                samples = session.stream.samples
         except ServeError as err:
-            return Reply("error", None, received, None, err)
+            self.rt.error(err.code)
+            self.peer.send_text(json.dumps(err.ws_message()))
+            if err.code == "resume_not_found":
+                self._close(CLOSE_POLICY, "resume_not_found")
+            elif err.code == "overloaded":
+                self._close(CLOSE_TRY_AGAIN, "overloaded")
+            return
+        self.session = session
+        self.peer.send_text(json.dumps(session.started_message(samples)))
 
-    async def _write(self, session: Session, replies: asyncio.Queue, credits) -> None:
-        metrics, name = self.rt.metrics, session.name
-        # label lookups take a lock and a dict probe: resolve them once per connection
-        frames_ok = metrics.frames.labels(name, "ok")
-        frames_error = metrics.frames.labels(name, "error")
-        latency = metrics.frame_latency.labels(name)
-        while (reply := await replies.get()) is not None:
+    def _binary(self, data: bytes) -> None:
+        session = self.session
+        try:
+            samples = binary_frame(data, session.dtype, session.model.info.d_input)
+        except ServeError as err:
+            self._reject(err)
+            return
+        self._frame(samples, text=False)
+
+    def _text(self, data: str) -> None:
+        try:
+            parsed = parse_text(data)
+        except ServeError as err:
+            self._reply(Control("error", err))
+            return
+        kind = parsed["type"]
+        if kind == "samples":
             try:
-                value = await reply.future if reply.future is not None else None
-            except Exception as exc:  # compute failed; the state was not changed
-                log.error("session %s: compute failed", session.id, exc_info=exc)
-                reply = Reply("error", None, reply.received, reply.seq,
-                              ServeError("internal", "internal error"))
-                self.kick(CLOSE_INTERNAL, "internal")
-            await self._send(self._render(session, reply, value))
-            if reply.kind == "error":
-                self.rt.error(reply.error.code)
-                frames_error.inc()
-            elif reply.kind in ("binary", "json"):
-                frames_ok.inc()
-                latency.observe(time.perf_counter() - reply.received)
-            credits.release()
+                samples = json_samples(parsed, self.session.model.info.d_input)
+            except ServeError as err:
+                self._reject(err)
+                return
+            self._frame(samples, text=True)
+        elif kind in ("reset", "snapshot", "end"):
+            self._reply(Control(kind))
+        elif kind == "start":
+            self._reply(Control("error", ServeError(
+                "already_started", "this connection has started its session")))
+        else:
+            self._reply(Control("error", ServeError(
+                "unknown_type", f"unknown message type {kind!r}")))
 
-    def _render(self, session: Session, reply: Reply, value: Any) -> dict[str, Any] | bytes:
-        if reply.kind == "binary":
-            return value.outputs.astype("<f4").tobytes()
-        if reply.kind == "json":
-            return {"type": "outputs", "seq": reply.seq, "t": value.t,
-                    "data": value.outputs.tolist()}
-        if reply.kind == "reset":
-            return {"type": "reset", "samples": value}
-        if reply.kind == "snapshot":
+    def _frame(self, samples: np.ndarray, text: bool) -> None:
+        scheduler = self.rt.scheduler
+        if scheduler.overloaded(self.session.stream.pool):
+            self._reject(ServeError("overloaded", "the server is past capacity: frame not "
+                                    "processed, the state is unchanged"))
+            return
+        self._queue(Frame(samples, self.seq, time.perf_counter(), text))
+        self.seq += 1
+
+    def _reject(self, err: ServeError) -> None:
+        """A bad data frame: rejected whole, its error takes the frame's reply slot."""
+        self._reply(Control("error", err, self.seq))
+        self.seq += 1
+
+    def _reply(self, item: Control) -> None:
+        if self.session.stream.queue:  # behind earlier work: keep replies in order
+            self._queue(item)
+        else:
+            self.rt.scheduler.apply(self.session.stream, item)
+
+    def _queue(self, item: Frame | Control) -> None:
+        stream = self.session.stream
+        self.rt.scheduler.submit(stream, item)
+        if not self.paused and len(stream.queue) >= self.settings.session_queue:
+            self.paused = True
+            self.peer.pause_reading()
+
+    # ----- replies (scheduler sink) ------------------------------------------------------
+    def frame_done(self, frame: Frame, outputs: np.ndarray) -> None:
+        if frame.text:
+            self.peer.send_text(json.dumps({"type": "outputs", "seq": frame.seq, "t": frame.t,
+                                            "data": outputs.tolist()}))
+        else:
+            self.peer.send_bytes(outputs.tobytes())
+        if self.paused:
+            self.on_writable()
+        elif not self.peer.can_write:  # the client does not read: stop reading it too
+            self.paused = True
+            self.peer.pause_reading()
+
+    def frame_failed(self, frame: Frame, exc: Exception) -> None:
+        self._send_error(ServeError("internal", "internal error"), frame.seq)
+        self.rt.metrics.frames.labels(self.session.name, "error").inc()
+        self.kick(CLOSE_INTERNAL, "internal")
+
+    def control_done(self, item: Control, value: Any) -> None:
+        session = self.session
+        if item.kind == "error":
+            self._send_error(item.error, item.seq)
+            if item.seq is not None:
+                self.rt.metrics.frames.labels(session.name, "error").inc()
+        elif item.kind == "reset":
+            self.peer.send_text(json.dumps({"type": "reset", "samples": 0}))
+        elif item.kind == "snapshot":
             samples, arrays = value
-            return {"type": "snapshot", "samples": samples,
-                    "state": self.rt.manager.blob(session, samples, arrays)}
-        if reply.kind == "end":
-            return {"type": "end", "samples": value[0]}
-        message = reply.error.ws_message()
-        if reply.seq is not None:
-            message["seq"] = reply.seq
-        return message
+            blob = self.rt.manager.blob(session, samples, arrays)
+            self.peer.send_text(json.dumps({"type": "snapshot", "samples": samples,
+                                            "state": blob}))
+        elif item.kind == "end":
+            self.session = None
+            samples = self.rt.manager.end(session)
+            self.peer.send_text(json.dumps({"type": "end", "samples": samples}))
+            self._close(CLOSE_NORMAL, "end")
+
+    def _send_error(self, err: ServeError, seq: int | None) -> None:
+        self.rt.error(err.code)
+        message = err.ws_message()
+        if seq is not None:
+            message["seq"] = seq
+        self.peer.send_text(json.dumps(message))
+
+    def on_writable(self) -> None:
+        """Resume reading once the session's queue is half drained and the socket writable."""
+        if (self.paused and self.peer.can_write and (self.session is None or
+                len(self.session.stream.queue) <= self.settings.session_queue // 2)):
+            self.paused = False
+            self.peer.resume_reading()
+

@@ -1,0 +1,292 @@
+"""WebSocket transport for streams: messages pushed to a handler, replies written at once.
+
+uvicorn's sans-I/O WebSocket protocol hands every message to the app through an asyncio queue
+and pauses reading until the app's task has taken it: a task wake-up per message, and a client
+whose replies back up stops being read, pongs included. `PushProtocol` keeps uvicorn's parser,
+handshake, keepalive and close handling, and adds an ASGI extension, `s4serve.push`: once the
+app has accepted the connection it attaches a `Handler`, which from then on gets each message
+as a plain call from `data_received` and writes replies synchronously. Reading pauses only when
+the handler asks (its own flow control), so pings and pongs keep flowing otherwise.
+
+`AsgiPeer` gives the same interface over any ASGI server (a pump task and a writer task), so
+the app also runs where `PushProtocol` is not installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections import deque
+from typing import Any, Protocol
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+
+EXTENSION = "s4serve.push"
+
+
+class Handler(Protocol):
+    """What a transport calls; every method runs on the event loop and must not block."""
+
+    def on_message(self, data: bytes | str) -> None: ...
+
+    def on_writable(self) -> None: ...
+
+    def on_disconnect(self) -> None: ...
+
+
+class Peer(Protocol):
+    """What a handler calls to answer its client."""
+
+    @property
+    def open(self) -> bool: ...
+
+    @property
+    def can_write(self) -> bool:
+        """False while the socket's write buffer is over its high-water mark."""
+        ...
+
+    def attach(self, handler: Handler) -> None: ...
+
+    def send_bytes(self, data: bytes) -> None: ...
+
+    def send_text(self, text: str) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    async def flushed(self) -> None:
+        """Return once everything sent so far has been handed to the server."""
+        ...
+
+
+def _binary_header(size: int) -> bytes:
+    """RFC 6455 header of an unmasked, final binary frame (server to client)."""
+    if size < 126:
+        return bytes((0x82, size))
+    if size < 1 << 16:
+        return struct.pack("!BBH", 0x82, 126, size)
+    return struct.pack("!BBQ", 0x82, 127, size)
+
+
+class PushProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol with the `s4serve.push` extension."""
+
+    handler: Handler | None = None
+    _peer_paused = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # One read can hold thousands of small messages; while the handler has paused, the
+        # rest wait here (bounded by the read size) instead of being delivered.
+        self._backlog: deque[Request | Frame] = deque()
+        self._by_opcode = {
+            Opcode.CONT: self.handle_cont, Opcode.TEXT: self.handle_text,
+            Opcode.BINARY: self.handle_bytes, Opcode.PONG: self.handle_pong,
+            Opcode.CLOSE: self.handle_close,
+        }
+
+    # ----- uvicorn hooks ---------------------------------------------------------------
+    def handle_events(self) -> None:
+        self._backlog.extend(self.conn.events_received())
+        self._deliver_backlog()
+
+    def _deliver_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and not (self._peer_paused and self.handler is not None):
+            event = backlog.popleft()
+            if isinstance(event, Request):
+                self.handle_connect(event)
+            elif event.opcode is Opcode.PING:
+                self.handle_ping()
+            else:
+                self._by_opcode[event.opcode](event)
+
+    def handle_connect(self, event) -> None:
+        super().handle_connect(event)
+        if hasattr(self, "scope"):  # the handshake went ahead: offer the extension
+            self.scope["extensions"][EXTENSION] = {"peer": self}
+
+    def send_receive_event_to_app(self) -> None:
+        if self.handler is None:
+            return super().send_receive_event_to_app()
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:
+            return
+        if self.curr_msg_data_type == "text":
+            try:
+                data = data.decode()
+            except UnicodeDecodeError:
+                self.conn.send_close(1007, "invalid UTF-8")
+                self.handle_parser_exception()
+                return
+        self.handler.on_message(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.handler is not None:
+            handler, self.handler = self.handler, None
+            handler.on_disconnect()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.handler is not None:
+            self.handler.on_writable()
+
+    # ----- Peer ------------------------------------------------------------------------
+    @property
+    def open(self) -> bool:
+        return not (self.close_sent or self.disconnected) and self.conn.state is State.OPEN
+
+    @property
+    def can_write(self) -> bool:
+        return self.writable.is_set()  # uvicorn's event, cleared by pause_writing
+
+    def attach(self, handler: Handler) -> None:
+        """Deliver every later message to `handler`; messages queued for the app go first."""
+        self.handler = handler
+        while not self.queue.empty():
+            message = self.queue.get_nowait()
+            if message["type"] == "websocket.disconnect":
+                self.handler = None
+                handler.on_disconnect()
+                return
+            handler.on_message(message.get("bytes") or message.get("text") or "")
+        if self.read_paused and not self._peer_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def send_bytes(self, data: bytes) -> None:
+        if not self.open:
+            return
+        if self.conn.extensions:  # e.g. permessage-deflate: let websockets frame it
+            self.conn.send_binary(data)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        else:  # the common case, framed here: a header and the payload, one write
+            self.transport.write(_binary_header(len(data)) + data)
+
+    def send_text(self, text: str) -> None:
+        if not self.open:
+            return
+        self.conn.send_text(text.encode())
+        self.transport.write(b"".join(self.conn.data_to_send()))
+
+    def close(self, code: int, reason: str) -> None:
+        if self.close_sent or self.disconnected:
+            return
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True  # later messages are dropped; the peer's close reply ends it
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+    async def flushed(self) -> None:
+        return  # every send was written to the transport synchronously
+
+    def pause_reading(self) -> None:
+        self._peer_paused = True
+        if not self.read_paused and not self.disconnected:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._peer_paused = False
+        self._deliver_backlog()
+        if self._peer_paused:  # the backlog filled the handler's queue again
+            return
+        if self.read_paused and not self.disconnected:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+
+
+class AsgiPeer:
+    """The `Peer` interface over a plain ASGI WebSocket (any server): one pump task reads
+    messages into the handler, one writer task sends what the handler queued, in order."""
+
+    def __init__(self, websocket: Any) -> None:
+        self.ws = websocket
+        self.handler: Handler | None = None
+        self._out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._reading = asyncio.Event()
+        self._reading.set()
+        self._closed = False
+        self._writer = asyncio.create_task(self._write())
+        self._pump_task: asyncio.Task | None = None
+
+    @property
+    def open(self) -> bool:
+        return not self._closed
+
+    can_write = True
+
+    def attach(self, handler: Handler) -> None:
+        self.handler = handler
+        self._pump_task = asyncio.create_task(self._pump())
+
+    async def flushed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+
+    async def _pump(self) -> None:
+        while True:
+            await self._reading.wait()
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                self._gone()
+                return
+            if self.handler is not None and not self._closed:
+                self.handler.on_message(message.get("bytes") or message.get("text") or "")
+
+    async def _write(self) -> None:
+        while True:
+            kind, payload = await self._out.get()
+            try:
+                if kind == "bytes":
+                    await self.ws.send_bytes(payload)
+                elif kind == "text":
+                    await self.ws.send_text(payload)
+                else:
+                    await self.ws.close(code=payload[0], reason=payload[1])
+                    self._gone()
+                    return
+            except Exception:  # the peer is gone
+                self._gone()
+                return
+
+    def _gone(self) -> None:
+        self._closed = True
+        for task in (self._writer, self._pump_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        if self.handler is not None:
+            handler, self.handler = self.handler, None
+            handler.on_disconnect()
+
+    def send_bytes(self, data: bytes) -> None:
+        if not self._closed:
+            self._out.put_nowait(("bytes", data))
+
+    def send_text(self, text: str) -> None:
+        if not self._closed:
+            self._out.put_nowait(("text", text))
+
+    def close(self, code: int, reason: str) -> None:
+        if not self._closed:
+            self._closed = True
+            self._out.put_nowait(("close", (code, reason)))
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
