@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: install serve test lint bench bench-quick loadtest docker-smoke clean
+.PHONY: install system-deps serve test lint bench bench-quick loadtest docker-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/s4serve serve --host $(HOST) --port $(PORT)
 
-test: install
+# Debian packages the suite uses for real: installed when root, else the exact command to run.
+system-deps:
+	bash tests/system-deps.sh
+
+test: system-deps install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

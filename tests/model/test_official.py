@@ -9,7 +9,7 @@ from model.checkpoint import load_model, save_model
 from model.official import OfficialImportError, import_official, read_state_dict
 from tests.model.test_views import run_steps
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "official-s4"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official-s4"
 TOL = 1e-4
 
 

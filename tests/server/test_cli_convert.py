@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from model.checkpoint import load_model
 from server.cli import app
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "official-s4"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official-s4"
 
 
 def test_import_official_then_export_onnx(tmp_path):
