@@ -38,7 +38,8 @@ def load_models(settings: Settings) -> dict[str, LoadedModel]:
     loaded: dict[str, LoadedModel] = {}
     for model_dir in settings.model_dirs():
         kind = settings.backend_for(model_name(model_dir))
-        backend = load_backend(kind, model_dir, settings.device, settings.max_rates)
+        backend = load_backend(kind, model_dir, settings.device, settings.max_rates,
+                               settings.step_compiler)
         name = backend.info.name
         if name in loaded:
             raise ValueError(f"two model directories are both named {name!r}")

@@ -7,7 +7,8 @@ one call per group: per-sample frames of one (model, rate) as one batched `step`
 (model, rate, T) as one batched `chunk`. How a frame is cut into pieces depends only on its own
 length, never on other sessions, so batching cannot change a session's numbers.
 
-Ticks run on the event loop between reads: a tick batches whatever arrived since the last one,
+Ticks run on the event loop between reads: a tick batches whatever arrived since the last one
+(in rounds, up to a time budget, when sessions have several frames queued),
 and no other thread competes for the GIL (a compute thread spent most of its time waiting for
 it). Replies go straight to each stream's `Sink`, which writes them to its socket.
 Work for a stream that is gone is dropped at once (`release`).
@@ -41,6 +42,7 @@ class Frame:
     t: int = 0  # index of the frame's first sample in the session
     done: int = 0  # samples computed so far
     pieces: list[np.ndarray] | None = None  # outputs of earlier pieces
+    before: tuple[torch.Tensor, torch.Tensor] | None = None  # state rows before a long frame
 
 
 @dataclass(eq=False, slots=True)
@@ -94,13 +96,15 @@ class _ModelMetrics:
 
 class Scheduler:
     def __init__(self, metrics: Metrics, max_batch: int = 1024, tick: float = 0.0,
-                 piece: int = 64, max_queued: int = 1 << 16, max_lag: float = 1.0) -> None:
+                 piece: int = 64, max_queued: int = 1 << 16, max_lag: float = 1.0,
+                 budget: float = 0.02) -> None:
         self.metrics = metrics
         self.max_batch = max_batch
         self.tick = tick
         self.piece = piece
         self.max_queued = max_queued
         self.max_lag = max_lag
+        self.budget = budget  # seconds of compute per tick before sockets are read again
         self.lag = 0.0  # age of the oldest unstarted head frame at the last tick, seconds
         self.ticks = 0
         self._ready: OrderedDict[Stream, None] = OrderedDict()
@@ -184,9 +188,29 @@ class Scheduler:
 
     # ----- the tick ----------------------------------------------------------------------
     def _tick(self) -> None:
+        """Rounds of batched calls until every queue is empty or `budget` seconds are spent;
+        then the loop reads sockets again. Under load a read brings several frames per
+        session, so one round per read would let queues grow."""
         self._pending = False
         self.ticks += 1
-        now = time.perf_counter()
+        started = time.perf_counter()
+        self.lag = self._round(started)
+        while self._ready and time.perf_counter() - started < self.budget:
+            self._round(started)
+        done = time.perf_counter()
+        for model in self._models.values():
+            if model.latencies:
+                observe_many(model.latency, done - np.asarray(model.latencies))
+                model.frames_ok.inc(len(model.latencies))
+                model.latencies.clear()
+            model.queue.set(model.queued)
+        if self._ready and not self._pending:
+            self._pending = True
+            self._loop.call_soon(self._tick)
+
+    def _round(self, now: float) -> float:
+        """One batched call per group over the ready streams; returns the age of the oldest
+        frame it started."""
         oldest = now
         groups: dict[tuple, list[Stream]] = {}
         taken: list[Stream] = []
@@ -205,22 +229,12 @@ class Scheduler:
             length = min(len(frame.samples) - frame.done, piece)
             groups.setdefault((stream.pool, stream.rate, length), []).append(stream)
             taken.append(stream)
-        self.lag = now - oldest
         for (pool, rate, length), members in groups.items():
             self._advance(pool, rate, length, members)
         for stream in taken:
             if stream.queue and stream.sink is not None:
                 ready[stream] = None
-        for model in self._models.values():
-            if model.latencies:
-                done = time.perf_counter()
-                observe_many(model.latency, done - np.asarray(model.latencies))
-                model.frames_ok.inc(len(model.latencies))
-                model.latencies.clear()
-            model.queue.set(model.queued)
-        if ready and not self._pending:
-            self._pending = True
-            self._loop.call_soon(self._tick)
+        return now - oldest
 
     def apply(self, stream: Stream, item: Control) -> None:
         """Run a control item now (its turn has come) and hand the result to the sink."""
@@ -235,22 +249,25 @@ class Scheduler:
 
     def _advance(self, pool: SlotPool, rate: float, length: int, members: list[Stream]) -> None:
         backend, model = pool.backend, self._models[pool]
+        members.sort(key=lambda s: s.slot)  # consecutive rows gather as a view
         frames = [s.queue[0] for s in members]
         if length == 1:
             u = np.stack([f.samples[f.done] for f in frames])  # (B, d_input)
         else:
             u = np.stack([f.samples[f.done:f.done + length] for f in frames])  # (B, T, d_input)
         index = pool.index([s.slot for s in members])
+        for stream, frame in zip(members, frames, strict=True):
+            if frame.done == 0 and length < len(frame.samples):  # spans several ticks
+                frame.before = pool.rows(stream.slot)
         started = time.perf_counter()
         try:
-            state = pool.gather(index)
+            flat32, flat64 = pool.gather(index)
             x = torch.from_numpy(u).to(backend.device)
             if length == 1:
-                y, state = backend.step(x, state, rate)
+                y, flat32, flat64 = backend.step_flat(x, flat32, flat64, rate)
                 y = y[:, None]  # (B, 1, d_output)
             else:
-                y, state = backend.chunk(x, state, rate)  # (B, T, d_output)
-            pool.scatter(index, state)
+                y, flat32, flat64 = backend.chunk_flat(x, flat32, flat64, rate)  # (B, T, d_out)
             y = y.to("cpu", torch.float32).numpy()
         except Exception as exc:  # the states were not written back: nothing is lost
             log.exception("batched call failed")
@@ -260,8 +277,23 @@ class Scheduler:
             return
         (model.step if length == 1 else model.chunk).observe(time.perf_counter() - started)
         model.batch.observe(len(members))
-        model.samples.inc(length * len(members))
-        for stream, frame, out in zip(members, frames, y, strict=True):
+        # A frame whose inputs or outputs are not finite is rejected whole: its state row is
+        # not written back (or, for a frame computed over several ticks, restored).
+        rows = len(members)
+        fine = np.isfinite(y.reshape(rows, -1)).all(1)
+        if length == 1:
+            fine &= np.isfinite(u.reshape(rows, -1)).all(1)
+        if fine.all():
+            pool.scatter(index, flat32, flat64)
+        else:
+            keep = torch.from_numpy(np.flatnonzero(fine)).to(backend.device)
+            slots = torch.tensor([s.slot for s in members], device=backend.device)[keep]
+            pool.scatter(slots, flat32[keep], flat64[keep])
+        model.samples.inc(length * int(fine.sum()))
+        for stream, frame, out, ok in zip(members, frames, y, fine.tolist(), strict=True):
+            if not ok:
+                self._reject_non_finite(stream, frame)
+                continue
             stream.samples += length
             frame.done += length
             if frame.done < len(frame.samples):
@@ -277,6 +309,15 @@ class Scheduler:
             self._finish(stream)
             model.latencies.append(frame.received)
             stream.sink.frame_done(frame, out)
+
+    def _reject_non_finite(self, stream: Stream, frame: Frame) -> None:
+        if frame.before is not None:  # earlier pieces were applied: undo them
+            stream.pool.restore(stream.slot, frame.before)
+            stream.samples -= frame.done
+        self._finish(stream)
+        error = ServeError("non_finite", "inputs contain NaN or Inf, or the outputs would "
+                           "not be finite; the frame was not applied")
+        stream.sink.control_done(Control("error", error, frame.seq), None)
 
     def _finish(self, stream: Stream) -> None:
         stream.queue.popleft()

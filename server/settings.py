@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     backend: str = Field("torch", description="default backend for every model")
     backends: dict[str, str] = Field(default_factory=dict, description="per-model overrides")
+    step_compiler: Literal["auto", "inductor", "torchscript"] = Field(
+        "auto", description="torch backend: the streaming step as one torch.compile (inductor) "
+        "graph for every rate, compiled when the model loads (auto: when a C++ compiler is "
+        "installed), or a TorchScript graph per rate"
+    )
 
     max_sessions: int = Field(1000, ge=1, description="concurrent streaming sessions")
     max_frame_bytes: int = Field(1 << 20, ge=64, description="largest WebSocket message")

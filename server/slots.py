@@ -1,4 +1,4 @@
-"""Preallocated slot tensors: the recurrent states of every session of one model."""
+"""Preallocated slot rows: the recurrent states of every session of one model."""
 
 from __future__ import annotations
 
@@ -11,18 +11,22 @@ from server.backends.base import ModelBackend
 
 
 class SlotPool:
-    """States of up to `capacity` sessions as tensors (capacity, *shape), one per state entry.
+    """States of up to `capacity` sessions as two flat tensors, (capacity, W32) float32 and
+    (capacity, W64) float64, laid out as `backend.layout` says; a session owns one row.
 
-    A session owns one row (its slot); a batched call gathers the rows of the sessions it
-    advances and scatters the new states back. Allocation is thread-safe; the rows themselves
-    are only touched by the compute thread.
+    A batched call gathers the rows of the sessions it advances with one indexed copy per
+    tensor (a view, no copy, when the rows are consecutive) and scatters the new rows back.
+    Allocation is thread-safe; rows are only touched by the event loop.
     """
 
     def __init__(self, backend: ModelBackend, capacity: int) -> None:
         self.backend = backend
         self.capacity = capacity
-        self.tensors = backend.initial_state(capacity)
-        self._free = list(range(capacity - 1, -1, -1))
+        self.layout = layout = backend.layout
+        device = backend.device
+        self.flat32 = torch.zeros(capacity, layout.width32, device=device)
+        self.flat64 = torch.zeros(capacity, layout.width64, dtype=torch.float64, device=device)
+        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low slots first
         self._lock = threading.Lock()
 
     def allocate(self) -> int | None:
@@ -38,23 +42,45 @@ class SlotPool:
         with self._lock:
             return self.capacity - len(self._free)
 
-    def index(self, slots: list[int]) -> torch.Tensor:
+    def index(self, slots: list[int]) -> torch.Tensor | slice:
+        """Rows for a batch: a slice when `slots` are consecutive and ascending."""
+        first = slots[0]
+        if slots[-1] - first == len(slots) - 1 and slots == list(range(first, first + len(slots))):
+            return slice(first, first + len(slots))
         return torch.tensor(slots, dtype=torch.long, device=self.backend.device)
 
-    def gather(self, index: torch.Tensor) -> list[torch.Tensor]:
-        return [t.index_select(0, index) for t in self.tensors]
+    def gather(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(index, slice):
+            return self.flat32[index], self.flat64[index]
+        return self.flat32.index_select(0, index), self.flat64.index_select(0, index)
 
-    def scatter(self, index: torch.Tensor, state: list[torch.Tensor]) -> None:
-        for target, rows in zip(self.tensors, state, strict=True):
-            target.index_copy_(0, index, rows.to(target.dtype))
+    def scatter(self, index: torch.Tensor | slice, flat32: torch.Tensor,
+                flat64: torch.Tensor) -> None:
+        if isinstance(index, slice):
+            self.flat32[index].copy_(flat32)
+            self.flat64[index].copy_(flat64)
+        else:
+            self.flat32.index_copy_(0, index, flat32)
+            self.flat64.index_copy_(0, index, flat64)
+
+    def rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of one session's rows (to restore them later)."""
+        return self.flat32[slot].clone(), self.flat64[slot].clone()
+
+    def restore(self, slot: int, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.flat32[slot].copy_(rows[0])
+        self.flat64[slot].copy_(rows[1])
 
     def zero(self, slot: int) -> None:
-        for t in self.tensors:
-            t[slot].zero_()
+        self.flat32[slot].zero_()
+        self.flat64[slot].zero_()
 
     def load(self, slot: int, arrays: list[np.ndarray]) -> None:
-        for t, a in zip(self.tensors, arrays, strict=True):
-            t[slot].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        flat32, flat64 = self.layout.join([t[None] for t in tensors])
+        self.flat32[slot].copy_(flat32[0])
+        self.flat64[slot].copy_(flat64[0])
 
     def read(self, slot: int) -> list[np.ndarray]:
-        return [t[slot].detach().to("cpu").numpy().copy() for t in self.tensors]
+        views = self.layout.split(self.flat32[slot:slot + 1], self.flat64[slot:slot + 1])
+        return [v[0].detach().to("cpu").numpy().copy() for v in views]

@@ -241,6 +241,9 @@ class Connection:
                                             "data": outputs.tolist()}))
         else:
             self.peer.send_bytes(outputs.tobytes())
+        self._flow()
+
+    def _flow(self) -> None:
         if self.paused:
             self.on_writable()
         elif not self.peer.can_write:  # the client does not read: stop reading it too
@@ -270,6 +273,8 @@ class Connection:
             samples = self.rt.manager.end(session)
             self.peer.send_text(json.dumps({"type": "end", "samples": samples}))
             self._close(CLOSE_NORMAL, "end")
+            return
+        self._flow()
 
     def _send_error(self, err: ServeError, seq: int | None) -> None:
         self.rt.error(err.code)

@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
+from model.fused import StateLayout
 from server.errors import ServeError
 from server.state_blob import TensorSpec
 
 # backend name -> "module:class"; a new runtime adds one line here.
 _REGISTRY = {
     "torch": "server.backends.torch:TorchBackend",
-    "torch-inductor": "server.backends.torch:InductorTorchBackend",
+    "torch-inductor": "server.backends.torch:InductorTorchBackend",  # torch, inductor forced
     "onnx": "server.backends.onnx:OnnxBackend",
 }
 
@@ -80,6 +81,27 @@ class ModelBackend(ABC):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """T samples for B sessions: u (B, T, d_input) -> y (B, T, d_output), new state."""
 
+    @property
+    def layout(self) -> StateLayout:
+        """The state as flat float32 / float64 rows (how the slot pool keeps it)."""
+        layout = self.__dict__.get("_layout")
+        if layout is None:
+            layout = self.__dict__["_layout"] = StateLayout.of(
+                (s.name, s.shape, s.dtype) for s in self.state_spec)
+        return layout
+
+    def step_flat(self, u: torch.Tensor, flat32: torch.Tensor, flat64: torch.Tensor,
+                  rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`step` on flat states: u (B, d_input), (B, W32), (B, W64) -> y, new rows."""
+        y, state = self.step(u, self.layout.split(flat32, flat64), rate)
+        return (y, *self.layout.join(state))
+
+    def chunk_flat(self, u: torch.Tensor, flat32: torch.Tensor, flat64: torch.Tensor,
+                   rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`chunk` on flat states: u (B, T, d_input) -> y (B, T, d_output), new rows."""
+        y, state = self.chunk(u, self.layout.split(flat32, flat64), rate)
+        return (y, *self.layout.join(state))
+
     @abstractmethod
     def predict(
         self,
@@ -97,6 +119,9 @@ class ModelBackend(ABC):
         state = self.initial_state(2)
         self.step(torch.zeros(2, d_in, device=self.device), state, 1.0)
         self.chunk(torch.zeros(2, 3, d_in, device=self.device), state, 1.0)
+        for batch in (1, 2):  # a compiled flat step builds its B=1 and B>1 graphs here
+            flat32, flat64 = self.layout.join(self.initial_state(batch))
+            self.step_flat(torch.zeros(batch, d_in, device=self.device), flat32, flat64, 1.0)
         self.predict(torch.zeros(1, 16, d_in, device=self.device), 1.0)
 
     def initial_state(self, batch: int) -> list[torch.Tensor]:
@@ -121,15 +146,18 @@ class ModelBackend(ABC):
         return float(sample_rate) / float(model_rate)
 
 
-def load_backend(kind: str, model_dir: Path, device: str, max_rates: int = 8) -> ModelBackend:
-    """Instantiate the backend registered under `kind` for one model directory."""
+def load_backend(kind: str, model_dir: Path, device: str, max_rates: int = 8,
+                 step_compiler: str = "auto") -> ModelBackend:
+    """Instantiate the backend registered under `kind` for one model directory;
+    `step_compiler` applies to the torch backend (auto, inductor or torchscript)."""
     try:
         target = _REGISTRY[kind]
     except KeyError:
         raise ValueError(f"unknown backend {kind!r}; known: {sorted(_REGISTRY)}") from None
     module_name, class_name = target.split(":")
     backend_class = getattr(importlib.import_module(module_name), class_name)
-    return backend_class(Path(model_dir), device=device, max_rates=max_rates)
+    options = {"step_compiler": step_compiler} if kind == "torch" else {}
+    return backend_class(Path(model_dir), device=device, max_rates=max_rates, **options)
 
 
 def resolve_device(device: str) -> torch.device:

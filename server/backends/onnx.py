@@ -27,6 +27,7 @@ import torch
 from model.network import check_input
 from model.onnx_export import DEFAULT_CHUNK, export_onnx, fingerprint, read_manifest
 from model.onnx_runtime import OnnxRecurrence
+from server.backends.base import ModelBackend
 from server.backends.torch import TorchBackend
 
 CACHE_ENV = "S4SERVE_ONNX_CACHE"
@@ -65,7 +66,8 @@ class OnnxBackend(TorchBackend):
         if device not in ("auto", "cpu"):
             raise ValueError(f"the onnx backend runs on the CPU (onnxruntime CPU provider), "
                              f"not {device!r}; use device cpu or the torch backend")
-        super().__init__(Path(model_dir), device="cpu", max_rates=max_rates)
+        super().__init__(Path(model_dir), device="cpu", max_rates=max_rates,
+                         step_compiler="torchscript")
         self.model_dir = Path(model_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.threads = threads
@@ -124,6 +126,9 @@ class OnnxBackend(TorchBackend):
     def _to_torch(y: np.ndarray, state: list[np.ndarray]
                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return torch.from_numpy(y), [torch.from_numpy(x) for x in state]
+
+    def step_flat(self, u, flat32, flat64, rate):  # the graphs step, not torch
+        return ModelBackend.step_flat(self, u, flat32, flat64, rate)
 
     def step(self, u, state, rate):
         y, new_state = self.graphs(rate).step(u.detach().cpu().numpy(), self._to_numpy(state))

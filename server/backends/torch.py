@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from model.checkpoint import load_model
+from model.fused import FusedStep, inductor_available
 from server.backends.base import ModelBackend, ModelInfo, resolve_device
 from server.state_blob import TensorSpec
 
+log = logging.getLogger("s4serve.backends.torch")
+
 
 class TorchBackend(ModelBackend):
-    kind = "torch"
-    step_compiler = "torchscript"  # see RecurrentNetwork.compiled_step
+    """Steps of many sessions run as one fused, compiled graph for every rate (inductor) when
+    a C++ compiler is there, else as a TorchScript graph per rate."""
 
-    def __init__(self, model_dir: Path, device: str = "auto", max_rates: int = 8) -> None:
+    kind = "torch"
+
+    def __init__(self, model_dir: Path, device: str = "auto", max_rates: int = 8,
+                 step_compiler: str = "auto") -> None:
         self._device = resolve_device(device)
         self.net = load_model(model_dir).to(self._device).eval()
         self._max_rates = max_rates
@@ -45,6 +52,28 @@ class TorchBackend(ModelBackend):
             device=str(self._device),
             backend=self.kind,
         )
+        if step_compiler not in ("auto", "inductor", "torchscript"):
+            raise ValueError(f"unknown step compiler {step_compiler!r}: expected auto, "
+                             "inductor or torchscript")
+        if step_compiler == "auto":
+            step_compiler = "inductor" if inductor_available() else "torchscript"
+        self.step_compiler = step_compiler
+        self._fused = FusedStep(rec, self.layout) if step_compiler == "inductor" else None
+
+    def warmup(self) -> None:
+        """Also compiles the fused step; if that fails (no compiler headers, say), the
+        TorchScript step serves instead, and says so."""
+        try:
+            super().warmup()
+        except Exception:
+            if self._fused is None:
+                raise
+            log.warning("model %s: the inductor step did not compile; serving the TorchScript "
+                        "step", self.info.name, exc_info=True)
+            self._fused, self.step_compiler = None, "torchscript"
+            super().warmup()
+        log.info("model %s: streaming step compiled with %s", self.info.name,
+                 self.step_compiler)
 
     @property
     def info(self) -> ModelInfo:
@@ -64,8 +93,14 @@ class TorchBackend(ModelBackend):
 
     @torch.inference_mode()
     def step(self, u, state, rate):
-        # compiled once per rate on first use; only the compute thread steps
-        return self._recurrence(rate).compiled_step(self.step_compiler)(u, state)
+        # TorchScript: traced once per rate on first use
+        return self._recurrence(rate).compiled_step("torchscript")(u, state)
+
+    @torch.inference_mode()
+    def step_flat(self, u, flat32, flat64, rate):
+        if self._fused is None:
+            return super().step_flat(u, flat32, flat64, rate)
+        return self._fused(self._recurrence(rate), u, flat32, flat64)
 
     @torch.inference_mode()
     def chunk(self, u, state, rate):
@@ -77,7 +112,8 @@ class TorchBackend(ModelBackend):
 
 
 class InductorTorchBackend(TorchBackend):
-    """The torch backend with steps compiled by torch.compile (opt-in: `--backend
-    torch-inductor`); ModelInfo still says "torch"."""
+    """The torch backend with the inductor step required (`--backend torch-inductor`);
+    ModelInfo still says "torch"."""
 
-    step_compiler = "inductor"
+    def __init__(self, model_dir: Path, device: str = "auto", max_rates: int = 8) -> None:
+        super().__init__(model_dir, device, max_rates, step_compiler="inductor")
