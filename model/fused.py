@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+
 @dataclass(frozen=True)
 class StateLayout:
     """Where each state tensor lives in the flat float32 / float64 rows."""
