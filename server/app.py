@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from server import http_api, ws_api
 from server.errors import ServeError
+from server.handoff import Handoff
 from server.logs import context_id
 from server.models import load_models
 from server.runtime import Runtime
@@ -33,6 +34,10 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.scheduler.start(asyncio.get_running_loop())
+        if settings.run_dir is not None:
+            runtime.handoff = Handoff(settings.run_dir / "handoff", settings.worker_id,
+                                      settings.workers, runtime.manager.let_go)
+            await runtime.handoff.start()
         # Load in the background so /healthz answers at once and /readyz says 503 until done.
         loader = asyncio.create_task(_load(runtime))
         janitor = asyncio.create_task(_purge_expired(runtime))
@@ -43,6 +48,9 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
             janitor.cancel()
             if runtime.manager.live:
                 await runtime.drain()
+            runtime.mark_ready(False)
+            if runtime.handoff is not None:
+                await runtime.handoff.stop()
             runtime.scheduler.stop()
             runtime.predict_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -86,6 +94,7 @@ async def _load(runtime: Runtime) -> None:
             info.name, info.version, info.layer, info.device, info.backend
         ).set(1)
     runtime.ready = True
+    runtime.mark_ready(True)
     log.info(
         "ready on %s:%d: %s", runtime.settings.host, runtime.settings.port,
         ", ".join(sorted(runtime.models)) or "no models",

@@ -48,7 +48,7 @@ async def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     rt = _runtime(request)
-    if rt.ready and not rt.draining:
+    if rt.all_ready():
         return JSONResponse({"status": "ready", "models": sorted(rt.models)})
     status = "draining" if rt.draining else ("failed" if rt.load_error else "loading")
     message = rt.load_error or f"server is {status}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from prometheus_client import (
     CollectorRegistry,
@@ -10,6 +12,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 
 
@@ -40,21 +43,27 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class Metrics:
-    """One registry per app, so that several servers in one process stay separate."""
+    """One registry per app, so that several servers in one process stay separate.
 
-    def __init__(self) -> None:
+    With `multiprocess_dir` (the workers of `serve --workers N`), values live in
+    prometheus_client's per-process files there and the exposition sums every worker's; gauges
+    say how (`livesum`: only live workers count)."""
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions_active = Gauge(
             "s4serve_sessions_active", "Streaming sessions with an open connection.",
-            ["model"], registry=r,
+            ["model"], registry=r, multiprocess_mode="livesum",
         )
         self.sessions_opened = Counter(
             "s4serve_sessions_opened_total", "Streaming sessions started or resumed.",
             ["model"], registry=r,
         )
         self.session_limit = Gauge(
-            "s4serve_session_limit", "Most concurrent streaming sessions allowed.", registry=r
+            "s4serve_session_limit", "Most concurrent streaming sessions allowed.", registry=r,
+            multiprocess_mode="livesum",
         )
         self.samples = Counter(
             "s4serve_samples_total", "Input samples processed.", ["model", "mode"], registry=r
@@ -88,7 +97,12 @@ class Metrics:
             ["model"], buckets=_COMPUTE_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge(
-            "s4serve_queue_depth", "Frames waiting for the compute thread.", ["model"], registry=r
+            "s4serve_queue_depth", "Frames waiting to be computed.", ["model"], registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.handoffs = Counter(
+            "s4serve_handoffs_total", "Live sessions taken over from another worker process.",
+            registry=r,
         )
         self.errors = Counter(
             "s4serve_errors_total", "Errors answered, by code.", ["code"], registry=r
@@ -96,7 +110,12 @@ class Metrics:
         self.model_info = Gauge(
             "s4serve_model_info", "Served models (value 1).",
             ["model", "version", "layer", "device", "backend"], registry=r,
+            multiprocess_mode="max",
         )
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(self.multiprocess_dir))
+        return generate_latest(registry)

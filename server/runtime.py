@@ -6,9 +6,11 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from server.auth import Guard
 from server.errors import ServeError
+from server.handoff import Handoff
 from server.metrics import Metrics
 from server.models import LoadedModel
 from server.scheduler import Scheduler
@@ -32,6 +34,7 @@ class Runtime:
     draining: bool = False
     load_error: str | None = None
     connections: int = 0
+    handoff: Handoff | None = None
     pending_requests: int = 0
     # One worker: predict requests queue instead of running side by side and exhausting memory.
     predict_executor: ThreadPoolExecutor = field(
@@ -40,7 +43,7 @@ class Runtime:
 
     @classmethod
     def create(cls, settings: Settings, store: SessionStore | None = None) -> Runtime:
-        metrics = Metrics()
+        metrics = Metrics(settings.run_dir / "metrics" if settings.run_dir else None)
         metrics.session_limit.set(settings.max_sessions)
         scheduler = Scheduler(
             metrics, settings.scheduler_max_batch, settings.scheduler_tick,
@@ -50,6 +53,32 @@ class Runtime:
         manager = SessionManager(scheduler, store, metrics, settings.resume_ttl)
         guard = Guard(settings.api_keys, settings.allowed_origins)
         return cls(settings, metrics, guard, scheduler, store, manager)
+
+    @property
+    def workers(self) -> int:
+        return self.settings.workers if self.settings.run_dir else 1
+
+    def _ready_marker(self) -> Path | None:
+        run_dir = self.settings.run_dir
+        return run_dir / "ready" / str(self.settings.worker_id) if run_dir else None
+
+    def mark_ready(self, ready: bool) -> None:
+        """Readiness as the other workers see it (a marker file per worker)."""
+        marker = self._ready_marker()
+        if marker is None:
+            return
+        if ready:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+
+    def all_ready(self) -> bool:
+        """This worker is ready, and so is every other worker of the server."""
+        if not self.ready or self.draining:
+            return False
+        if self.settings.run_dir is None:
+            return True
+        return len(list((self.settings.run_dir / "ready").iterdir())) >= self.workers
 
     def model(self, name: str) -> LoadedModel:
         try:
@@ -63,6 +92,7 @@ class Runtime:
     async def drain(self, timeout: float = 10.0) -> None:
         """Refuse new work, close every session (its state goes to the store), wait for them."""
         self.draining = True
+        self.mark_ready(False)
         owners = self.manager.owners()
         for owner in owners:
             owner.kick(1001, "server_shutdown")

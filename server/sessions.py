@@ -167,5 +167,17 @@ class SessionManager:
             self.metrics.sessions_active.labels(session.name).dec()
         return self.scheduler.release(session.stream)
 
+    def let_go(self, token: str) -> bool:
+        """Another worker was asked to resume this live session: close our connection and
+        detach the session into the shared store now. True when it was live here."""
+        session = self.live.get(token)
+        if session is None:
+            return False
+        if session.owner is not None:
+            session.owner.kick(1008, "resumed_elsewhere")  # detaches it
+        else:
+            self.detach(session, None)
+        return True
+
     def owners(self) -> list[Owner]:
         return [s.owner for s in self.live.values() if s.owner is not None]

@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="S4SERVE_", extra="ignore")
 
     host: str = "127.0.0.1"
+    workers: int = Field(
+        0, ge=0, description="server processes sharing the port (0: one per CPU core)"
+    )
+    worker_id: int = Field(0, ge=0, description="set by the supervisor for each worker")
+    run_dir: Path | None = Field(
+        None, description="set by the supervisor: what the workers share (metrics, readiness, "
+        "handoff sockets)"
+    )
     port: int = Field(8000, ge=0, le=65535)
     models: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="model directories; empty means every one in zoo_dir"

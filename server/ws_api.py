@@ -63,6 +63,7 @@ class Connection:
         self.seq = 0
         self.paused = False
         self.counted = False
+        self._handoff: asyncio.Future | None = None
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.finished: asyncio.Future = loop.create_future()
@@ -158,22 +159,52 @@ class Connection:
             opts = parse_start(parsed)
             manager = self.rt.manager
             if opts.resume is not None:
-                session, samples = manager.resume(self.model, opts.resume, self)
+                try:
+                    session, samples = manager.resume(self.model, opts.resume, self)
+                except ServeError as err:
+                    if err.code != "resume_not_found" or self.rt.handoff is None:
+                        raise
+                    # maybe live on another worker: ask, reading paused meanwhile
+                    self.peer.pause_reading()
+                    self._handoff = asyncio.ensure_future(self._resume_elsewhere(opts.resume))
+                    return
             else:
                 if self.rt.scheduler.overloaded(self.model.pool):
                     raise ServeError("overloaded", "the server is past capacity: retry later")
                 session = manager.open(self.model, opts, self)
                 samples = session.stream.samples
         except ServeError as err:
-            self.rt.error(err.code)
-            self.peer.send_text(json.dumps(err.ws_message()))
-            if err.code == "resume_not_found":
-                self._close(CLOSE_POLICY, "resume_not_found")
-            elif err.code == "overloaded":
-                self._close(CLOSE_TRY_AGAIN, "overloaded")
+            self._start_failed(err)
             return
+        self._started(session, samples)
+
+    async def _resume_elsewhere(self, token: str) -> None:
+        released = await self.rt.handoff.take_over(token)
+        if self.finished.done():  # the client left meanwhile
+            return
+        try:
+            if not released:
+                raise ServeError("resume_not_found", "unknown or expired resume token")
+            session, samples = self.rt.manager.resume(self.model, token, self)
+            self.rt.metrics.handoffs.inc()
+        except ServeError as err:
+            self._start_failed(err)
+        else:
+            self._started(session, samples)
+        finally:
+            self.peer.resume_reading()
+
+    def _started(self, session: Session, samples: int) -> None:
         self.session = session
         self.peer.send_text(json.dumps(session.started_message(samples)))
+
+    def _start_failed(self, err: ServeError) -> None:
+        self.rt.error(err.code)
+        self.peer.send_text(json.dumps(err.ws_message()))
+        if err.code == "resume_not_found":
+            self._close(CLOSE_POLICY, "resume_not_found")
+        elif err.code == "overloaded":
+            self._close(CLOSE_TRY_AGAIN, "overloaded")
 
     def _binary(self, data: bytes) -> None:
         session = self.session

@@ -23,7 +23,12 @@ def serve(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     backend: Annotated[str | None, typer.Option(help="torch or onnx, for every model.")] = None,
-    max_sessions: Annotated[int | None, typer.Option(help="Concurrent sessions.")] = None,
+    max_sessions: Annotated[
+        int | None, typer.Option(help="Concurrent sessions (per worker).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Server processes sharing the port (0: one per core).")
+    ] = None,
     snapshot_dir: Annotated[
         Path | None, typer.Option(help="Where dropped sessions wait to be resumed.")
     ] = None,
@@ -36,7 +41,8 @@ def serve(
     """
     flags = {
         "host": host, "port": port, "models": model or None, "device": device,
-        "backend": backend, "max_sessions": max_sessions, "snapshot_dir": snapshot_dir,
+        "backend": backend, "max_sessions": max_sessions, "workers": workers,
+        "snapshot_dir": snapshot_dir,
         "log_level": log_level, "json_logs": json_logs,
     }
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
@@ -57,7 +63,26 @@ def serve(
 
 
 def run(settings: Settings) -> None:
-    """Start uvicorn with the app and a SIGTERM drain; returns when the server stops."""
+    """Serve until SIGTERM/SIGINT: one process, or `workers` supervised processes."""
+    from server.logs import configure
+    from server.workers import cpu_cores, supervise
+
+    workers = settings.workers or cpu_cores()
+    if workers == 1:
+        run_one(settings)
+        return
+    configure(settings.log_level, settings.json_logs)
+    try:
+        status = supervise(settings, workers)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if status:
+        raise typer.Exit(status)
+
+
+def run_one(settings: Settings, sockets: list | None = None) -> None:
+    """One server process: uvicorn with the app and a SIGTERM drain."""
     from server.app import DrainingServer, create_app, uvicorn_config
     from server.logs import configure
 
@@ -68,6 +93,6 @@ def run(settings: Settings) -> None:
         torch.set_num_threads(settings.torch_threads)
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app.state.runtime)
-    server.run()
+    server.run(sockets=sockets)
     if app.state.runtime.load_error:
-        raise typer.Exit(1)
+        raise SystemExit(1)
