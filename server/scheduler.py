@@ -140,7 +140,8 @@ class Scheduler:
     # ----- what connections call ---------------------------------------------------------
     def overloaded(self, pool: SlotPool) -> bool:
         """Past capacity: this model's queue is full, or frames wait longer than max_lag."""
-        return self.lag > self.max_lag or self._model(pool).queued >= self.max_queued
+        lagging = bool(self._ready) and self.lag > self.max_lag  # stale once queues are empty
+        return lagging or self._model(pool).queued >= self.max_queued
 
     def _model(self, pool: SlotPool) -> _ModelMetrics:
         model = self._models.get(pool)

@@ -105,6 +105,7 @@ class SessionManager:
             session.stream.sink = owner
             if previous is not None and previous is not owner:
                 previous.kick(1008, "resumed_elsewhere")
+            self.metrics.sessions_opened.labels(session.name).inc()
             log.info("session %s taken over by a new connection", session.id)
             return session, session.stream.samples
         record = self.store.take(token)

@@ -88,3 +88,23 @@ def test_serve_without_models_exits_with_a_message(tmp_path):
     done = subprocess.run([str(Path(sys.executable).with_name("s4serve")), "serve"],
                           env=env_free, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no models to serve" in done.stderr
+
+
+def test_observe_many_matches_one_observe_each():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from server.metrics import observe_many
+
+    values = np.array([0.0, 0.0005, 0.0007, 0.001, 0.3, 2.0, 99.0])
+    registry = CollectorRegistry()
+    one = Histogram("one", "x", buckets=(0.0005, 0.001, 0.5, 5.0), registry=registry)
+    many = Histogram("many", "x", buckets=(0.0005, 0.001, 0.5, 5.0), registry=registry)
+    for v in values:
+        one.observe(float(v))
+    observe_many(many, values)
+
+    def samples(name):
+        return [(s.name.removeprefix(name), s.labels.get("le"), s.value)
+                for m in registry.collect() if m.name == name for s in m.samples]
+
+    assert samples("one") == samples("many")

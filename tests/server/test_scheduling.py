@@ -1,0 +1,144 @@
+"""The streaming hot path over real sockets: work of a gone client is dropped, overload is
+answered in the frame's reply slot, big frames do not starve small ones, non-finite frames
+are rejected whole, and the plain ASGI transport gives the same answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.server.client import connect, predict, start, stream_binary
+from tests.server.conftest import ServerThread, make_settings
+
+
+def metric(server, name: str, labels: str = 'model="seq"') -> float:
+    text = httpx.get(server.url + "/metrics").text
+    found = re.search(rf"{name}\{{{labels}\}} (\S+)", text)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.fixture(scope="module")
+def tight(model_dirs, tmp_path_factory):
+    """One frame queued per model at most: the next is answered `overloaded`."""
+    settings = make_settings(model_dirs, tmp_path_factory.mktemp("tight"), max_queued_frames=1)
+    with ServerThread(settings) as running:
+        yield running
+
+
+async def test_disconnected_clients_work_is_dropped_at_once(server):
+    frame = np.zeros((4000, 2), "<f4").tobytes()  # 63 ticks of 64 samples each
+    clients = []
+    for _ in range(20):
+        clients.append(await connect(server.ws_url, "seq"))
+        await start(clients[-1])
+    for ws in clients:
+        for _ in range(16):
+            await ws.send(frame)
+    await asyncio.sleep(0.3)
+    assert await asyncio.to_thread(metric, server, "s4serve_queue_depth") > 20
+    for ws in clients:
+        ws.transport.abort()
+    deadline = time.monotonic() + 5
+    while await asyncio.to_thread(metric, server, "s4serve_queue_depth") > 0:
+        assert time.monotonic() < deadline, "queued frames of gone clients still computed"
+        await asyncio.sleep(0.05)
+    done = await asyncio.to_thread(metric, server, "s4serve_samples_total",
+                                   'model="seq",mode="stream"')
+    await asyncio.sleep(0.5)
+    assert await asyncio.to_thread(metric, server, "s4serve_samples_total",
+                                   'model="seq",mode="stream"') == done
+    assert done < 20 * 16 * 4000 / 2  # most of the queued work was never computed
+    async with await connect(server.ws_url, "seq") as ws:  # slots are free again
+        assert (await start(ws))["type"] == "started"
+
+
+async def test_overload_is_answered_in_the_frames_reply_slot(tight):
+    u = np.random.default_rng(3).standard_normal((10, 2)).astype(np.float32)
+    async with await connect(tight.ws_url, "seq") as ws:
+        await start(ws)
+        for row in u:
+            await ws.send(row[None].tobytes())
+        accepted, overloaded = [], 0
+        for seq in range(len(u)):
+            reply = await ws.recv()
+            if isinstance(reply, bytes):
+                accepted.append(seq)
+                continue
+            message = json.loads(reply)
+            assert (message["code"], message["seq"]) == ("overloaded", seq)
+            overloaded += 1
+        await ws.send(json.dumps({"type": "snapshot"}))
+        snapshot = json.loads(await ws.recv())
+    assert overloaded >= 1 and accepted  # the first frame always fits
+    assert snapshot["samples"] == len(accepted)  # rejected frames left the state alone
+
+
+async def test_big_frames_do_not_hold_up_small_ones(server):
+    big = np.zeros((3000, 2), "<f4").tobytes()
+    async with await connect(server.ws_url, "seq") as heavy, \
+            await connect(server.ws_url, "seq") as light:
+        await start(heavy)
+        await start(light)
+        for _ in range(10):
+            await heavy.send(big)
+        for _ in range(20):  # one at a time: each waits for its reply
+            await light.send(np.zeros((1, 2), "<f4").tobytes())
+            await light.recv()
+        heavy_done = 0
+        while True:
+            try:
+                await asyncio.wait_for(heavy.recv(), 0.001)
+                heavy_done += 1
+            except TimeoutError:
+                break
+        assert heavy_done < 10  # the light session finished first
+        for _ in range(10 - heavy_done):
+            await heavy.recv()
+
+
+async def test_non_finite_frames_are_rejected_whole(server):
+    u = np.random.default_rng(5).standard_normal((6, 2)).astype(np.float32)
+    expected = np.array(predict(server.url, "seq", u[None])["outputs"])[0]
+    bad_frames = [np.array([[np.nan, 0]], "<f4"), np.array([[3e38, 3e38]], "<f4"),
+                  np.full((100, 2), 3e38, "<f4")]
+    async with await connect(server.ws_url, "seq") as ws:
+        await start(ws)
+        got = [await stream_binary(ws, [u[:3]], 3)]
+        for bad in bad_frames:
+            await ws.send(bad.tobytes())
+            assert json.loads(await ws.recv())["code"] == "non_finite"
+        got.append(await stream_binary(ws, [u[3:4], u[4:]], 3))
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
+
+
+def test_plain_asgi_transport_gives_the_same_answers(model_dirs, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    u = np.random.default_rng(9).standard_normal((12, 2)).astype(np.float32)
+    app = create_app(make_settings(model_dirs, tmp_path, step_compiler="torchscript"))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        expected = np.array(client.post("/v1/models/seq/predict",
+                                        json={"inputs": u[None].tolist()}).json()["outputs"])[0]
+        with client.websocket_connect("/v1/models/seq/stream") as ws:
+            ws.send_text(json.dumps({"type": "start"}))
+            assert json.loads(ws.receive_text())["type"] == "started"
+            for frame in (u[:1], u[1:5], u[5:]):
+                ws.send_bytes(frame.tobytes())
+            got = [np.frombuffer(ws.receive_bytes(), "<f4").reshape(-1, 3) for _ in range(3)]
+            ws.send_bytes(b"odd")
+            assert json.loads(ws.receive_text())["code"] == "bad_shape"
+            ws.send_text(json.dumps({"type": "end"}))
+            assert json.loads(ws.receive_text()) == {"type": "end", "samples": 12}
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)

@@ -1,0 +1,111 @@
+"""`s4serve serve --workers 2`: one port, two processes; sessions taken over across workers,
+metrics and readiness of all workers together, a killed worker restarted, SIGTERM drains."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from tests.server.client import connect, predict, start, stream_binary
+from tests.server.conftest import free_port
+
+S4SERVE = str(Path(sys.executable).with_name("s4serve"))
+
+
+def wait_ready(url: str, process: subprocess.Popen, limit: float = 90) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("workers did not become ready")
+
+
+@pytest.fixture
+def cluster(model_dirs, tmp_path):
+    port = free_port()
+    env = dict(os.environ, S4SERVE_STEP_COMPILER="torchscript",
+               S4SERVE_SNAPSHOT_DIR=str(tmp_path / "sessions"))
+    process = subprocess.Popen(
+        [S4SERVE, "serve", "--workers", "2", "--port", str(port), "--model",
+         str(model_dirs["seq"]), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        yield process, url, f"ws://127.0.0.1:{port}", tmp_path / "sessions"
+    finally:
+        process.kill()
+        subprocess.run(["pkill", "-9", "-f", f"--port {port}"], check=False)
+        process.wait(10)
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    return [p for p in pids if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+def metric(url: str, name: str) -> float:
+    found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", httpx.get(url + "/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_sessions_move_between_workers_with_the_same_numbers(cluster):
+    _, url, ws_url, _ = cluster
+    u = np.random.default_rng(1).standard_normal((30, 2)).astype(np.float32)
+    expected = np.array(predict(url, "seq", u[None])["outputs"])[0]
+    for _ in range(12):  # the kernel picks a worker per connection: some resumes cross over
+        first = await connect(ws_url, "seq")
+        token = (await start(first))["resume_token"]
+        head = await stream_binary(first, [u[:10]], 3)
+        async with await connect(ws_url, "seq") as second:
+            resumed = await start(second, resume=token)
+            assert resumed["samples"] == 10
+            with pytest.raises(websockets.ConnectionClosed):
+                await first.recv()
+            assert (first.close_code, first.close_reason) == (1008, "resumed_elsewhere")
+            tail = await stream_binary(second, [u[10:]], 3)
+        np.testing.assert_allclose(np.concatenate([head, tail]), expected, atol=1e-4)
+    assert metric(url, "s4serve_handoffs_total") >= 1  # at least one crossed workers
+    assert metric(url, "s4serve_sessions_opened_total") == 24  # both workers counted
+
+
+async def test_a_killed_worker_is_replaced_and_sigterm_drains_all(cluster):
+    process, url, ws_url, snapshots = cluster
+    before = worker_pids(process.pid)
+    assert len(before) == 2
+    os.kill(before[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while sorted(worker_pids(process.pid)) == sorted(before) or len(worker_pids(process.pid)) < 2:
+        assert time.monotonic() < deadline, "the killed worker was not replaced"
+        time.sleep(0.1)
+    wait_ready(url, process)
+    sessions = []
+    for _ in range(6):
+        ws = await connect(ws_url, "seq")
+        await start(ws)
+        await stream_binary(ws, [np.zeros((5, 2), np.float32)], 3)
+        sessions.append(ws)
+    process.send_signal(signal.SIGTERM)
+    for ws in sessions:
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+        assert (ws.close_code, ws.close_reason) == (1001, "server_shutdown")
+    assert process.wait(timeout=30) == 0
+    assert len(list(snapshots.glob("*.json"))) == 6  # every session resumable
