@@ -123,11 +123,11 @@ def echo(
     fault: Annotated[
         str | None, typer.Option(help="KIND:N misbehaves every N frames (tests of the tester)")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(help="processes sharing the port, as `s4serve serve --workers`")
+    ] = 1,
 ) -> None:
     """Serve the model-free echo app (the transport ceiling) on the same FastAPI + uvicorn stack."""
-    import uvicorn
+    from loadtest.echo_app import serve_echo
 
-    from loadtest.echo_app import create_echo_app
-
-    app_ = create_echo_app(channels, sample_rate, fault)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    serve_echo(host, port, channels, sample_rate, fault, workers)

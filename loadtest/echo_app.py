@@ -185,3 +185,40 @@ async def _misbehave(ws: WebSocket, kind: str, reply: bytes | str, seq: int) -> 
         body = json.loads(reply)
         body["seq"] = seq + 1
         await send(json.dumps(body))
+
+
+def _echo_worker(host: str, port: int, channels: int, sample_rate: float,
+                 fault: str | None) -> None:
+    import uvicorn
+
+    from server.workers import bind_shared
+
+    # the same transport settings as s4serve's (server/app.py): sans-I/O websockets, no deflate
+    config = uvicorn.Config(create_echo_app(channels, sample_rate, fault), log_level="warning",
+                            ws="websockets-sansio", ws_per_message_deflate=False)
+    uvicorn.Server(config).run(sockets=[bind_shared(host, port)])
+
+
+def serve_echo(host: str, port: int, channels: int, sample_rate: float, fault: str | None,
+               workers: int = 1) -> None:
+    """Run the echo app: one process, or `workers` processes sharing the port (SO_REUSEPORT),
+    so that it is compared with `s4serve serve --workers N` at the same N."""
+    import multiprocessing
+    import signal
+    import sys
+
+    if workers == 1:
+        _echo_worker(host, port, channels, sample_rate, fault)
+        return
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_echo_worker, args=(host, port, channels, sample_rate, fault))
+             for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that `finally` stops them
+    try:
+        for proc in procs:
+            proc.join()
+    finally:
+        for proc in procs:
+            proc.terminate()

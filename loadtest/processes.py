@@ -70,10 +70,12 @@ class ServerProcess:
 
     @classmethod
     def echo(
-        cls, port: int | None = None, channels: int = 1, fault: str | None = None, **kw
+        cls, port: int | None = None, channels: int = 1, fault: str | None = None,
+        workers: int = 1, **kw,
     ) -> ServerProcess:
         port = port or free_port()
-        argv = [sys.executable, "-m", "loadtest", "echo", "--port", str(port)]
+        argv = [sys.executable, "-m", "loadtest", "echo", "--port", str(port),
+                "--workers", str(workers)]
         argv += ["--channels", str(channels)] + (["--fault", fault] if fault else [])
         return cls(argv, port, **kw)
 

@@ -1,10 +1,11 @@
 """The step scheduler: batched recurrent steps of many sessions, on the event loop.
 
 Each session (a `Stream`) has a FIFO of items: data frames and in-order control items (reset,
-snapshot, end, an error reply). A tick takes every ready stream (at most `max_batch`), runs the
-control items at their heads, and advances the head frame of each by at most `piece` samples in
-one call per group: per-sample frames of one (model, rate) as one batched `step`, pieces of one
-(model, rate, T) as one batched `chunk`. How a frame is cut into pieces depends only on its own
+snapshot, end, an error reply). A round takes every ready stream (at most `max_batch`), runs
+the control items at their heads, and advances the head frame of each by at most `piece`
+samples (one sample for frames of at most STEPPED_FRAMES) in one call per group: one-sample
+pieces of one (model, rate) as one batched `step`, pieces of one (model, rate, T) as one
+batched `chunk`. How a frame is cut into pieces depends only on its own
 length, never on other sessions, so batching cannot change a session's numbers.
 
 Ticks run on the event loop between reads: a tick batches whatever arrived since the last one
@@ -31,6 +32,9 @@ from server.metrics import Metrics, observe_many
 from server.slots import SlotPool
 
 log = logging.getLogger("s4serve.scheduler")
+# Frames this short are advanced one sample per round, batched with the per-sample sessions:
+# measured (motion, B=1 and B=1000), a chunk of T=2 costs 1.5-1.9x two steps; T=10, 0.4-0.5x.
+STEPPED_FRAMES = 4
 
 
 @dataclass(eq=False, slots=True)
@@ -170,7 +174,10 @@ class Scheduler:
     def drop(self, stream: Stream) -> int:
         """Forget the stream's queued work (its connection is gone); returns frames dropped."""
         dropped = sum(1 for item in stream.queue if type(item) is Frame)
-        self._models[stream.pool].queued -= dropped
+        if dropped:
+            model = self._models[stream.pool]
+            model.queued -= dropped
+            model.queue.set(model.queued)
         stream.queue.clear()
         self._ready.pop(stream, None)
         return dropped
@@ -227,7 +234,8 @@ class Scheduler:
             if frame.done == 0:
                 frame.t = stream.samples
                 oldest = min(oldest, frame.received)
-            length = min(len(frame.samples) - frame.done, piece)
+            size = len(frame.samples)
+            length = 1 if size <= STEPPED_FRAMES else min(size - frame.done, piece)
             groups.setdefault((stream.pool, stream.rate, length), []).append(stream)
             taken.append(stream)
         for (pool, rate, length), members in groups.items():

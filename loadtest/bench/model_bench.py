@@ -6,6 +6,7 @@ import torch
 
 from loadtest.bench.networks import perturbed_network
 from loadtest.bench.timing import inner_for, time_call
+from model.fused import FusedStep, StateLayout, inductor_available
 from model.network import S4Network
 from model.reference import reference_outputs
 
@@ -13,6 +14,8 @@ from model.reference import reference_outputs
 STEP_ANCHOR_S = {"s4d": 500e-6, "s4": 2.04e-3}  # S4D step; S4 Woodbury ("linear") step, B=1
 CONV_ANCHOR_S = {"s4d": 7.4, "s4": 5.4}  # block forward at L=16000
 ACCURACY_GOAL = {"s4d": 1e-4, "s4": 2e-4}
+# The official S4D step at B=1024, one layer H=128, N=64, 1 thread (measured for issue #9).
+OFFICIAL_STEP_B1024_S = {"s4d": 101e-3}
 
 
 def _clear_kernels(net: S4Network) -> None:
@@ -34,6 +37,45 @@ def step_times(net: S4Network, batches: tuple[int, ...], target_s: float, repeat
             call = lambda u=u, state=state: step(u, state)  # noqa: E731
             call()  # first call compiles (inductor)
             out[b] = time_call(call, repeats, inner_for(target_s, call)).as_dict()
+    return out
+
+
+def served_step_times(net: S4Network, batches: tuple[int, ...], target_s: float,
+                      repeats: int) -> dict:
+    """The step as the server runs it: flat state rows in and out, one inductor graph with the
+    rate's tables as inputs (TorchScript when no C++ compiler is installed)."""
+    rec = net.to_recurrent()
+    layout = StateLayout.of(rec.state_spec)
+    fused = FusedStep(rec, layout) if inductor_available() else None
+    step = rec.compiled_step("torchscript")
+    out: dict = {"compiler": "inductor" if fused else "torchscript"}
+    with torch.no_grad():
+        for b in batches:
+            flat32, flat64 = layout.join(rec.initial_state(b))
+            u = torch.randn(b, net.config.d_input)
+            if fused is not None:
+                call = lambda u=u, a=flat32, c=flat64: fused(rec, u, a, c)  # noqa: E731
+            else:
+                call = lambda u=u, a=flat32, c=flat64: layout.join(  # noqa: E731
+                    step(u, layout.split(a, c))[1])
+            call()
+            out[b] = time_call(call, repeats, inner_for(target_s, call)).as_dict()
+    return out
+
+
+def roofline_pass(net: S4Network, batch: int, target_s: float, repeats: int) -> dict:
+    """One read and one write of `batch` sessions' whole state (a copy between two buffers):
+    the least memory traffic any step must do."""
+    rec = net.to_recurrent()
+    src32, src64 = StateLayout.of(rec.state_spec).join(rec.initial_state(batch))
+    dst32, dst64 = torch.empty_like(src32), torch.empty_like(src64)
+
+    def call() -> None:
+        dst32.copy_(src32)
+        dst64.copy_(src64)
+
+    out = time_call(call, repeats, inner_for(target_s, call)).as_dict()
+    out["bytes"] = 2 * (src32.numel() * 4 + src64.numel() * 8)
     return out
 
 
@@ -118,6 +160,9 @@ def run_model_benches(quick: bool, log=print) -> dict:
                  "step_variants": {c: step_times(net, (1, 1024), target_s, repeats, c)
                                    for c in (("eager",) if quick else ("eager", "inductor"))},
                  "chunk_320": chunk_time(net, 320, target_s, repeats)}  # fmt: skip
+        log(f"model bench {layer}: served step and the memory roofline pass")
+        entry["served_step"] = served_step_times(net, (1, 1024), target_s, repeats)
+        entry["roofline_1024"] = roofline_pass(net, 1024, target_s, repeats)
         log(f"model bench {layer}: conv L={conv_len}")
         entry["conv"] = conv_times(net, conv_len, repeats)
         log(f"model bench {layer}: accuracy L={acc_len}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from loadtest.bench.model_bench import OFFICIAL_STEP_B1024_S
+
 
 def _t(entry: dict | None) -> str:
     """'median unit (IQR x)', in the unit that puts the median between 1 and 1000."""
@@ -61,16 +63,17 @@ def _model(r: dict) -> list[str]:
             _t(e["conv"]["warm"]), _f(ratios["step_per_layer_vs_anchor"]),
             _f(ratios["conv_cold_per_layer_vs_anchor"]),
         ))  # fmt: skip
-    lines += ["", "### Step variants (whole network)", "",
-              "The table above times the step as the torch backend runs it (a frozen TorchScript "
-              "graph). Eager is the plain Python `RecurrentNetwork.step`; inductor is "
-              "`--backend torch-inductor` (torch.compile, opt-in).", "",
-              "| layer | variant | step B=1 | step B=1024 |", "|---|---|---|---|"]
+    lines += ["", *_served(r)]
+    lines += ["", "### Step variants (whole network, list-of-tensors state, one graph per rate)",
+              "", "The step columns above are the TorchScript graph (the served step where no C++ "
+              "compiler is installed). Eager is the plain Python `RecurrentNetwork.step`; "
+              "inductor is `compiled_step('inductor')` (torch.compile with the rate baked in).",
+              "", "| layer | variant | step B=1 | step B=1024 |", "|---|---|---|---|"]
     for layer in ("s4d", "s4"):
         e = r.get(layer)
         if not e:
             continue
-        variants = {"torchscript (served)": e["step"], **e.get("step_variants", {})}
+        variants = {"torchscript": e["step"], **e.get("step_variants", {})}
         for name, t in variants.items():
             lines.append(_row(layer, name, _t(t[1]), _t(t[1024])))
     lines += ["", "### Agreement with a float64 dense reference (max abs error)", "",
@@ -100,6 +103,31 @@ def _model(r: dict) -> list[str]:
     return lines
 
 
+def _served(r: dict) -> list[str]:
+    """The served (fused) step next to the memory roofline pass and the official step."""
+    rows = []
+    for layer in ("s4d", "s4"):
+        e = r.get(layer) or {}
+        served, roof = e.get("served_step"), e.get("roofline_1024")
+        if not served or not roof:
+            continue
+        big = served[1024]["median_s"]
+        layers = e["config"]["n_layers"]
+        official = OFFICIAL_STEP_B1024_S.get(layer)
+        vs_official = _f(official * layers / big, ".3g") + "x" if official else "-"
+        rows.append(_row(layer, served["compiler"], _t(served[1]), _t(served[1024]), _t(roof),
+                         _f(big / roof["median_s"], ".2f"), vs_official))
+    if not rows:
+        return []
+    return ["### Served step (flat state rows, fused; what streams run)", "",
+            "Roofline: one read and one write of the same B=1024 state (a copy), the least "
+            "traffic a step can do. Official: the state-spaces/s4 S4D step at B=1024, 101 ms per "
+            "layer (issue #9's measurement on this machine), times n_layers.", "",
+            _row("layer", "compiler", "step B=1", "step B=1024", "roofline pass B=1024",
+                 "step / roofline", "throughput vs official"),
+            _row(*["---"] * 7), *rows, ""]
+
+
 def _backends(r: dict) -> list[str]:
     lines = ["## Backends (server runtimes, reference-size S4D, 1 thread)", "",
              "| backend | step B=1 | step B=1024 |", "|---|---|---|"]  # fmt: skip
@@ -119,7 +147,9 @@ def _server(r: dict) -> list[str]:
     m = r["models"]
     lines = ["## Server end to end (loopback; client and server share the machine)", "",
              f"Models: motion = {m['motion']}; digits = {m['digits']}. Per-sample float32 frames "
-             "at 100 Hz per session; latency is client send → reply over the hold phase.", "",
+             "at 100 Hz per session; latency is client send → reply over the hold phase. "
+             f"Server and echo each run {r.get('workers', 1)} worker process(es); the load "
+             "generator uses 2 processes from 300 sessions up.", "",
              "| sessions | target | frames/s (offered) | p50 ms | p99 ms | max ms | client lag ms "
              "| server batch mean | ok |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for n, entry in r["sessions"].items():
@@ -147,6 +177,21 @@ def _server(r: dict) -> list[str]:
         for target in ("model", "echo"):
             for failure in entry[target]["failures"]:
                 lines.append(f"- {n} sessions, {target}: {failure}")
+    chunked = r.get("chunked")
+    if chunked:
+        lat, tp = chunked["latency_hold_ms"], chunked["throughput"]
+        lines += ["", f"{chunked['sessions']} sessions × 10 frames/s of {chunked['frame']} "
+                  f"samples: {tp['frames_per_s']:.0f} frames/s answered (offered "
+                  f"{tp['offered_frames_per_s']:.0f}), p50 {_f(lat['p50'])} ms, p99 "
+                  f"{_f(lat['p99'])} ms, all replies ok: {_yes(chunked['ok'])}."]
+    drop = r.get("drop")
+    if drop:
+        idle = "not within 30 s" if drop["idle_s"] is None else f"{drop['idle_s']:.2f} s"
+        lines += ["", f"Disconnect: {drop['sessions']} sessions with "
+                  f"{drop['queued_at_drop']:.0f} frames queued drop their TCP connections; the "
+                  f"server is idle (queue 0, no batched calls) after {idle}; then "
+                  f"{drop['new_sessions_started']} of {drop['sessions']} new sessions started in "
+                  f"{drop['new_sessions_s']:.2f} s."]
     lines += _k6(r.get("k6"))
     lines += _profile(r.get("profile"))
     a = r["audio"]
@@ -232,18 +277,34 @@ def _targets(result: dict) -> list[str]:
             worst = max(acc["step"], acc["chunk"], acc["conv"])
             rows.append((f"{layer} max abs error, L={acc['length']}", f"≤ {goal:.0e}",
                          f"{worst:.2e}", worst <= goal))  # fmt: skip
+    served = (s4d or {}).get("served_step")
+    roof = (s4d or {}).get("roofline_1024")
+    if served and roof:
+        rows.append(("served S4D step, B=1", "≤ 100 µs", _t(served[1]),
+                     served[1]["median_s"] <= 100e-6))
+        ratio = served[1024]["median_s"] / roof["median_s"]
+        rows.append(("served S4D step B=1024 vs roofline pass", "≤ 2x", f"{ratio:.2f}x",
+                     ratio <= 2))
     server = result.get("server") or {}
-    sessions = server.get("sessions") or {}
-    if sessions:
-        top = max(sessions, key=int)
-        ratio = sessions[top]["model_vs_echo"]
-        rows.append(
-            (f"message rate vs echo, {top} sessions", "≥ 80%", f"{ratio:.0%}", ratio >= 0.8)
-        )
+    for n, entry in (server.get("sessions") or {}).items():
+        ratio = entry["model_vs_echo"]
+        lost = entry["model"]["throughput"].get("lost")
+        good = ratio >= 0.8 and entry["model"]["ok"]
+        rows.append((f"frames/s vs echo, {n} sessions × 100 Hz", "≥ 80%, 0 lost",
+                     f"{ratio:.0%}, {lost} lost", good))
+        if int(n) == 100:
+            p99 = entry["model"]["latency_hold_ms"]["p99"]
+            rows.append(("p99 at 100 sessions × 100 Hz", "≤ 25 ms", f"{_f(p99)} ms",
+                         p99 is not None and p99 <= 25))
+    drop = server.get("drop")
+    if drop:
+        idle = drop["idle_s"]
+        rows.append((f"idle after {drop['sessions']} loaded sessions disconnect", "≤ 1 s",
+                     "-" if idle is None else f"{idle:.2f} s", idle is not None and idle <= 1))
     audio = server.get("audio")
     if audio:
         n = audio["max_streams"]
-        rows.append(("real-time 16 kHz audio streams", "≥ 16", str(n), n >= 16))
+        rows.append(("real-time 16 kHz audio streams, p99 < 100 ms", "≥ 32", str(n), n >= 32))
     if not rows:
         return []
     return ["## Targets", "", _row("target", "goal", "measured", "met"), _row(*["---"] * 4),

@@ -26,6 +26,8 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path):
         assert max(acc["step"], acc["chunk"], acc["conv"]) <= acc["goal"]
         assert entry["step"]["1"]["median_s"] > 0 and entry["step"]["1024"]["median_s"] > 0
         assert [row["d_state"] for row in entry["scaling"]] == [16, 32]
+        assert entry["served_step"]["1024"]["median_s"] > 0
+        assert entry["roofline_1024"]["bytes"] > 0
     backends = data["backends"]
     assert backends["torch"]["available"]
     assert backends["onnx"]["available"] or backends["onnx"]["reason"]
@@ -34,3 +36,7 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path):
         assert entry["echo"]["ok"], entry["echo"]["failures"]
         assert entry["model"]["verify_max_abs_err"] <= 1e-4
     assert data["server"]["audio"]["ladder"], "the audio ladder ran at least one step"
+    assert data["server"]["chunked"]["ok"], data["server"]["chunked"]["failures"]
+    drop = data["server"]["drop"]
+    assert drop["idle_s"] is not None and drop["new_sessions_started"] == drop["sessions"]
+    assert "### Served step" in text and "Disconnect:" in text
