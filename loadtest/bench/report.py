@@ -263,6 +263,21 @@ def _profile(p: dict | None) -> list[str]:
     return lines
 
 
+def _soak(r: dict) -> list[str]:
+    run, growth = r["run"], r["rss_growth"]
+    tp, lat = run["throughput"], run["latency_hold_ms"]
+    mib = lambda b: f"{b / 2**20:.0f} MiB" if b else "-"  # noqa: E731
+    return [f"## Soak ({r['sessions']} sessions × {r['rate']:.0f} Hz, {r['hold_s']:.0f} s, "
+            f"{r['workers']} workers)", "",
+            f"{tp['frames_per_s']:.0f} frames/s answered (offered "
+            f"{tp['offered_frames_per_s']:.0f}), {tp['lost']} lost, p50 {_f(lat['p50'])} ms, "
+            f"p99 {_f(lat['p99'])} ms; all replies "
+            f"ok and no session closed: {_yes(run['ok'])}"
+            + (f" ({'; '.join(run['failures'])})" if run["failures"] else "") + ". Server RSS "
+            f"(all workers) {mib(r['rss_after_warmup'])} after warm-up, {mib(r['rss_end'])} at "
+            f"the end: {'-' if growth is None else f'{growth:+.1%}'}.", ""]
+
+
 def _targets(result: dict) -> list[str]:
     """The issue's targets next to what this run measured."""
     rows = []
@@ -301,6 +316,14 @@ def _targets(result: dict) -> list[str]:
         idle = drop["idle_s"]
         rows.append((f"idle after {drop['sessions']} loaded sessions disconnect", "≤ 1 s",
                      "-" if idle is None else f"{idle:.2f} s", idle is not None and idle <= 1))
+    soak = result.get("soak")
+    if soak and "run" in soak:
+        growth = soak["rss_growth"]
+        good = soak["run"]["ok"] and growth is not None and growth <= 0.05
+        rows.append((f"soak {soak['sessions']} × 20 Hz, {soak['hold_s']:.0f} s",
+                     "0 lost, none closed, RSS ≤ +5%",
+                     f"{soak['run']['throughput']['lost']} lost, RSS "
+                     f"{'-' if growth is None else f'{growth:+.1%}'}", good))
     audio = server.get("audio")
     if audio:
         n = audio["max_streams"]
@@ -320,6 +343,7 @@ def render(result: dict, command: str) -> str:
         ("model", _model),
         ("backends", _backends),
         ("server", _server),
+        ("soak", _soak),
         ("gpu", _gpu),
     ):
         value = result.get(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -170,3 +171,49 @@ def _audio_ladder(url: str, ladder: tuple[int, ...], hold_s: float, log) -> dict
             break
         sustained = n
     return {"p99_limit_ms": AUDIO_P99_LIMIT_MS, "max_streams": sustained, "ladder": steps}
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its children (the workers of a supervisor)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024
+        todo += [int(c) for c in children]
+    return total
+
+
+def run_soak(scratch: Path, quick: bool, log=print) -> dict:
+    """300 sessions × 20 Hz per-sample frames for 10 minutes (quick: 10 × 20 s): replies all
+    correct, no session closed, server RSS after a 60 s warm-up vs at the end."""
+    sessions, hold_s, warm_s = (10, 20.0, 5.0) if quick else (300, 600.0, 60.0)
+    motion_dir, _ = served_model("motion", scratch)
+    workers = 1 if quick else cpu_cores()
+    samples: list[tuple[float, int]] = []
+    with ServerProcess.s4serve([motion_dir], extra=["--workers", str(workers)],
+                               log_path=scratch / "s4serve-soak.log") as server:
+        log(f"soak: {sessions} sessions × 20 Hz for {hold_s:.0f} s")
+        stop = threading.Event()
+
+        def sample() -> None:
+            began = time.monotonic()
+            while not stop.wait(5.0):
+                samples.append((time.monotonic() - began, _tree_rss(server.pid)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            run = _stream(server.url, "motion", sessions, hold_s, rate=20.0, frame=1)
+        finally:
+            stop.set()
+            sampler.join()
+    warm = [rss for t, rss in samples if t >= warm_s] or [rss for _, rss in samples]
+    growth = (warm[-1] - warm[0]) / warm[0] if warm else None
+    return {"sessions": sessions, "rate": 20.0, "hold_s": hold_s, "workers": workers,
+            "run": run, "rss_after_warmup": warm[0] if warm else None,
+            "rss_end": warm[-1] if warm else None, "rss_growth": growth}

@@ -39,4 +39,6 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path):
     assert data["server"]["chunked"]["ok"], data["server"]["chunked"]["failures"]
     drop = data["server"]["drop"]
     assert drop["idle_s"] is not None and drop["new_sessions_started"] == drop["sessions"]
-    assert "### Served step" in text and "Disconnect:" in text
+    assert "### Served step" in text and "Disconnect:" in text and "## Soak" in text
+    assert data["soak"]["run"]["ok"], data["soak"]["run"]["failures"]
+    assert data["soak"]["rss_growth"] is not None
