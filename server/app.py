@@ -9,9 +9,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import http_api, ws_api
 from server.errors import ServeError
@@ -58,6 +59,12 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     app.state.runtime = runtime
     app.include_router(http_api.router)
     app.include_router(ws_api.router)
+
+    @app.websocket("/{path:path}")
+    async def unknown_websocket(websocket: WebSocket, path: str) -> None:
+        runtime.error("not_found")  # the contract's answer is a close frame, not HTTP 403
+        await websocket.accept()
+        await websocket.close(code=1008, reason="not_found")
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.allowed_origins,
@@ -69,9 +76,28 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         runtime.error(exc.code)
         return JSONResponse(exc.body(), status_code=exc.http_status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown routes and methods get the documented body too, not FastAPI's {"detail"}
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        runtime.error(code)
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error in %s %s (request %s)", request.method, request.url.path,
+                  getattr(request.state, "request_id", "-"), exc_info=exc)
+        runtime.error("internal")
+        return JSONResponse(ServeError("internal", "internal error").body(), status_code=500)
+
     @app.middleware("http")
     async def request_id(request: Request, call_next):
-        token = context_id.set(request.headers.get("x-request-id") or uuid.uuid4().hex[:16])
+        given = request.headers.get("x-request-id", "")
+        # a client's id is echoed only when it is short and printable
+        rid = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex[:16]
+        request.state.request_id = rid
+        token = context_id.set(rid)
         try:
             response = await call_next(request)
             response.headers["x-request-id"] = context_id.get() or ""

@@ -172,7 +172,12 @@ class Scheduler:
         return stream.samples, stream.pool.read(stream.slot)
 
     def drop(self, stream: Stream) -> int:
-        """Forget the stream's queued work (its connection is gone); returns frames dropped."""
+        """Forget the stream's queued work (its connection is gone); returns frames dropped.
+        A frame that was partly computed is undone, so the state ends on a frame boundary."""
+        head = stream.queue[0] if stream.queue else None
+        if type(head) is Frame and head.done and head.before is not None:
+            stream.pool.restore(stream.slot, head.before)
+            stream.samples -= head.done
         dropped = sum(1 for item in stream.queue if type(item) is Frame)
         if dropped:
             model = self._models[stream.pool]

@@ -2,7 +2,7 @@
 
 import typer
 
-from server.cli import bench, convert, loadtest, serve, train
+from server.cli import bench, convert, loadtest, serve, stream, train
 
 app = typer.Typer(
     name="s4serve",
@@ -11,5 +11,5 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _module in (serve, train, convert, bench, loadtest):
+for _module in (serve, stream, train, convert, bench, loadtest):
     _module.register(app)

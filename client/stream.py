@@ -1,0 +1,367 @@
+"""A streaming session that survives dropped connections.
+
+The client numbers every frame by the session index of its first sample and keeps what it
+needs to rebuild the state: a recovery point (the starting state, then a `snapshot` taken every
+`checkpoint_s` seconds) and every frame sent since. When the connection drops it reconnects
+with backoff and resumes with the token. If the server's state covers exactly the outputs
+received, the frames still unanswered are sent again. If it covers more (outputs were lost in
+flight), the session is restarted from the recovery point and the frames since are replayed;
+outputs the caller already has are not delivered twice. Either way the caller sees every
+frame's outputs exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from client.errors import StreamError
+
+_WIRE = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}
+_RETRY_CODES = {1001, 1005, 1006, 1011, 1012, 1013}  # shutdown, lost, internal, try again
+_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    dtype: str = "float32"
+    sample_rate: float | None = None
+    output: str = "every"
+    state: str | None = None
+    resume: str | None = None
+    reconnect: bool = True
+    checkpoint_s: float = 2.0
+    max_reconnect_s: float = 60.0
+
+
+@dataclass(eq=False)
+class _Frame:
+    t: int  # session index of the first sample
+    rows: int
+    data: bytes
+    deliver: bool = True  # False: a replay whose outputs the caller already has
+
+
+@dataclass(eq=False)
+class _Control:
+    kind: str  # "snapshot" | "reset" | "end"
+    future: asyncio.Future | None  # None: the client's own checkpoint
+
+
+class AsyncStream:
+    """`async with client.stream("motion") as s`: send()/feed()+recv(), snapshot(), reset(),
+    end(). `info` is the server's `started` message (d_input, d_output, labels, ...)."""
+
+    def __init__(self, url: str, model: str, options: StreamOptions,
+                 token: str | None = None) -> None:
+        self.ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/v1/models/{model}/stream"
+        self.options = options
+        self.token = token
+        self.info: dict[str, Any] = {}
+        self.reconnects = 0
+        self._ws: ClientConnection | None = None
+        self._pending: deque[_Frame | _Control] = deque()  # sent, reply not yet received
+        self._kept: deque[_Frame] = deque()  # answered frames since the recovery point
+        self._base: tuple[int, str | None] = (0, options.state)  # recovery point
+        self._sent = 0  # session index of the next frame's first sample
+        self._received = 0  # samples whose outputs have arrived
+        self._outputs: asyncio.Queue[np.ndarray | StreamError] = asyncio.Queue()
+        self._up = asyncio.Event()
+        self._reader: asyncio.Task | None = None
+        self._ended = False
+        self._failed: StreamError | None = None
+        self._last_checkpoint = time.monotonic()
+
+    # ----- lifecycle -------------------------------------------------------------------
+    async def __aenter__(self) -> AsyncStream:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._ended and self._failed is None and exc[0] is None:
+            await self.end()
+        await self.close()
+
+    async def open(self) -> dict:
+        opts = self.options
+        self._ws, self.info = await self._connect(state=opts.state, resume=opts.resume)
+        self._sent = self._received = self.info["samples"]
+        self._base = (self.info["samples"], opts.state)
+        self._up.set()
+        self._reader = asyncio.create_task(self._read())
+        if opts.resume is not None and opts.reconnect:  # its state is the recovery point
+            await self._send(_Control("snapshot", None), json.dumps({"type": "snapshot"}))
+        return self.info
+
+    async def close(self) -> None:
+        """Stop without ending the session (it stays resumable on the server)."""
+        self._ended = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._ws is not None:
+            await self._ws.close()
+
+    @property
+    def samples(self) -> int:
+        """Samples sent so far (the session index of the next frame)."""
+        return self._sent
+
+    # ----- what callers use ------------------------------------------------------------
+    async def feed(self, frame: np.ndarray) -> None:
+        """Send one frame (T × d_input samples); its outputs come from recv(), in order."""
+        data = np.ascontiguousarray(frame, dtype=_WIRE[self.options.dtype]).tobytes()
+        rows = len(data) // (self.info["d_input"] * _WIRE[self.options.dtype].itemsize)
+        await self._ready()
+        entry = _Frame(self._sent, rows, data)
+        self._sent += rows
+        await self._send(entry, data)
+        if (self.options.reconnect and self.options.checkpoint_s
+                and time.monotonic() - self._last_checkpoint >= self.options.checkpoint_s):
+            self._last_checkpoint = time.monotonic()
+            await self._send(_Control("snapshot", None), json.dumps({"type": "snapshot"}))
+
+    async def recv(self) -> np.ndarray:
+        """The next frame's outputs: (T or 1, d_output) float32. A rejected frame raises
+        StreamError (with its `seq`); the session goes on."""
+        item = await self._outputs.get()
+        if isinstance(item, StreamError):
+            raise item
+        return item
+
+    async def send(self, frame: np.ndarray) -> np.ndarray:
+        """feed() then recv(): one frame in, its outputs out."""
+        await self.feed(frame)
+        return await self.recv()
+
+    async def snapshot(self) -> tuple[int, str]:
+        """(samples, state blob) after every frame sent so far."""
+        return await self._control("snapshot")
+
+    async def reset(self) -> None:
+        """State to zeros, sample count to 0 (after the frames sent so far)."""
+        await self._control("reset")
+
+    async def end(self) -> int:
+        """Finish the session for good; returns its sample count."""
+        samples = await self._control("end")
+        self._ended = True
+        return samples
+
+    # ----- internals -------------------------------------------------------------------
+    async def _ready(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        await self._up.wait()
+        if self._failed is not None:
+            raise self._failed
+
+    async def _control(self, kind: str) -> Any:
+        await self._ready()
+        future = asyncio.get_running_loop().create_future()
+        await self._send(_Control(kind, future), json.dumps({"type": kind}))
+        return await future
+
+    async def _send(self, entry: _Frame | _Control, payload: bytes | str) -> None:
+        self._pending.append(entry)
+        # a failed send is not an error: the reader sees the drop and recovery re-sends
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(payload)
+
+    async def _connect(self, state: str | None = None,
+                       resume: str | None = None) -> tuple[ClientConnection, dict]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        ws = await connect(self.ws_url, max_size=None, additional_headers=headers)
+        opts = self.options
+        start: dict[str, Any] = {"type": "start", "dtype": opts.dtype, "output": opts.output}
+        if opts.sample_rate is not None:
+            start["sample_rate"] = opts.sample_rate
+        if resume is not None:
+            start["resume"] = resume
+        elif state is not None:
+            start["state"] = state
+        await ws.send(json.dumps(start))
+        reply = json.loads(await ws.recv())
+        if reply.get("type") != "started":
+            await ws.close()
+            raise StreamError(reply.get("code", "bad_reply"), reply.get("message", str(reply)))
+        return ws, reply
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                async for message in self._ws:
+                    self._on_reply(message)
+            except ConnectionClosed:
+                pass
+            if self._ended:
+                return
+            code = self._ws.close_code
+            if not self.options.reconnect or code not in _RETRY_CODES | {None}:
+                reason = self._ws.close_reason or "connection closed"
+                self._fail(StreamError("closed", f"{code} {reason}"))
+                return
+            try:
+                await self._recover()
+            except (StreamError, OSError, ConnectionClosed, TimeoutError) as exc:
+                self._fail(exc if isinstance(exc, StreamError)
+                           else StreamError("closed", f"reconnect failed: {exc}"))
+                return
+
+    def _fail(self, error: StreamError) -> None:
+        self._failed = error
+        self._up.set()  # wake waiters so they see the failure
+        for entry in self._pending:
+            if isinstance(entry, _Control) and entry.future and not entry.future.done():
+                entry.future.set_exception(error)
+        self._outputs.put_nowait(error)
+
+    def _on_reply(self, message: bytes | str) -> None:
+        if not self._pending:  # nothing asked for this: not a reply of ours
+            return
+        entry = self._pending.popleft()
+        if isinstance(message, bytes):
+            self._received = entry.t + entry.rows
+            if self.options.reconnect:  # kept for a replay until the next checkpoint
+                self._kept.append(entry)
+            if entry.deliver:
+                outputs = np.frombuffer(message, "<f4").reshape(-1, self.info["d_output"])
+                self._outputs.put_nowait(outputs)
+            return
+        reply = json.loads(message)
+        kind = reply.get("type")
+        if kind == "error":
+            error = StreamError(reply["code"], reply["message"], reply.get("seq"))
+            if isinstance(entry, _Frame) and not entry.deliver:
+                self._fail(StreamError(error.code, f"a replayed frame was rejected: {error}"))
+                return
+            if isinstance(entry, _Frame):  # not applied: later frames start earlier
+                for later in self._pending:
+                    if isinstance(later, _Frame):
+                        later.t -= entry.rows
+                self._sent -= entry.rows
+                if entry.deliver:
+                    self._outputs.put_nowait(error)
+            elif entry.future is not None:
+                entry.future.set_exception(error)
+            return
+        if kind == "snapshot":
+            self._base = (reply["samples"], reply["state"])
+            while self._kept and self._kept[0].t < reply["samples"]:
+                self._kept.popleft()
+            if entry.future is not None:
+                entry.future.set_result((reply["samples"], reply["state"]))
+        elif kind == "reset":
+            self._base, self._sent, self._received = (0, None), 0, 0
+            self._kept.clear()
+            entry.future.set_result(None)
+        elif kind == "end":
+            self._ended = True
+            entry.future.set_result(reply["samples"])
+
+    async def _recover(self) -> None:
+        """Reconnect, resume (or restart from the recovery point), replay."""
+        self._up.clear()
+        deadline = time.monotonic() + self.options.max_reconnect_s
+        delay = _BACKOFF[0]
+        while True:
+            try:
+                ws, info = await self._reconnect_once()
+                break
+            except (OSError, ConnectionClosed, TimeoutError, StreamError) as exc:
+                if isinstance(exc, StreamError) and exc.code not in ("overloaded", "closed"):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _BACKOFF[1])
+        self._ws, self.info = ws, info
+        self.reconnects += 1
+        start = info["samples"]
+        replay = [f for f in self._kept if f.t >= start]
+        pending, self._pending = list(self._pending), deque()
+        self._kept = deque(f for f in self._kept if f.t < start)
+        for frame in replay:
+            frame.deliver = False
+            self._pending.append(frame)
+            await ws.send(frame.data)
+        for entry in pending:
+            self._pending.append(entry)
+            await ws.send(entry.data if isinstance(entry, _Frame)
+                          else json.dumps({"type": entry.kind}))
+        self._up.set()
+
+    async def _reconnect_once(self) -> tuple[ClientConnection, dict]:
+        try:
+            ws, info = await self._connect(resume=self.info["resume_token"])
+        except StreamError as exc:
+            if exc.code != "resume_not_found":
+                raise
+            ws, info = None, None
+        if info is not None and info["samples"] == self._received:
+            return ws, info  # the state ends where our outputs do: resend the rest
+        if ws is not None:  # outputs were lost in flight: start over from the recovery point
+            await ws.send(json.dumps({"type": "end"}))
+            with contextlib.suppress(ConnectionClosed):
+                await ws.recv()
+            await ws.close()
+        base_samples, base_state = self._base
+        ws, info = await self._connect(state=base_state)
+        if info["samples"] != base_samples:
+            await ws.close()
+            raise StreamError("bad_state", "the recovery point did not restore")
+        return ws, info
+
+
+class Stream:
+    """The synchronous face of AsyncStream (used by `Client.stream`)."""
+
+    def __init__(self, inner: AsyncStream, run: Callable[[Any], Any]) -> None:
+        self._inner, self._run = inner, run
+
+    @property
+    def info(self) -> dict:
+        return self._inner.info
+
+    @property
+    def reconnects(self) -> int:
+        return self._inner.reconnects
+
+    def __enter__(self) -> Stream:
+        self._run(self._inner.open())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._run(self._inner.__aexit__(*exc))
+
+    def feed(self, frame: np.ndarray) -> None:
+        self._run(self._inner.feed(frame))
+
+    def recv(self) -> np.ndarray:
+        return self._run(self._inner.recv())
+
+    def send(self, frame: np.ndarray) -> np.ndarray:
+        return self._run(self._inner.send(frame))
+
+    def snapshot(self) -> tuple[int, str]:
+        return self._run(self._inner.snapshot())
+
+    def reset(self) -> None:
+        self._run(self._inner.reset())
+
+    def end(self) -> int:
+        return self._run(self._inner.end())
+
+    def close(self) -> None:
+        self._run(self._inner.close())

@@ -1,0 +1,146 @@
+"""The client library against a real server: HTTP calls, streams, and streams that lose their
+connection (closed by the server, reset, or cut by a network that swallows replies) and still
+hand the caller every output exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import numpy as np
+import pytest
+
+from client import AsyncClient, Client, ClientError, StreamError
+from tests.server.conftest import ServerThread, make_settings
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, tmp_path_factory):
+    settings = make_settings(model_dirs, tmp_path_factory.mktemp("client"))
+    with ServerThread(settings) as running:
+        yield running
+
+
+def signal(length: int, seed: int = 0, channels: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((length, channels)).astype(np.float32)
+
+
+def test_sync_client_models_predict_and_stream(server):
+    u = signal(40)
+    with Client(server.url) as c:
+        assert {m["name"] for m in c.models()} == {"seq", "cls"}
+        assert c.model("seq")["d_input"] == 2
+        binary = c.predict("seq", u[None]).outputs
+        as_json = c.predict("seq", u[None], binary=False)
+        np.testing.assert_allclose(binary, as_json.outputs, atol=1e-6)
+        assert binary.shape == (1, 40, 3)
+        with pytest.raises(ClientError) as err:
+            c.predict("seq", np.zeros((1, 4, 5), np.float32))
+        assert (err.value.status, err.value.code) == (400, "bad_shape")
+        with c.stream("seq") as s:
+            assert s.info["d_output"] == 3
+            got = [s.send(u[:1])] + [s.send(u[i:i + 3]) for i in range(1, 40, 3)]
+    np.testing.assert_allclose(np.concatenate(got), binary[0], atol=1e-4)
+
+
+async def test_prefill_then_stream_snapshot_reset_and_errors(server):
+    u = signal(30, seed=1)
+    async with AsyncClient(server.url) as c:
+        expected = (await c.predict("seq", u[None])).outputs[0]
+        head = await c.predict("seq", u[None, :10], return_state=True)
+        async with c.stream("seq", state=head.state[0]) as s:
+            assert s.info["samples"] == 10
+            tail = await s.send(u[10:])
+            np.testing.assert_allclose(tail, expected[10:], atol=1e-4)
+            with pytest.raises(StreamError) as err:
+                await s.send(np.array([[np.nan, 0]], np.float32))
+            assert err.value.code == "non_finite" and err.value.seq == 1
+            samples, blob = await s.snapshot()
+            assert samples == 30 and blob
+            await s.reset()
+            again = await s.send(u[:5])
+        np.testing.assert_allclose(again, expected[:5], atol=1e-4)
+        async with c.stream("seq", output="last") as s:
+            last = await s.send(u[:7])
+        np.testing.assert_allclose(last, expected[6:7], atol=1e-4)
+
+
+class Cutter:
+    """A TCP proxy between client and server that can cut the line: `blackhole()` stops
+    forwarding the server's bytes (replies in flight are lost), `cut()` resets both sides."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.swallow = False
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _link(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.links.append((writer, up_writer))
+
+        async def pipe(src, dst, down: bool) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    if not (down and self.swallow):
+                        dst.write(data)
+                        await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    def cut(self) -> None:
+        for a, b in self.links:
+            for w in (a, b):
+                w.transport.abort()
+        self.links.clear()
+        self.swallow = False
+
+    async def stop(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("lose_replies", [False, True])
+async def test_stream_survives_a_cut_line(server, lose_replies):
+    u = signal(300, seed=2)
+    async with AsyncClient(server.url) as plain:
+        expected = (await plain.predict("seq", u[None])).outputs[0]
+    cutter = Cutter(int(server.url.rsplit(":", 1)[1]))
+    url = await cutter.start()
+    got = []
+    async with AsyncClient(url) as c, c.stream("seq", checkpoint_s=0.05) as s:
+        for i in range(0, 150, 5):
+            got.append(await s.send(u[i:i + 5]))
+        await asyncio.sleep(0.06)  # a checkpoint is due with the next frame
+        cutter.swallow = lose_replies
+        for i in range(150, 200, 5):  # sent, computed, replies swallowed (or not)
+            await s.feed(u[i:i + 5])
+        await asyncio.sleep(0.3)
+        cutter.cut()
+        for i in range(200, 300, 5):
+            await s.feed(u[i:i + 5])
+        while len(got) < 60:
+            got.append(await asyncio.wait_for(s.recv(), 30))
+        assert s.reconnects >= 1
+    await cutter.stop()
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
+
+
+async def test_stream_resumes_after_the_server_closes_it(server):
+    u = signal(60, seed=3)
+    async with AsyncClient(server.url) as c:
+        expected = (await c.predict("seq", u[None])).outputs[0]
+        async with c.stream("seq") as s:
+            got = [await s.send(u[:20])]
+            token = s.info["resume_token"]
+            session = server.runtime.manager.live[token]
+            loop = server.runtime.scheduler._loop  # the server runs in its own thread
+            loop.call_soon_threadsafe(session.owner.kick, 1011, "internal")
+            await asyncio.sleep(0.3)
+            got.append(await s.send(u[20:]))
+            assert s.reconnects == 1
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
