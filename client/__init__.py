@@ -16,10 +16,12 @@ dropped connection (reconnect, resume, replay: the caller sees every output exac
 
 from client.api import AsyncClient, Client, PredictResult
 from client.errors import ClientError, StreamError
+from client.mux import AsyncMux
 from client.stream import AsyncStream, Stream
 
 __all__ = [
     "AsyncClient",
+    "AsyncMux",
     "AsyncStream",
     "Client",
     "ClientError",

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 
 from client.errors import ClientError
+from client.mux import AsyncMux
 from client.stream import AsyncStream, Stream, StreamOptions
 
 T = TypeVar("T")
@@ -111,6 +112,11 @@ class AsyncClient:
         options = StreamOptions(dtype, sample_rate, output, state, resume, reconnect,
                                 checkpoint_s, max_reconnect_s)
         return AsyncStream(self.url, model, options, self.token)
+
+
+    def mux(self, model: str) -> AsyncMux:
+        """Many sessions of `model` over one connection (`async with`)."""
+        return AsyncMux(self.url, model, self.token)
 
 
 class Client:

@@ -115,6 +115,51 @@ def predict(
 
 
 @app.command()
+def mux(
+    url: URL = "http://127.0.0.1:8000",
+    model: MODEL = "motion",
+    gateways: Annotated[int, typer.Option(help="connections, each a gateway")] = 10,
+    sessions_per_gateway: Annotated[int, typer.Option(help="sessions on each connection")] = 100,
+    rate: Annotated[float, typer.Option(help="messages per second per gateway")] = 100.0,
+    frame: Annotated[int, typer.Option(help="samples per session per message")] = 1,
+    hold: Annotated[float, typer.Option(help="seconds of load")] = 10.0,
+    drain: Annotated[float, typer.Option(help="seconds to wait for late replies")] = 10.0,
+    verify_sessions: Annotated[int, typer.Option(help="per gateway, checked by predict")] = 1,
+    allow_remote: bool = False,
+    token: Annotated[str | None, typer.Option(envvar="S4SERVE_TOKEN")] = None,
+    json_out: Path | None = None,
+) -> None:
+    """Gateways multiplexing many sessions over one connection each; every reply checked."""
+    import json
+
+    from loadtest.mux_load import MuxLoadConfig, run_mux_load
+    from loadtest.stream_load import run_loop
+
+    cfg = _build(
+        MuxLoadConfig, url=url, model=model, gateways=gateways,
+        sessions_per_gateway=sessions_per_gateway, rate=rate, frame=frame, hold_s=hold,
+        drain_s=drain, verify_sessions=verify_sessions, allow_remote=allow_remote, token=token,
+    )  # fmt: skip
+    try:
+        result = run_loop(run_mux_load(cfg))
+    except (RemoteTargetError, RuntimeError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    tp, lat = result.throughput, result.latency_ms
+    typer.echo(f"mux {cfg.gateways} gateways × {cfg.sessions_per_gateway} sessions × "
+               f"{cfg.rate:g} Hz: {tp['session_samples_per_s']:.0f} session-samples/s "
+               f"(offered {tp['offered_session_samples_per_s']:.0f}), p50 {lat['p50']} ms, "
+               f"p99 {lat['p99']} ms, lost {result.counts['lost']}, verified "
+               f"{result.verify['sessions']} sessions (max err {result.verify['max_abs_err']:.1e})"
+               f": {'ok' if result.ok else 'FAILED: ' + '; '.join(result.failures)}")
+    if json_out:
+        from dataclasses import asdict
+
+        json_out.write_text(json.dumps(asdict(result), indent=1))
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
 def echo(
     host: str = "127.0.0.1",
     port: int = 8100,

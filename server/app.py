@@ -7,14 +7,16 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import http_api, ws_api
+from server import http_api, mux_api, ws_api
 from server.errors import ServeError
 from server.handoff import Handoff
 from server.logs import context_id
@@ -25,6 +27,7 @@ from server.store import SessionStore
 from server.transport import PushProtocol
 
 log = logging.getLogger("s4serve.app")
+STATIC = Path(__file__).resolve().parent / "static"
 _JANITOR_PERIOD = 30.0
 
 
@@ -59,6 +62,13 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     app.state.runtime = runtime
     app.include_router(http_api.router)
     app.include_router(ws_api.router)
+    app.include_router(mux_api.router)
+    app.mount("/demo", StaticFiles(directory=STATIC, html=True), name="demo")
+
+    @app.get("/", include_in_schema=False)
+    async def home(request: Request) -> RedirectResponse:
+        query = request.url.query  # keeps ?token= for the demo's API calls
+        return RedirectResponse("/demo/" + (f"?{query}" if query else ""))
 
     @app.websocket("/{path:path}")
     async def unknown_websocket(websocket: WebSocket, path: str) -> None:

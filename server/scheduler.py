@@ -47,6 +47,8 @@ class Frame:
     done: int = 0  # samples computed so far
     pieces: list[np.ndarray] | None = None  # outputs of earlier pieces
     before: tuple[torch.Tensor, torch.Tensor] | None = None  # state rows before a long frame
+    entry: int = -1  # position in a multiplexed message (mux), else -1
+    piece: int = 0  # samples per round for this frame, set when it starts
 
 
 @dataclass(eq=False, slots=True)
@@ -54,6 +56,7 @@ class Control:
     kind: str  # "reset" | "snapshot" | "end" | "error"
     error: ServeError | None = None
     seq: int | None = None
+    entry: int = -1  # for a rejected frame of a multiplexed message: its position
 
 
 class Sink(Protocol):
@@ -100,7 +103,7 @@ class _ModelMetrics:
 
 class Scheduler:
     def __init__(self, metrics: Metrics, max_batch: int = 1024, tick: float = 0.0,
-                 piece: int = 64, max_queued: int = 1 << 16, max_lag: float = 1.0,
+                 piece: int = 256, max_queued: int = 1 << 16, max_lag: float = 1.0,
                  budget: float = 0.02) -> None:
         self.metrics = metrics
         self.max_batch = max_batch
@@ -236,11 +239,13 @@ class Scheduler:
             if not queue or stream.sink is None:
                 continue
             frame = queue[0]
+            size = len(frame.samples)
             if frame.done == 0:
                 frame.t = stream.samples
                 oldest = min(oldest, frame.received)
-            size = len(frame.samples)
-            length = 1 if size <= STEPPED_FRAMES else min(size - frame.done, piece)
+                # equal pieces of at most `piece` samples (short frames: one sample a round)
+                frame.piece = 1 if size <= STEPPED_FRAMES else -(-size // -(-size // piece))
+            length = min(size - frame.done, frame.piece)
             groups.setdefault((stream.pool, stream.rate, length), []).append(stream)
             taken.append(stream)
         for (pool, rate, length), members in groups.items():
@@ -331,7 +336,7 @@ class Scheduler:
         self._finish(stream)
         error = ServeError("non_finite", "inputs contain NaN or Inf, or the outputs would "
                            "not be finite; the frame was not applied")
-        stream.sink.control_done(Control("error", error, frame.seq), None)
+        stream.sink.control_done(Control("error", error, frame.seq, frame.entry), None)
 
     def _finish(self, stream: Stream) -> None:
         stream.queue.popleft()

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(300.0, gt=0, description="close a silent session after this")
     resume_ttl: float = Field(60.0, ge=0, description="keep a dropped session this long")
     session_queue: int = Field(64, ge=1, description="frames in flight per session")
+    mux_max_sessions: int = Field(1024, ge=1, description="sessions per mux connection")
+    mux_max_entries: int = Field(4096, ge=1, description="entries per mux data message")
     max_body_bytes: int = Field(64 << 20, ge=1, description="largest predict request body")
     max_batch_length: int = Field(4_000_000, ge=1, description="largest batch × length")
     max_pending_requests: int = Field(64, ge=1, description="predict requests queued")
@@ -77,8 +79,9 @@ class Settings(BaseSettings):
     )
     scheduler_max_batch: int = Field(1024, ge=1, description="sessions per batched call")
     tick_samples: int = Field(
-        64, ge=1, description="most samples of one frame computed per tick: a longer frame "
-        "takes several ticks, so one client's big frames cannot hold up the others"
+        256, ge=1, description="most samples of one frame computed per round: a longer frame "
+        "takes several rounds (equal pieces), so one client's big frames cannot hold up the "
+        "others"
     )
     max_queued_frames: int = Field(
         65536, ge=1, description="frames queued per model before new ones are answered "

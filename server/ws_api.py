@@ -27,108 +27,42 @@ from server.errors import (
     CLOSE_TRY_AGAIN,
     ServeError,
 )
-from server.models import LoadedModel
+from server.link import Link, peer_for
 from server.protocol import binary_frame, json_samples, parse_start, parse_text
 from server.runtime import Runtime
 from server.scheduler import Control, Frame
 from server.sessions import Session
-from server.transport import EXTENSION, AsgiPeer, Peer
+from server.transport import Peer
 
 log = logging.getLogger("s4serve.ws")
+OVERLOADED_MESSAGE = "the server is past capacity: frame not processed, the state is unchanged"
+# a frame's seq is %-formatted in (see _frame)
+OVERLOADED_REPLY = (
+    '{"type": "error", "code": "overloaded", "message": "' + OVERLOADED_MESSAGE + '", "seq": %d}'
+)
+
 router = APIRouter()
 
 
 @router.websocket("/v1/models/{name}/stream")
 async def stream(websocket: WebSocket, name: str) -> None:
     await websocket.accept()
-    push = websocket.scope.get("extensions", {}).get(EXTENSION)
-    peer: Peer = push["peer"] if push else AsgiPeer(websocket)
-    connection = Connection(websocket.app.state.runtime, peer, websocket)
-    if connection.admit(name):
-        peer.attach(connection)
-    await connection.finished
-    await peer.flushed()
+    await Connection(websocket.app.state.runtime, peer_for(websocket), websocket).serve(name)
 
 
-class Connection:
+class Connection(Link):
     """One client connection and, once started, its session."""
 
     def __init__(self, runtime: Runtime, peer: Peer, websocket: WebSocket) -> None:
-        self.rt = runtime
-        self.peer = peer
-        self.ws = websocket
-        self.settings = runtime.settings
-        self.model: LoadedModel | None = None
+        super().__init__(runtime, peer, websocket)
         self.session: Session | None = None
         self.seq = 0
-        self.paused = False
-        self.counted = False
         self._handoff: asyncio.Future | None = None
-        loop = asyncio.get_running_loop()
-        self.loop = loop
-        self.finished: asyncio.Future = loop.create_future()
-        self.last_seen = loop.time()
-        self._idle = loop.call_later(self.settings.idle_timeout, self._check_idle)
-
-    # ----- lifecycle ---------------------------------------------------------------------
-    def admit(self, name: str) -> bool:
-        headers, guard, rt = self.ws.headers, self.rt.guard, self.rt
-        reason = None
-        if not guard.origin_ok(headers):
-            code, reason, error = CLOSE_POLICY, "origin_not_allowed", "origin_not_allowed"
-        elif not guard.key_ok(headers, self.ws.query_params):
-            code, reason, error = CLOSE_POLICY, "unauthorized", "unauthorized"
-        elif rt.draining or not rt.ready:
-            code, error = CLOSE_TRY_AGAIN, "overloaded"
-            reason = "draining" if rt.draining else "not_ready"
-        elif name not in rt.models:
-            code, reason, error = CLOSE_POLICY, "model_not_found", "model_not_found"
-        elif rt.connections >= self.settings.max_sessions:
-            code, reason, error = CLOSE_TRY_AGAIN, "overloaded", "overloaded"
-        if reason is not None:
-            rt.error(error)
-            self._close(code, reason)
-            return False
-        self.model = rt.models[name]
-        rt.connections += 1
-        self.counted = True
-        return True
-
-    def kick(self, code: int, reason: str) -> None:
-        """Close this connection from outside (takeover, shutdown); the session stays
-        resumable: its state goes to the store now, queued work is dropped."""
-        self._let_go()
-        self._close(code, reason)
-
-    def _close(self, code: int, reason: str) -> None:
-        self.peer.close(code, reason)
-        if not self.counted:  # never admitted: nothing else will end the handler
-            self._done()
 
     def _let_go(self) -> None:
         if self.session is not None:
             session, self.session = self.session, None
             self.rt.manager.detach(session, self)
-
-    def on_disconnect(self) -> None:
-        self._let_go()
-        self._done()
-
-    def _done(self) -> None:
-        self._idle.cancel()
-        if self.counted:
-            self.counted = False
-            self.rt.connections -= 1
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-    def _check_idle(self) -> None:
-        left = self.last_seen + self.settings.idle_timeout - self.loop.time()
-        if left > 0:
-            self._idle = self.loop.call_later(left, self._check_idle)
-            return
-        self.rt.error("idle_timeout")
-        self.kick(CLOSE_POLICY, "idle_timeout")
 
     # ----- incoming ----------------------------------------------------------------------
     def on_message(self, data: bytes | str) -> None:
@@ -241,8 +175,14 @@ class Connection:
     def _frame(self, samples: np.ndarray, text: bool) -> None:
         scheduler = self.rt.scheduler
         if scheduler.overloaded(self.session.stream.pool):
-            self._reject(ServeError("overloaded", "the server is past capacity: frame not "
-                                    "processed, the state is unchanged"))
+            if self.session.stream.queue:
+                self._reject(ServeError("overloaded", OVERLOADED_MESSAGE))
+                return
+            # the common case past capacity: answered at once, and cheaply (no JSON encoding)
+            self.rt.error("overloaded")
+            self.rt.metrics.frames.labels(self.session.name, "error").inc()
+            self.peer.send_text(OVERLOADED_REPLY % self.seq)
+            self.seq += 1
             return
         self._queue(Frame(samples, self.seq, time.perf_counter(), text))
         self.seq += 1
@@ -261,9 +201,8 @@ class Connection:
     def _queue(self, item: Frame | Control) -> None:
         stream = self.session.stream
         self.rt.scheduler.submit(stream, item)
-        if not self.paused and len(stream.queue) >= self.settings.session_queue:
-            self.paused = True
-            self.peer.pause_reading()
+        if len(stream.queue) >= self.settings.session_queue:
+            self._pause()
 
     # ----- replies (scheduler sink) ------------------------------------------------------
     def frame_done(self, frame: Frame, outputs: np.ndarray) -> None:
@@ -278,8 +217,7 @@ class Connection:
         if self.paused:
             self.on_writable()
         elif not self.peer.can_write:  # the client does not read: stop reading it too
-            self.paused = True
-            self.peer.pause_reading()
+            self._pause()
 
     def frame_failed(self, frame: Frame, exc: Exception) -> None:
         self._send_error(ServeError("internal", "internal error"), frame.seq)
@@ -316,8 +254,5 @@ class Connection:
 
     def on_writable(self) -> None:
         """Resume reading once the session's queue is half drained and the socket writable."""
-        if (self.paused and self.peer.can_write and (self.session is None or
-                len(self.session.stream.queue) <= self.settings.session_queue // 2)):
-            self.paused = False
-            self.peer.resume_reading()
-
+        self._resume_if(self.session is None or
+                        len(self.session.stream.queue) <= self.settings.session_queue // 2)

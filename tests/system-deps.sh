@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The Debian packages the test suite starts for real (promtool, espeak-ng + sox for speech
-# data, Docker + debootstrap for the image smoke test). Installs what is missing when it can
+# data, Docker + debootstrap for the image smoke test, Chromium for the browser demo). Installs what is missing when it can
 # (root with apt-get); otherwise stops at once with the exact command to run.
 set -euo pipefail
 declare -A package=(
   [promtool]=prometheus [espeak-ng]=espeak-ng [sox]=sox [dockerd]=docker.io
-  [debootstrap]=debootstrap [docker-compose]=docker-compose
+  [debootstrap]=debootstrap [docker-compose]=docker-compose [chromium]=chromium
 )
 need=()
 for cmd in "${!package[@]}"; do

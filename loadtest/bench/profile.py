@@ -20,12 +20,13 @@ def py_spy() -> str | None:
 
 
 def start_profile(pid: int, duration_s: float, out: Path) -> subprocess.Popen | None:
-    """Sample `pid` for `duration_s` (non-blocking, so the server is not paused)."""
+    """Sample `pid` and its children (the workers) for `duration_s` (non-blocking, so the
+    server is not paused)."""
     binary = py_spy()
     if binary is None:
         return None
     argv = [binary, "record", "-p", str(pid), "-d", str(max(1, round(duration_s))), "-r", "100",
-            "-f", "raw", "-o", str(out), "--nonblocking"]  # fmt: skip
+            "-f", "raw", "-o", str(out), "--nonblocking", "--subprocesses"]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

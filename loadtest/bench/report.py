@@ -184,6 +184,22 @@ def _server(r: dict) -> list[str]:
                   f"samples: {tp['frames_per_s']:.0f} frames/s answered (offered "
                   f"{tp['offered_frames_per_s']:.0f}), p50 {_f(lat['p50'])} ms, p99 "
                   f"{_f(lat['p99'])} ms, all replies ok: {_yes(chunked['ok'])}."]
+    mux = r.get("mux")
+    if mux:
+        tp, lat = mux["throughput"], mux["latency_ms"]
+        lines += ["", f"### Mux: {mux['gateways']} gateway connections × "
+                  f"{mux['sessions_per_gateway']} sessions × 100 Hz", "",
+                  f"{tp['session_samples_per_s']:.0f} session-samples/s answered (offered "
+                  f"{tp['offered_session_samples_per_s']:.0f}), {mux['counts']['lost']} "
+                  f"messages lost, p50 {_f(lat['p50'])} ms, p99 {_f(lat['p99'])} ms; "
+                  f"{mux['verify']['sessions']} sessions verified against predict (max abs "
+                  f"error {mux['verify']['max_abs_err']:.1e}); all ok: {_yes(mux['ok'])}"
+                  + (f" ({'; '.join(mux['failures'])})" if mux["failures"] else "") + ".",
+                  "", "Server CPU per session-sample "
+                  f"{_f(mux['server_cpu_per_session_sample_s'] * 1e6)} µs (all workers, "
+                  "transport included) vs the served batched step in process at B="
+                  f"{mux['step_batch']}: {_f(mux['step_per_session_s'] * 1e6)} µs per "
+                  f"session: {_f(mux['cost_vs_step'], '.2f')}x."]
     drop = r.get("drop")
     if drop:
         idle = "not within 30 s" if drop["idle_s"] is None else f"{drop['idle_s']:.2f} s"
@@ -311,6 +327,15 @@ def _targets(result: dict) -> list[str]:
             p99 = entry["model"]["latency_hold_ms"]["p99"]
             rows.append(("p99 at 100 sessions × 100 Hz", "≤ 25 ms", f"{_f(p99)} ms",
                          p99 is not None and p99 <= 25))
+    mux = server.get("mux")
+    if mux:
+        p99 = mux["latency_ms"]["p99"]
+        rows.append((f"mux {mux['gateways'] * mux['sessions_per_gateway']} sessions × 100 Hz via "
+                     f"{mux['gateways']} connections", "0 lost, p99 ≤ 50 ms",
+                     f"{mux['counts']['lost']} lost, p99 {_f(p99)} ms",
+                     mux["ok"] and p99 is not None and p99 <= 50))
+        rows.append(("mux cost per session-sample vs in-process step", "≤ 2x",
+                     f"{mux['cost_vs_step']:.2f}x", mux["cost_vs_step"] <= 2))
     drop = server.get("drop")
     if drop:
         idle = drop["idle_s"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import threading
 import time
@@ -16,7 +17,9 @@ from websockets.asyncio.client import connect
 from loadtest.bench.k6_bench import run_k6
 from loadtest.bench.networks import served_model
 from loadtest.bench.profile import finish_profile, start_profile
+from loadtest.bench.timing import inner_for, time_call
 from loadtest.config import StreamLoadConfig
+from loadtest.mux_load import MuxLoadConfig, run_mux_load
 from loadtest.processes import ServerProcess
 from loadtest.stream_load import StreamResult, run_loop, run_stream_load
 from model.checkpoint import load_config
@@ -85,6 +88,9 @@ def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
                 ceiling["throughput"]["frames_per_s"], 1e-9
             )
             results["sessions"][n] = {"model": model, "echo": ceiling, "model_vs_echo": ratio}
+        gateways, per = (2, 5) if quick else (10, 100)
+        log(f"server bench: mux, {gateways} gateways × {per} sessions × 100 Hz")
+        results["mux"] = _mux(server, motion_dir, gateways, per, hold_s, workers)
         n = counts[-1]
         log(f"server bench: {n} sessions × 10 frames/s of 10 samples")
         results["chunked"] = {"sessions": n, "frame": 10, **_stream(
@@ -101,6 +107,58 @@ def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
                                log_path=logs / "s4serve-audio.log") as server:
         results["audio"] = _audio_ladder(server.url, ladder, audio_hold_s, log)
     return results
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (all workers)."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+        todo += [int(c) for c in children]
+    return total
+
+
+def _step_per_session(model_dir: Path, batch: int) -> float:
+    """Seconds per session of the served batched step, in this process, at `batch`."""
+    import torch
+
+    from server.backends.torch import TorchBackend
+
+    torch.set_num_threads(1)
+    backend = TorchBackend(model_dir, device="cpu")
+    backend.warmup()
+    flat32, flat64 = backend.layout.join(backend.initial_state(batch))
+    u = torch.zeros(batch, backend.info.d_input)
+    call = lambda: backend.step_flat(u, flat32, flat64, 1.0)  # noqa: E731
+    call()
+    return time_call(call, 5, inner_for(0.2, call)).median_s / batch
+
+
+def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s: float,
+         workers: int) -> dict:
+    cfg = MuxLoadConfig(url=server.url, model="motion", gateways=gateways,
+                        sessions_per_gateway=per, rate=100.0, hold_s=hold_s)
+    before = _cpu_seconds(server.pid)
+    result = run_loop(run_mux_load(cfg))
+    cpu = _cpu_seconds(server.pid) - before
+    samples = result.counts["messages_answered"] * per
+    batch = max(1, gateways * per // workers)
+    step = _step_per_session(model_dir, batch)
+    per_sample = cpu / max(samples, 1)
+    return {"gateways": gateways, "sessions_per_gateway": per, "ok": result.ok,
+            "failures": result.failures, "counts": result.counts,
+            "latency_ms": result.latency_ms, "throughput": result.throughput,
+            "verify": result.verify, "server_cpu_s": cpu,
+            "server_cpu_per_session_sample_s": per_sample,
+            "step_per_session_s": step, "step_batch": batch,
+            "cost_vs_step": per_sample / step}
 
 
 def _server_counts(url: str) -> tuple[float, float]:

@@ -37,6 +37,9 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path):
         assert entry["model"]["verify_max_abs_err"] <= 1e-4
     assert data["server"]["audio"]["ladder"], "the audio ladder ran at least one step"
     assert data["server"]["chunked"]["ok"], data["server"]["chunked"]["failures"]
+    mux = data["server"]["mux"]
+    assert mux["ok"], mux["failures"]
+    assert mux["verify"]["sessions"] == 2 and mux["cost_vs_step"] > 0
     drop = data["server"]["drop"]
     assert drop["idle_s"] is not None and drop["new_sessions_started"] == drop["sessions"]
     assert "### Served step" in text and "Disconnect:" in text and "## Soak" in text

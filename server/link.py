@@ -1,0 +1,112 @@
+"""What every WebSocket endpoint connection shares: admission (auth, origin, readiness,
+limits), the idle watchdog, closing, and the end of the ASGI handler."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import WebSocket
+
+from server.errors import CLOSE_POLICY, CLOSE_TRY_AGAIN
+from server.models import LoadedModel
+from server.runtime import Runtime
+from server.transport import EXTENSION, AsgiPeer, Peer
+
+
+def peer_for(websocket: WebSocket) -> Peer:
+    """The push transport when the server provides it, else the plain ASGI one."""
+    push = websocket.scope.get("extensions", {}).get(EXTENSION)
+    return push["peer"] if push else AsgiPeer(websocket)
+
+
+class Link:
+    """One accepted WebSocket; subclasses handle its messages (`transport.Handler`)."""
+
+    def __init__(self, runtime: Runtime, peer: Peer, websocket: WebSocket) -> None:
+        self.rt = runtime
+        self.peer = peer
+        self.ws = websocket
+        self.settings = runtime.settings
+        self.model: LoadedModel | None = None
+        self.counted = False
+        self.paused = False
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.finished: asyncio.Future = loop.create_future()
+        self.last_seen = loop.time()
+        self._idle = loop.call_later(self.settings.idle_timeout, self._check_idle)
+
+    async def serve(self, name: str) -> None:
+        """Admit, attach, and return when the connection is over."""
+        if self.admit(name):
+            self.peer.attach(self)
+        await self.finished
+        await self.peer.flushed()
+
+    def admit(self, name: str) -> bool:
+        headers, guard, rt = self.ws.headers, self.rt.guard, self.rt
+        reason = None
+        if not guard.origin_ok(headers):
+            code, reason, error = CLOSE_POLICY, "origin_not_allowed", "origin_not_allowed"
+        elif not guard.key_ok(headers, self.ws.query_params):
+            code, reason, error = CLOSE_POLICY, "unauthorized", "unauthorized"
+        elif rt.draining or not rt.ready:
+            code, error = CLOSE_TRY_AGAIN, "overloaded"
+            reason = "draining" if rt.draining else "not_ready"
+        elif name not in rt.models:
+            code, reason, error = CLOSE_POLICY, "model_not_found", "model_not_found"
+        elif rt.connections >= self.settings.max_sessions:
+            code, reason, error = CLOSE_TRY_AGAIN, "overloaded", "overloaded"
+        if reason is not None:
+            rt.error(error)
+            self._close(code, reason)
+            return False
+        self.model = rt.models[name]
+        rt.connections += 1
+        self.counted = True
+        return True
+
+    def kick(self, code: int, reason: str) -> None:
+        """Close from outside (takeover, shutdown); sessions stay resumable."""
+        self._let_go()
+        self._close(code, reason)
+
+    def _let_go(self) -> None:
+        """Detach this connection's sessions into the store (their queued work is dropped)."""
+
+    def _close(self, code: int, reason: str) -> None:
+        self.peer.close(code, reason)
+        if not self.counted:  # never admitted: nothing else will end the handler
+            self._done()
+
+    def on_disconnect(self) -> None:
+        self._let_go()
+        self._done()
+
+    def _done(self) -> None:
+        self._idle.cancel()
+        if self.counted:
+            self.counted = False
+            self.rt.connections -= 1
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    def _check_idle(self) -> None:
+        left = self.last_seen + self.settings.idle_timeout - self.loop.time()
+        if left > 0:
+            self._idle = self.loop.call_later(left, self._check_idle)
+            return
+        self.rt.error("idle_timeout")
+        self.kick(CLOSE_POLICY, "idle_timeout")
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.peer.pause_reading()
+
+    def _resume_if(self, drained: bool) -> None:
+        if self.paused and drained and self.peer.can_write:
+            self.paused = False
+            self.peer.resume_reading()
+
+    def on_writable(self) -> None: ...

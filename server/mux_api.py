@@ -1,0 +1,331 @@
+"""WS /v1/models/{name}/mux: many sessions of one model over one connection (format v1).
+
+Sessions are opened, reset, snapshotted, closed and ended with JSON text messages; data moves
+in binary messages that carry samples for any subset of the connection's sessions, answered by
+one binary message with each entry's outputs in the same order (docs/protocol.md). Every entry
+is queued on its own session like a stream frame, so batching, ordering, the non-finite and
+overload rules and the numbers are those of a plain stream; a bad entry is answered with a
+status for that entry alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, WebSocket
+
+from server.errors import CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_TOO_BIG, ServeError
+from server.link import Link, peer_for
+from server.protocol import WIRE_DTYPES, binary_frame, parse_start, parse_text
+from server.scheduler import Control, Frame
+from server.sessions import Session
+
+log = logging.getLogger("s4serve.mux")
+router = APIRouter()
+
+VERSION = 1
+KIND_DATA, KIND_OUTPUTS = 1, 2
+HEADER = struct.Struct("<BBHII")  # version, kind, reserved, seq, count
+ENTRY_IN = struct.Struct("<II")  # session handle, samples
+ENTRY_OUT = struct.Struct("<IHHI")  # session handle, status, reserved, rows
+STATUS = {"ok": 0, "unknown_session": 1, "bad_shape": 2, "non_finite": 3, "overloaded": 4,
+          "internal": 5, "bad_dtype": 6}
+
+
+@router.websocket("/v1/models/{name}/mux")
+async def mux(websocket: WebSocket, name: str) -> None:
+    await websocket.accept()
+    await MuxConnection(websocket.app.state.runtime, peer_for(websocket), websocket).serve(name)
+
+
+@dataclass(eq=False)
+class _Message:
+    seq: int  # the client's number for it, echoed in the reply
+    parts: list[bytes | None]
+    left: int
+
+
+@dataclass(eq=False)
+class _Handle:
+    """One session on this connection; the scheduler's sink and the session's owner."""
+
+    conn: MuxConnection
+    sid: int
+    session: Session | None = None
+    ref: Any = None
+
+    def frame_done(self, frame: Frame, outputs: np.ndarray) -> None:
+        self.conn._entry(frame.seq, frame.entry, self.sid, 0, outputs)
+
+    def frame_failed(self, frame: Frame, exc: Exception) -> None:
+        self.conn._entry(frame.seq, frame.entry, self.sid, STATUS["internal"], None)
+
+    def control_done(self, item: Control, value: Any) -> None:
+        self.conn._control_done(self, item, value)
+
+    def kick(self, code: int, reason: str) -> None:
+        """Taken over elsewhere: this session leaves the connection (told with `closed`).
+        Shutting down: the whole connection closes, every session resumable."""
+        if code == CLOSE_GOING_AWAY:
+            self.conn.kick(code, reason)
+            return
+        if self.session is not None:
+            self.conn.rt.manager.detach(self.session, self)  # no-op once taken over
+        self.conn._drop(self, reason)
+
+
+class MuxConnection(Link):
+    def __init__(self, runtime, peer, websocket) -> None:
+        super().__init__(runtime, peer, websocket)
+        self.handles = {}
+        self._next_sid = 1
+        self._messages: dict[int, _Message] = {}
+        self._order: deque[int] = deque()
+        self._next_message = 0
+        self._inflight = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    # ----- lifecycle ---------------------------------------------------------------------
+    def _let_go(self) -> None:
+        for handle in list(self.handles.values()):
+            if handle.session is not None:
+                self.rt.manager.detach(handle.session, handle)
+        self.handles.clear()
+
+    def _drop(self, handle: _Handle, reason: str) -> None:
+        if self.handles.pop(handle.sid, None) is None:
+            return
+        self.peer.send_text(json.dumps({"type": "closed", "sid": handle.sid, "reason": reason}))
+
+    # ----- incoming ----------------------------------------------------------------------
+    def on_message(self, data: bytes | str) -> None:
+        self.last_seen = self.loop.time()
+        try:
+            if len(data) > self.settings.max_frame_bytes:
+                self.rt.error("too_large")
+                self.kick(CLOSE_TOO_BIG, "frame_too_large")
+            elif type(data) is bytes:
+                self._data(data)
+            else:
+                self._text(data)
+        except Exception:
+            log.exception("mux message handling failed")
+            self.kick(CLOSE_INTERNAL, "internal")
+
+    def _text(self, data: str) -> None:
+        message: dict = {}
+        try:
+            message = parse_text(data)
+            kind = message["type"]
+            if kind == "open":
+                self._open(message)
+                return
+            if kind not in ("reset", "snapshot", "end", "close"):
+                raise ServeError("unknown_type", f"unknown message type {kind!r}")
+            handle = self.handles.get(message.get("sid"))
+            if handle is None or handle.session is None:
+                raise ServeError("unknown_session", f"no session {message.get('sid')!r} here")
+            if kind == "close":
+                session, handle.session = handle.session, None
+                self.handles.pop(handle.sid, None)
+                samples = session.stream.samples
+                self.rt.manager.detach(session, handle)
+                self.peer.send_text(json.dumps({"type": "closed", "sid": handle.sid,
+                                                "samples": samples, "reason": "close"}))
+                return
+            self._queue(handle, Control(kind))
+        except ServeError as err:
+            self.rt.error(err.code)
+            reply = err.ws_message()
+            for key in ("sid", "ref"):
+                if isinstance(message, dict) and key in message:
+                    reply[key] = message[key]
+            self.peer.send_text(json.dumps(reply))
+
+    def _open(self, message: dict) -> None:
+        ref = message.get("ref")
+        if len(self.handles) >= self.settings.mux_max_sessions:
+            raise ServeError("too_many_sessions", f"at most {self.settings.mux_max_sessions} "
+                             "sessions per connection")
+        opts = parse_start({k: v for k, v in message.items() if k != "ref"} | {"type": "start"})
+        handle = _Handle(self, self._next_sid, ref=ref)
+        manager = self.rt.manager
+        if opts.resume is not None:
+            try:
+                session, samples = manager.resume(self.model, opts.resume, handle)
+            except ServeError as err:
+                if err.code != "resume_not_found" or self.rt.handoff is None:
+                    raise
+                # maybe live on another worker; "opened" (or the error) comes when it answers
+                self._next_sid += 1
+                task = asyncio.ensure_future(self._resume_elsewhere(handle, opts.resume))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+        else:
+            if self.rt.scheduler.overloaded(self.model.pool):
+                raise ServeError("overloaded", "the server is past capacity: retry later")
+            session = manager.open(self.model, opts, handle)
+            samples = session.stream.samples
+        self._next_sid += 1
+        self._opened(handle, session, samples)
+
+    def _opened(self, handle: _Handle, session: Session, samples: int) -> None:
+        handle.session = session
+        self.handles[handle.sid] = handle
+        opened = session.started_message(samples)
+        opened.update(type="opened", sid=handle.sid, ref=handle.ref)
+        self.peer.send_text(json.dumps(opened))
+
+    async def _resume_elsewhere(self, handle: _Handle, token: str) -> None:
+        released = await self.rt.handoff.take_over(token)
+        if self.finished.done():
+            return
+        try:
+            if not released:
+                raise ServeError("resume_not_found", "unknown or expired resume token")
+            session, samples = self.rt.manager.resume(self.model, token, handle)
+            self.rt.metrics.handoffs.inc()
+        except ServeError as err:
+            self.rt.error(err.code)
+            self.peer.send_text(json.dumps({**err.ws_message(), "ref": handle.ref}))
+            return
+        self._opened(handle, session, samples)
+
+    def _data(self, data: bytes) -> None:
+        if len(data) < HEADER.size:
+            self._bad_message(0, f"a data message starts with a {HEADER.size}-byte header")
+            return
+        version, kind, _, seq, count = HEADER.unpack_from(data)
+        if version != VERSION or kind != KIND_DATA:
+            self._bad_message(seq, f"expected version {VERSION} kind {KIND_DATA}")
+            return
+        if count > self.settings.mux_max_entries:
+            self._bad_message(seq, f"at most {self.settings.mux_max_entries} entries")
+            return
+        index = self._next_message
+        self._next_message += 1
+        message = _Message(seq, [None] * count, count)
+        self._messages[index] = message
+        self._order.append(index)
+        received = time.perf_counter()
+        at, scheduler = HEADER.size, self.rt.scheduler
+        d_input = self.model.info.d_input
+        for entry in range(count):
+            if at + ENTRY_IN.size > len(data):
+                for rest in range(entry, count):
+                    self._entry(index, rest, 0, STATUS["bad_shape"], None)
+                break
+            sid, samples = ENTRY_IN.unpack_from(data, at)
+            at += ENTRY_IN.size
+            handle = self.handles.get(sid)
+            wire = WIRE_DTYPES[handle.session.dtype] if handle and handle.session else None
+            size = samples * d_input * (wire.itemsize if wire else 0)
+            if wire is None:
+                # the size of an unknown session's samples is unknown: the rest is unreadable
+                for rest in range(entry, count):
+                    self._entry(index, rest, sid, STATUS["unknown_session"], None)
+                break
+            payload = data[at:at + size]
+            at += size
+            status = self._submit(handle, index, entry, payload, samples, received, scheduler)
+            if status:
+                self._entry(index, entry, sid, status, None)
+        self._inflight += 1
+        if self._inflight >= self.settings.session_queue:
+            self._pause()
+        self._flush()
+
+    def _submit(self, handle: _Handle, index: int, entry: int, payload: bytes, samples: int,
+                received: float, scheduler) -> int:
+        session = handle.session
+        if samples == 0 or len(payload) != samples * self.model.info.d_input * (
+                WIRE_DTYPES[session.dtype].itemsize):
+            self.rt.error("bad_shape")
+            return STATUS["bad_shape"]
+        try:
+            frame = binary_frame(payload, session.dtype, self.model.info.d_input)
+        except ServeError as err:
+            self.rt.error(err.code)
+            return STATUS.get(err.code, STATUS["bad_shape"])
+        if scheduler.overloaded(session.stream.pool):
+            self.rt.error("overloaded")
+            return STATUS["overloaded"]
+        self._queue(handle, Frame(frame, index, received, False, entry=entry))
+        return 0
+
+    def _bad_message(self, seq: int, message: str) -> None:
+        """A message that cannot be read at all: one text error in its reply slot."""
+        self.rt.error("bad_request")
+        index = self._next_message
+        self._next_message += 1
+        text = json.dumps({"type": "error", "code": "bad_request", "seq": seq,
+                           "message": message})
+        self._messages[index] = _Message(seq, [text.encode()], 0)
+        self._order.append(index)
+        self._inflight += 1
+        self._flush()
+
+    def _queue(self, handle: _Handle, item: Frame | Control) -> None:
+        stream = handle.session.stream
+        if type(item) is Control and not stream.queue:
+            self.rt.scheduler.apply(stream, item)
+        else:
+            self.rt.scheduler.submit(stream, item)
+
+    # ----- replies -----------------------------------------------------------------------
+    def _entry(self, index: int, entry: int, sid: int, status: int,
+               outputs: np.ndarray | None) -> None:
+        message = self._messages.get(index)
+        if message is None or message.parts[entry] is not None:
+            return
+        rows = 0 if outputs is None else len(outputs)
+        part = ENTRY_OUT.pack(sid, status, 0, rows)
+        message.parts[entry] = part if outputs is None else part + outputs.tobytes()
+        message.left -= 1
+        if message.left == 0 and self._order and self._order[0] == index:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send every finished message at the head of the order."""
+        order = self._order
+        while order and self._messages[order[0]].left == 0:
+            message = self._messages.pop(order.popleft())
+            self._inflight -= 1
+            if message.parts and message.parts[0][:1] == b"{":
+                self.peer.send_text(message.parts[0].decode())
+                continue
+            head = HEADER.pack(VERSION, KIND_OUTPUTS, 0, message.seq, len(message.parts))
+            self.peer.send_bytes(head + b"".join(message.parts))
+        self._resume_if(self._inflight <= self.settings.session_queue // 2)
+        if not self.paused and not self.peer.can_write:
+            self._pause()
+
+    def _control_done(self, handle: _Handle, item: Control, value: Any) -> None:
+        if item.kind == "error":  # a rejected entry (non-finite outputs, say)
+            self._entry(item.seq, item.entry, handle.sid,
+                        STATUS.get(item.error.code, STATUS["internal"]), None)
+            return
+        session, sid = handle.session, handle.sid
+        if item.kind == "reset":
+            reply = {"type": "reset", "sid": sid, "samples": 0}
+        elif item.kind == "snapshot":
+            samples, arrays = value
+            reply = {"type": "snapshot", "sid": sid, "samples": samples,
+                     "state": self.rt.manager.blob(session, samples, arrays)}
+        else:  # end
+            handle.session = None
+            self.handles.pop(sid, None)
+            reply = {"type": "end", "sid": sid, "samples": self.rt.manager.end(session)}
+        self.peer.send_text(json.dumps(reply))
+
+    def on_writable(self) -> None:
+        self._resume_if(self._inflight <= self.settings.session_queue // 2)

@@ -1,0 +1,132 @@
+"""WS /v1/models/{name}/mux over real sockets: many sessions on one connection with the
+numbers of dedicated streams, per-entry errors that leave every state alone, resume across
+mux and plain streams, limits, auth."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import websockets
+
+from client import AsyncClient, StreamError
+from client.mux import HEADER, encode_data
+from tests.server.client import connect, predict, start, stream_binary
+from tests.server.conftest import ServerThread, make_settings
+
+
+def signal(length: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((length, 2)).astype(np.float32)
+
+
+async def test_sessions_on_one_connection_equal_their_own_streams(server):
+    inputs = [signal(40, seed) for seed in range(5)]
+    expected = [np.array(predict(server.url, "seq", u[None])["outputs"])[0] for u in inputs]
+    got: list[list[np.ndarray]] = [[] for _ in inputs]
+    async with AsyncClient(server.url) as c, c.mux("seq") as m:
+        sids = [await m.open() for _ in inputs]
+        assert len(set(sids)) == 5 and m.sessions[sids[0]]["d_output"] == 3
+        at = [0] * 5
+        rng = np.random.default_rng(0)
+        while min(at) < 40:
+            frames = {}
+            for i, sid in enumerate(sids):  # any subset, any frame length, per message
+                if at[i] < 40 and rng.random() < 0.7:
+                    size = int(rng.integers(1, 9))
+                    frames[sid] = inputs[i][at[i]:at[i] + size]
+                    at[i] += len(frames[sid])
+            replies = await m.send(frames)
+            assert list(replies) == list(frames)  # same order
+            for i, sid in enumerate(sids):
+                if sid in replies:
+                    got[i].append(replies[sid])
+        samples, blob = await m.snapshot(sids[0])
+        assert samples == 40 and blob
+        assert await m.end(sids[1]) == 40
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_allclose(np.concatenate(have), want, atol=1e-4)
+
+
+async def test_bad_entries_are_rejected_alone(server):
+    u = signal(6, 7)
+    expected = np.array(predict(server.url, "seq", u[None])["outputs"])[0]
+    async with AsyncClient(server.url) as c, c.mux("seq") as m:
+        a, b = await m.open(), await m.open()
+        first = await m.send({a: u[:3], b: np.array([[np.nan, 0.0]], np.float32)})
+        assert first[a].shape == (3, 3)
+        assert isinstance(first[b], StreamError) and first[b].code == "non_finite"
+        overflow = await m.send({b: np.full((5, 2), 3e38, np.float32), a: u[3:]})
+        assert overflow[b].code == "non_finite" and overflow[a].shape == (3, 3)
+        unknown = await m.send_raw([(a, b"", 0), (999, b"\0" * 8, 1)])
+        assert unknown[0][1].code == "bad_shape" and unknown[1][1].code == "unknown_session"
+        assert (await m.snapshot(b))[0] == 0  # every rejected entry left b alone
+        samples, _ = await m.snapshot(a)
+        assert samples == 6
+        np.testing.assert_allclose(np.concatenate([first[a], overflow[a]]), expected,
+                                   atol=1e-4)
+
+
+async def test_mux_sessions_resume_on_streams_and_muxes(server):
+    u = signal(30, 9)
+    expected = np.array(predict(server.url, "seq", u[None])["outputs"])[0]
+    async with AsyncClient(server.url) as c:
+        async with c.mux("seq") as m:
+            a, b = await m.open(), await m.open()
+            tokens = {sid: m.sessions[sid]["resume_token"] for sid in (a, b)}
+            head = await m.send({a: u[:10], b: u[:20]})
+            assert await m.detach(a) == 10
+        # a: detached on purpose, resumed on a plain stream; b: its connection just went away
+        async with await connect(server.ws_url, "seq") as ws:
+            assert (await start(ws, resume=tokens[a]))["samples"] == 10
+            tail_a = await stream_binary(ws, [u[10:]], 3)
+        async with c.mux("seq") as m:
+            b2 = await m.open(resume=tokens[b])
+            assert m.sessions[b2]["samples"] == 20
+            tail_b = (await m.send({b2: u[20:]}))[b2]
+    np.testing.assert_allclose(np.concatenate([head[a], tail_a]), expected, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate([head[b], tail_b]), expected, atol=1e-4)
+
+
+async def test_a_stream_takes_a_session_over_from_a_mux(server):
+    async with AsyncClient(server.url) as c, c.mux("seq") as m:
+        a, b = await m.open(), await m.open()
+        await m.send({a: signal(4, 1), b: signal(4, 2)})
+        async with await connect(server.ws_url, "seq") as ws:
+            started = await start(ws, resume=m.sessions[a]["resume_token"])
+            assert started["samples"] == 4
+            replies = await m.send({b: signal(2, 3)})  # the mux and its other session go on
+            assert replies[b].shape == (2, 3)
+        assert m._closed_sessions == {a: "resumed_elsewhere"}
+
+
+@pytest.fixture(scope="module")
+def small(model_dirs, tmp_path_factory):
+    settings = make_settings(model_dirs, tmp_path_factory.mktemp("mux"), mux_max_sessions=2,
+                             mux_max_entries=3, api_keys=["k"])
+    with ServerThread(settings) as running:
+        yield running
+
+
+async def test_limits_and_auth(small):
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        async with websockets.connect(small.ws_url + "/v1/models/seq/mux") as ws:
+            await ws.recv()
+    assert closed.value.rcvd.code == 1008
+    async with AsyncClient(small.url, token="k") as c, c.mux("seq") as m:
+        await m.open()
+        await m.open()
+        with pytest.raises(StreamError) as err:
+            await m.open()
+        assert err.value.code == "too_many_sessions"
+        with pytest.raises(StreamError) as err:
+            await m.send_raw([(1, b"\0" * 8, 1)] * 4)
+        assert err.value.code == "bad_request"
+    key = {"Authorization": "Bearer k"}
+    async with websockets.connect(small.ws_url + "/v1/models/seq/mux",
+                                  additional_headers=key) as ws:
+        await ws.send(struct.pack("<BB", 9, 9))  # not even a header
+        assert json.loads(await ws.recv())["code"] == "bad_request"
+        await ws.send(encode_data(5, []))  # and the connection goes on
+        assert HEADER.unpack_from(await ws.recv())[3] == 5
