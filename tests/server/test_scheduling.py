@@ -80,7 +80,7 @@ async def test_overload_is_answered_in_the_frames_reply_slot(tight):
 
 
 async def test_big_frames_do_not_hold_up_small_ones(server):
-    big = np.zeros((3000, 2), "<f4").tobytes()
+    big = np.zeros((20000, 2), "<f4").tobytes()  # 79 rounds each
     async with await connect(server.ws_url, "seq") as heavy, \
             await connect(server.ws_url, "seq") as light:
         await start(heavy)
