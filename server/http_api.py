@@ -174,6 +174,10 @@ async def _run_predict(rt: Runtime, model: LoadedModel, req: PredictRequest, npy
         y, end_state, seconds = await loop.run_in_executor(rt.predict_executor, compute)
     finally:
         rt.pending_requests -= 1
+    if not np.isfinite(y).all() or (end_state is not None and not all(
+            np.isfinite(t).all() for t in end_state)):
+        # finite inputs near float32's limit can overflow inside the network
+        raise ServeError("non_finite", "the outputs would not be finite (inputs too large?)")
     info = model.info
     rt.metrics.conv_seconds.labels(info.name).observe(seconds)
     rt.metrics.samples.labels(info.name, "batch").inc(batch * length)

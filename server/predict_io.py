@@ -57,10 +57,13 @@ def parse_json(body: bytes, d_input: int) -> PredictRequest:
 
 
 def parse_npy(body: bytes, query: dict[str, str], d_input: int) -> PredictRequest:
+    stream = io.BytesIO(body)
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
+        array = np.load(stream, allow_pickle=False)
     except Exception as exc:  # numpy raises several types for malformed files
         raise ServeError("bad_request", f"body is not a readable .npy file: {exc}") from exc
+    if stream.tell() != len(body):
+        raise ServeError("bad_request", f"{len(body) - stream.tell()} bytes after the .npy array")
     if array.dtype not in (np.float32, np.float64, np.int16):
         raise ServeError(
             "bad_dtype", f"npy dtype must be float32, float64 or int16, not {array.dtype}"

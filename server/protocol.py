@@ -29,8 +29,8 @@ def parse_text(text: str) -> dict[str, Any]:
     """A client text message: a JSON object with a string `type`."""
     try:
         message = json.loads(text)
-    except ValueError as exc:
-        raise ServeError("bad_request", f"message is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise ServeError("bad_request", f"message is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(message, dict):
         raise ServeError("bad_request", "message must be a JSON object")
     if not isinstance(message.get("type"), str):
@@ -43,10 +43,10 @@ def parse_start(message: dict[str, Any]) -> StartOptions:
     if unknown:
         raise ServeError("bad_request", f"unknown start fields: {sorted(unknown)}")
     dtype = message.get("dtype") or "float32"
-    if dtype not in WIRE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
         raise ServeError("bad_dtype", f"dtype must be one of {sorted(WIRE_DTYPES)}")
     output = message.get("output") or "every"
-    if output not in OUTPUT_MODES:
+    if not isinstance(output, str) or output not in OUTPUT_MODES:
         raise ServeError("bad_request", f"output must be one of {list(OUTPUT_MODES)}")
     for key in ("state", "resume"):
         if message.get(key) is not None and not isinstance(message[key], str):
@@ -104,10 +104,22 @@ def to_float_array(data: Any) -> np.ndarray:
     except ValueError as exc:
         raise ServeError("bad_shape", "arrays must be rectangular (equal-length rows)") from exc
     if array.dtype == object:
-        raise ServeError("bad_shape", "arrays must be rectangular (equal-length rows)")
+        if all(isinstance(x, list | int | float) and not isinstance(x, bool)
+               for x in _leaves(data)):
+            raise ServeError("bad_shape", "arrays must be rectangular (equal-length rows)")
+        raise ServeError("bad_dtype", "arrays must hold numbers")
     if array.dtype.kind not in "iuf":
         raise ServeError("bad_dtype", "arrays must hold numbers")
     return array.astype(np.float64)
+
+
+def _leaves(data: Any, depth: int = 0):
+    """The non-list items of nested lists (for the error code of an object array)."""
+    if isinstance(data, list) and depth < 64:
+        for item in data:
+            yield from _leaves(item, depth + 1)
+    else:
+        yield data
 
 
 def finite_float32(array: np.ndarray, scale: float = 1.0) -> np.ndarray:

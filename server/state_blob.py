@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -91,7 +92,8 @@ def decode_state(blob: object) -> StateRecord:
         return _parse(raw)
     except ServeError:
         raise
-    except (ValueError, KeyError, TypeError, struct.error) as exc:
+    except (ValueError, KeyError, TypeError, struct.error, OverflowError,
+            RecursionError) as exc:
         raise ServeError("bad_state", f"state record is malformed: {exc}") from exc
 
 
@@ -105,6 +107,8 @@ def _parse(raw: bytes) -> StateRecord:
         raise ServeError("bad_state", f"state record format {version} is not supported")
     head_end = _PREFIX.size + head_len
     header = json.loads(raw[_PREFIX.size : head_end].decode())
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise ServeError("bad_state", "state record header is malformed")
     offset = head_end
     names: list[str] = []
     tensors: list[np.ndarray] = []
@@ -113,23 +117,34 @@ def _parse(raw: bytes) -> StateRecord:
         if dtype_name not in _ALLOWED_DTYPES:
             raise ServeError("bad_state", f"state tensor dtype {dtype_name!r} is not supported")
         dtype = np.dtype(dtype_name).newbyteorder("<")
-        shape = tuple(int(n) for n in entry["shape"])
-        if any(n < 0 for n in shape):
-            raise ServeError("bad_state", "state tensor has a negative dimension")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        shape = entry["shape"]
+        # every field's type and range is checked before anything is allocated
+        if not isinstance(shape, list) or len(shape) > 8 or not all(
+                type(n) is int and 0 <= n < 1 << 31 for n in shape):
+            raise ServeError("bad_state", "state tensor shape must be a short list of small "
+                             "non-negative integers")
+        shape = tuple(shape)
+        nbytes = math.prod(shape) * dtype.itemsize
         if offset + nbytes > len(raw):
             raise ServeError("bad_state", "state record is truncated")
         array = np.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise ServeError("bad_state", "state tensor holds NaN or Inf")
         tensors.append(array.reshape(shape).astype(dtype.newbyteorder("="), copy=True))
         names.append(str(entry["name"]))
         offset += nbytes
     if offset != len(raw):
         raise ServeError("bad_state", "state record has trailing bytes")
-    rate = header.get("sample_rate")
+    rate, samples = header.get("sample_rate"), header.get("samples")
+    if type(samples) is not int or not 0 <= samples < 1 << 62:
+        raise ServeError("bad_state", "state record's samples must be a non-negative integer")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)
+                             or not 0 < rate < float("inf")):
+        raise ServeError("bad_state", "state record's sample_rate must be a positive number")
     return StateRecord(
         model=str(header["model"]),
         version=str(header["version"]),
-        samples=int(header["samples"]),
+        samples=samples,
         tensors=tensors,
         names=names,
         sample_rate=None if rate is None else float(rate),

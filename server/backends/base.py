@@ -21,6 +21,10 @@ from model.fused import StateLayout
 from server.errors import ServeError
 from server.state_blob import TensorSpec
 
+# How far a client's sample rate may be from the model's: dt scales by the ratio, and far
+# outside this range the discretisation under- or overflows (e.g. 1 Hz for a 16 kHz model).
+RATE_RANGE = 16.0
+
 # backend name -> "module:class"; a new runtime adds one line here.
 _REGISTRY = {
     "torch": "server.backends.torch:TorchBackend",
@@ -143,7 +147,13 @@ class ModelBackend(ABC):
             raise ServeError(
                 "bad_request", f"model {self.info.name!r} has no sample rate; omit sample_rate"
             )
-        return float(sample_rate) / float(model_rate)
+        rate = float(sample_rate) / float(model_rate)
+        if not 1 / RATE_RANGE <= rate <= RATE_RANGE:
+            raise ServeError(
+                "bad_request", f"sample_rate must be within {RATE_RANGE}x of the model's "
+                f"{model_rate:g} Hz: {model_rate / RATE_RANGE:g} to {model_rate * RATE_RANGE:g}"
+            )
+        return rate
 
 
 def load_backend(kind: str, model_dir: Path, device: str, max_rates: int = 8,
