@@ -5,6 +5,7 @@ are rejected whole, and the plain ASGI transport gives the same answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -142,3 +143,43 @@ def test_plain_asgi_transport_gives_the_same_answers(model_dirs, tmp_path):
             ws.send_text(json.dumps({"type": "end"}))
             assert json.loads(ws.receive_text()) == {"type": "end", "samples": 12}
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
+
+
+async def test_clients_that_never_read_do_not_hurt_the_others(server):
+    """20 clients flood and never read their replies; 3 normal clients beside them keep
+    every reply and their keepalive pings (every 0.2 s, 1 s timeout) are answered."""
+    frame = np.zeros((64, 2), "<f4").tobytes()
+    hogs = []
+    for _ in range(20):
+        ws = await connect(server.ws_url, "seq", max_queue=1, ping_interval=None)
+        await start(ws)
+        hogs.append(ws)
+
+    async def flood(ws) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                await ws.send(frame)
+
+    floods = [asyncio.create_task(flood(ws)) for ws in hogs]
+    u = np.random.default_rng(8).standard_normal((150, 2)).astype(np.float32)
+    expected = np.array(predict(server.url, "seq", u[None])["outputs"])[0]
+
+    async def normal() -> np.ndarray:
+        async with await connect(server.ws_url, "seq", ping_interval=0.2,
+                                 ping_timeout=1.0) as ws:
+            await start(ws)
+            out = []
+            for row in u:
+                out.append(await stream_binary(ws, [row[None]], 3))
+                await asyncio.sleep(0.01)
+            return np.concatenate(out)
+
+    try:
+        results = await asyncio.gather(*(normal() for _ in range(3)))
+    finally:
+        for task in floods:
+            task.cancel()
+        for ws in hogs:
+            ws.transport.abort()
+    for got in results:
+        np.testing.assert_allclose(got, expected, atol=1e-4)
