@@ -3,7 +3,7 @@
 Both graphs use real arithmetic only: the recurrent state is already split into float32 real and
 imaginary tensors (model/recurrent.py), and the chunk graph is traced on the Toeplitz form of the
 causal convolution instead of the FFT (complex tensors do not export with a dynamic batch, see
-../shared/REFERENCE.md). Discretisation happens at export time, so a graph serves one `rate`.
+docs/onnx.md). Discretisation happens at export time, so a graph serves one `rate`.
 
 Files written into `out_dir`:
     step.onnx        samples (B, d_input), state...     -> outputs (B, d_output), next.state...

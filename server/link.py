@@ -4,13 +4,16 @@ limits), the idle watchdog, closing, and the end of the ASGI handler."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import WebSocket
 
-from server.errors import CLOSE_POLICY, CLOSE_TRY_AGAIN
+from server.errors import CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN
 from server.models import LoadedModel
 from server.runtime import Runtime
 from server.transport import EXTENSION, AsgiPeer, Peer
+
+log = logging.getLogger("s4serve.ws")
 
 
 def peer_for(websocket: WebSocket) -> Peer:
@@ -65,6 +68,22 @@ class Link:
         rt.connections += 1
         self.counted = True
         return True
+
+    def on_message(self, data: bytes | str) -> None:
+        """A client message: size limit and fault isolation here, the rest in `_handle`."""
+        self.last_seen = self.loop.time()
+        try:
+            if len(data) > self.settings.max_frame_bytes:  # uvicorn's ws_max_size stops it first
+                self.rt.error("too_large")
+                self.kick(CLOSE_TOO_BIG, "frame_too_large")
+            else:
+                self._handle(data)
+        except Exception:
+            log.exception("%s message handling failed", type(self).__name__)
+            self.kick(CLOSE_INTERNAL, "internal")
+
+    def _handle(self, data: bytes | str) -> None:
+        raise NotImplementedError
 
     def kick(self, code: int, reason: str) -> None:
         """Close from outside (takeover, shutdown); sessions stay resumable."""

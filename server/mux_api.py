@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import struct
 import time
 from collections import deque
@@ -22,13 +21,12 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, WebSocket
 
-from server.errors import CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_TOO_BIG, ServeError
+from server.errors import CLOSE_GOING_AWAY, ServeError
 from server.link import Link, peer_for
 from server.protocol import WIRE_DTYPES, binary_frame, parse_start, parse_text
 from server.scheduler import Control, Frame
 from server.sessions import Session
 
-log = logging.getLogger("s4serve.mux")
 router = APIRouter()
 
 VERSION = 1
@@ -106,19 +104,11 @@ class MuxConnection(Link):
         self.peer.send_text(json.dumps({"type": "closed", "sid": handle.sid, "reason": reason}))
 
     # ----- incoming ----------------------------------------------------------------------
-    def on_message(self, data: bytes | str) -> None:
-        self.last_seen = self.loop.time()
-        try:
-            if len(data) > self.settings.max_frame_bytes:
-                self.rt.error("too_large")
-                self.kick(CLOSE_TOO_BIG, "frame_too_large")
-            elif type(data) is bytes:
-                self._data(data)
-            else:
-                self._text(data)
-        except Exception:
-            log.exception("mux message handling failed")
-            self.kick(CLOSE_INTERNAL, "internal")
+    def _handle(self, data: bytes | str) -> None:
+        if type(data) is bytes:
+            self._data(data)
+        else:
+            self._text(data)
 
     def _text(self, data: str) -> None:
         message: dict = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from typing import Any
 
@@ -23,7 +22,6 @@ from server.errors import (
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
-    CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
     ServeError,
 )
@@ -34,7 +32,6 @@ from server.scheduler import Control, Frame
 from server.sessions import Session
 from server.transport import Peer
 
-log = logging.getLogger("s4serve.ws")
 OVERLOADED_MESSAGE = "the server is past capacity: frame not processed, the state is unchanged"
 # a frame's seq is %-formatted in (see _frame)
 OVERLOADED_REPLY = (
@@ -65,21 +62,13 @@ class Connection(Link):
             self.rt.manager.detach(session, self)
 
     # ----- incoming ----------------------------------------------------------------------
-    def on_message(self, data: bytes | str) -> None:
-        self.last_seen = self.loop.time()
-        try:
-            if len(data) > self.settings.max_frame_bytes:  # uvicorn's ws_max_size stops it first
-                self.rt.error("too_large")
-                self.kick(CLOSE_TOO_BIG, "frame_too_large")
-            elif self.session is None:
-                self._before_start(data)
-            elif type(data) is bytes:
-                self._binary(data)
-            else:
-                self._text(data)
-        except Exception:
-            log.exception("stream message handling failed")
-            self.kick(CLOSE_INTERNAL, "internal")
+    def _handle(self, data: bytes | str) -> None:
+        if self.session is None:
+            self._before_start(data)
+        elif type(data) is bytes:
+            self._binary(data)
+        else:
+            self._text(data)
 
     def _before_start(self, data: bytes | str) -> None:
         try:

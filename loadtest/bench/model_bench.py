@@ -10,7 +10,8 @@ from model.fused import FusedStep, StateLayout, inductor_available
 from model.network import S4Network
 from model.reference import reference_outputs
 
-# Official per-layer anchors (../shared/REFERENCE.md), seconds.
+# Official per-layer anchors (the state-spaces/s4 code on this machine, 1 thread; BENCHMARKS.md
+# states them with the results), seconds.
 STEP_ANCHOR_S = {"s4d": 500e-6, "s4": 2.04e-3}  # S4D step; S4 Woodbury ("linear") step, B=1
 CONV_ANCHOR_S = {"s4d": 7.4, "s4": 5.4}  # block forward at L=16000
 ACCURACY_GOAL = {"s4d": 1e-4, "s4": 2e-4}
