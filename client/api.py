@@ -50,11 +50,12 @@ class AsyncClient:
     """`async with AsyncClient(url, token=...) as c`: models(), model(), predict(), stream()."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, max_connections: int = 100) -> None:
         self.url = url.rstrip("/")
         self.token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout,
+                                       limits=httpx.Limits(max_connections=max_connections))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -106,11 +107,11 @@ class AsyncClient:
     def stream(self, model: str, *, dtype: str = "float32", sample_rate: float | None = None,
                output: str = "every", state: str | None = None, resume: str | None = None,
                reconnect: bool = True, checkpoint_s: float = 2.0,
-               max_reconnect_s: float = 60.0) -> AsyncStream:
+               max_reconnect_s: float = 60.0, frames: str = "binary") -> AsyncStream:
         """A streaming session (`async with`). With `reconnect`, a dropped connection is
         resumed with backoff and the frames the server has not applied are replayed."""
         options = StreamOptions(dtype, sample_rate, output, state, resume, reconnect,
-                                checkpoint_s, max_reconnect_s)
+                                checkpoint_s, max_reconnect_s, frames)
         return AsyncStream(self.url, model, options, self.token)
 
 

@@ -14,6 +14,8 @@ class ClientError(Exception):
 class StreamError(Exception):
     """A stream error: a rejected frame (`seq` set; the session goes on) or a closed session."""
 
-    def __init__(self, code: str, message: str, seq: int | None = None) -> None:
+    def __init__(self, code: str, message: str, seq: int | None = None,
+                 close_code: int | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.seq = code, message, seq
+        self.close_code = close_code  # the WebSocket close code, when code == "closed"

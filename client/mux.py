@@ -20,42 +20,20 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from client import wire
 from client.errors import StreamError
-
-VERSION, KIND_DATA, KIND_OUTPUTS = 1, 1, 2
-HEADER = struct.Struct("<BBHII")  # version, kind, reserved, seq, count
-ENTRY_IN = struct.Struct("<II")  # session, samples
-ENTRY_OUT = struct.Struct("<IHHI")  # session, status, reserved, rows
-STATUS_CODES = {1: "unknown_session", 2: "bad_shape", 3: "non_finite", 4: "overloaded",
-                5: "internal", 6: "bad_dtype"}
-_WIRE = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}
-
-
-def encode_data(seq: int, entries: list[tuple[int, bytes, int]]) -> bytes:
-    """A data message: (session, payload bytes, samples) per entry."""
-    parts = [HEADER.pack(VERSION, KIND_DATA, 0, seq, len(entries))]
-    for sid, payload, samples in entries:
-        parts += [ENTRY_IN.pack(sid, samples), payload]
-    return b"".join(parts)
+from client.wire import STATUS_CODES, WIRE_DTYPES, encode_data
 
 
 def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, Any]]]:
     """(seq, [(session, outputs array or StreamError), ...]) from an outputs message."""
-    version, kind, _, seq, count = HEADER.unpack_from(data)
-    if version != VERSION or kind != KIND_OUTPUTS:
-        raise StreamError("bad_reply", f"unexpected mux message version {version} kind {kind}")
-    at, out = HEADER.size, []
-    for _ in range(count):
-        sid, status, _, rows = ENTRY_OUT.unpack_from(data, at)
-        at += ENTRY_OUT.size
-        if status:
-            out.append((sid, StreamError(STATUS_CODES.get(status, f"status_{status}"),
-                                         "entry rejected; its session is unchanged")))
-            continue
-        size = rows * d_output * 4
-        out.append((sid, np.frombuffer(data, "<f4", rows * d_output, at).reshape(rows, d_output)))
-        at += size
-    return seq, out
+    try:
+        seq, entries = wire.decode_outputs(data, d_output)
+    except (ValueError, struct.error) as exc:
+        raise StreamError("bad_reply", str(exc)) from None
+    return seq, [(sid, values if status == 0 else StreamError(
+        STATUS_CODES.get(status, f"status_{status}"), "entry rejected; its session is unchanged"))
+        for sid, status, values in entries]
 
 
 class AsyncMux:
@@ -106,7 +84,7 @@ class AsyncMux:
         entries = []
         for sid, frame in frames.items():
             info = self.sessions.get(sid, {"dtype": "float32"})
-            payload = np.ascontiguousarray(frame, dtype=_WIRE[info["dtype"]])
+            payload = np.ascontiguousarray(frame, dtype=WIRE_DTYPES[info["dtype"]])
             entries.append((sid, payload.tobytes(), len(payload)))
         replies = await self.send_raw(entries)
         return dict(replies)

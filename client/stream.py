@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from client.errors import StreamError
+from client.wire import RETRY_CLOSE_CODES, WIRE_DTYPES, encode_frame, json_frame, start_message
 
-_WIRE = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}
-_RETRY_CODES = {1001, 1005, 1006, 1011, 1012, 1013}  # shutdown, lost, internal, try again
 _BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
 
 
@@ -42,14 +41,18 @@ class StreamOptions:
     reconnect: bool = True
     checkpoint_s: float = 2.0
     max_reconnect_s: float = 60.0
+    frames: str = "binary"  # or "json": `samples` text frames, answered with JSON outputs
+    open_timeout: float = 30.0
+    ping_interval: float | None = 20.0  # websockets' keepalive; None turns it off
 
 
 @dataclass(eq=False)
 class _Frame:
     t: int  # session index of the first sample
     rows: int
-    data: bytes
+    data: bytes | str
     deliver: bool = True  # False: a replay whose outputs the caller already has
+    seq: int = 0  # the server's number for it: frames sent on this connection before it
 
 
 @dataclass(eq=False)
@@ -69,6 +72,7 @@ class AsyncStream:
         self.token = token
         self.info: dict[str, Any] = {}
         self.reconnects = 0
+        self.stray_replies = 0  # messages that answered nothing we sent (a server bug)
         self._ws: ClientConnection | None = None
         self._pending: deque[_Frame | _Control] = deque()  # sent, reply not yet received
         self._kept: deque[_Frame] = deque()  # answered frames since the recovery point
@@ -81,6 +85,7 @@ class AsyncStream:
         self._ended = False
         self._failed: StreamError | None = None
         self._last_checkpoint = time.monotonic()
+        self._seq = 0  # frames sent on the current connection
 
     # ----- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> AsyncStream:
@@ -119,10 +124,17 @@ class AsyncStream:
         return self._sent
 
     # ----- what callers use ------------------------------------------------------------
-    async def feed(self, frame: np.ndarray) -> None:
-        """Send one frame (T × d_input samples); its outputs come from recv(), in order."""
-        data = np.ascontiguousarray(frame, dtype=_WIRE[self.options.dtype]).tobytes()
-        rows = len(data) // (self.info["d_input"] * _WIRE[self.options.dtype].itemsize)
+    async def feed(self, frame: np.ndarray | bytes) -> None:
+        """Send one frame (T × d_input samples, or bytes already in the wire dtype); its
+        outputs come from recv(), in order."""
+        opts = self.options
+        if opts.frames == "json":
+            block = np.asarray(frame, dtype=np.float32).reshape(-1, self.info["d_input"])
+            data: bytes | str = json_frame(block)
+            rows = len(block)
+        else:
+            data = frame if isinstance(frame, bytes) else encode_frame(frame, opts.dtype)
+            rows = len(data) // (self.info["d_input"] * WIRE_DTYPES[opts.dtype].itemsize)
         await self._ready()
         entry = _Frame(self._sent, rows, data)
         self._sent += rows
@@ -174,6 +186,8 @@ class AsyncStream:
         return await future
 
     async def _send(self, entry: _Frame | _Control, payload: bytes | str) -> None:
+        if isinstance(entry, _Frame):
+            entry.seq, self._seq = self._seq, self._seq + 1
         self._pending.append(entry)
         # a failed send is not an error: the reader sees the drop and recovery re-sends
         with contextlib.suppress(ConnectionClosed):
@@ -182,17 +196,21 @@ class AsyncStream:
     async def _connect(self, state: str | None = None,
                        resume: str | None = None) -> tuple[ClientConnection, dict]:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        ws = await connect(self.ws_url, max_size=None, additional_headers=headers)
         opts = self.options
-        start: dict[str, Any] = {"type": "start", "dtype": opts.dtype, "output": opts.output}
-        if opts.sample_rate is not None:
-            start["sample_rate"] = opts.sample_rate
-        if resume is not None:
-            start["resume"] = resume
-        elif state is not None:
-            start["state"] = state
-        await ws.send(json.dumps(start))
-        reply = json.loads(await ws.recv())
+        try:
+            ws = await connect(self.ws_url, max_size=None, additional_headers=headers,
+                               compression=None, open_timeout=opts.open_timeout,
+                               ping_interval=opts.ping_interval, close_timeout=2)
+        except InvalidStatus as exc:  # refused before the upgrade (auth, Origin, no route)
+            status = exc.response.status_code
+            raise StreamError(f"http_{status}", f"the server answered HTTP {status}") from None
+        await ws.send(start_message(opts.dtype, opts.output, opts.sample_rate, state, resume))
+        try:
+            async with asyncio.timeout(opts.open_timeout):
+                reply = json.loads(await ws.recv())
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else 1006
+            raise StreamError("closed", f"{code} before started", close_code=code) from None
         if reply.get("type") != "started":
             await ws.close()
             raise StreamError(reply.get("code", "bad_reply"), reply.get("message", str(reply)))
@@ -208,9 +226,9 @@ class AsyncStream:
             if self._ended:
                 return
             code = self._ws.close_code
-            if not self.options.reconnect or code not in _RETRY_CODES | {None}:
+            if not self.options.reconnect or code not in RETRY_CLOSE_CODES | {None}:
                 reason = self._ws.close_reason or "connection closed"
-                self._fail(StreamError("closed", f"{code} {reason}"))
+                self._fail(StreamError("closed", f"{code} {reason}", close_code=code))
                 return
             try:
                 await self._recover()
@@ -229,18 +247,23 @@ class AsyncStream:
 
     def _on_reply(self, message: bytes | str) -> None:
         if not self._pending:  # nothing asked for this: not a reply of ours
+            self.stray_replies += 1
             return
         entry = self._pending.popleft()
         if isinstance(message, bytes):
-            self._received = entry.t + entry.rows
-            if self.options.reconnect:  # kept for a replay until the next checkpoint
-                self._kept.append(entry)
-            if entry.deliver:
-                outputs = np.frombuffer(message, "<f4").reshape(-1, self.info["d_output"])
-                self._outputs.put_nowait(outputs)
+            values = np.frombuffer(message, "<f4", len(message) // 4)  # a torn float is wrong
+            self._answered(entry, values if len(message) % 4 == 0 else values[:0])
             return
         reply = json.loads(message)
         kind = reply.get("type")
+        if kind == "outputs" and isinstance(entry, _Frame):  # the answer to a JSON frame
+            if (reply.get("seq"), reply.get("t")) != (entry.seq, entry.t):
+                self._answered(entry, StreamError(
+                    "bad_reply", f"outputs for seq {reply.get('seq')} t {reply.get('t')}, "
+                    f"expected seq {entry.seq} t {entry.t}", entry.seq))
+                return
+            self._answered(entry, np.asarray(reply["data"], np.float32))
+            return
         if kind == "error":
             error = StreamError(reply["code"], reply["message"], reply.get("seq"))
             if isinstance(entry, _Frame) and not entry.deliver:
@@ -270,6 +293,23 @@ class AsyncStream:
             self._ended = True
             entry.future.set_result(reply["samples"])
 
+    def _answered(self, entry: _Frame, outputs: np.ndarray | StreamError) -> None:
+        """A frame's reply: its outputs, or a StreamError when the reply does not fit it (a
+        broken server or proxy; the frame counts as applied)."""
+        self._received = entry.t + entry.rows
+        if self.options.reconnect:  # kept for a replay until the next checkpoint
+            self._kept.append(entry)
+        d_output = self.info["d_output"]
+        rows = entry.rows if self.options.output == "every" else 1
+        if isinstance(outputs, np.ndarray):
+            if outputs.size != rows * d_output:
+                outputs = StreamError("bad_reply", f"{outputs.size} output values for a frame "
+                                      f"of {entry.rows} samples", entry.seq)
+            else:
+                outputs = outputs.reshape(rows, d_output)
+        if entry.deliver:
+            self._outputs.put_nowait(outputs)
+
     async def _recover(self) -> None:
         """Reconnect, resume (or restart from the recovery point), replay."""
         self._up.clear()
@@ -292,11 +332,15 @@ class AsyncStream:
         replay = [f for f in self._kept if f.t >= start]
         pending, self._pending = list(self._pending), deque()
         self._kept = deque(f for f in self._kept if f.t < start)
+        self._seq = 0
         for frame in replay:
             frame.deliver = False
+            frame.seq, self._seq = self._seq, self._seq + 1
             self._pending.append(frame)
             await ws.send(frame.data)
         for entry in pending:
+            if isinstance(entry, _Frame):
+                entry.seq, self._seq = self._seq, self._seq + 1
             self._pending.append(entry)
             await ws.send(entry.data if isinstance(entry, _Frame)
                           else json.dumps({"type": entry.kind}))

@@ -12,13 +12,13 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import httpx
 import numpy as np
 from pydantic import BaseModel, Field
 
+from client import AsyncClient
 from client.mux import AsyncMux
 from loadtest.processes import wait_ready
-from loadtest.stream_load import auth_headers, fetch_model_info
+from loadtest.stream_load import fetch_model_info
 from loadtest.targets import check_target, http_base
 
 
@@ -125,9 +125,8 @@ async def _gateway(cfg: MuxLoadConfig, index: int, info: dict, t0: float) -> _Ga
 async def run_mux_load(cfg: MuxLoadConfig) -> MuxResult:
     check_target(cfg.url, cfg.allow_remote)
     base = http_base(cfg.url)
-    headers = auth_headers(cfg.token)
     await asyncio.to_thread(wait_ready, base)
-    info = await fetch_model_info(base, cfg.model, headers)
+    info = await fetch_model_info(base, cfg.model, cfg.token)
     t0 = time.perf_counter() + 1.0 + cfg.gateways * cfg.sessions_per_gateway / 2000
     gateways = await asyncio.gather(*(_gateway(cfg, i, info, t0) for i in range(cfg.gateways)))
     sent = sum(g.sent for g in gateways)
@@ -140,12 +139,10 @@ async def run_mux_load(cfg: MuxLoadConfig) -> MuxResult:
     latency = np.concatenate([g.latency for g in gateways] or [np.zeros(0)]) * 1e3
     worst = 0.0
     checked = 0
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as http:
+    async with AsyncClient(base, cfg.token) as api:
         for g in gateways:
             for u, y in g.checks:
-                reply = await http.post(f"/v1/models/{cfg.model}/predict",
-                                        json={"inputs": u[None].tolist()})
-                expected = np.asarray(reply.json()["outputs"], np.float32)[0]
+                expected = (await api.predict(cfg.model, u[None])).outputs[0]
                 worst = max(worst, float(np.abs(expected - y).max()))
                 checked += 1
     failures = []

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 import httpx
 import numpy as np
 
+from client import AsyncClient, ClientError
 from loadtest.config import PredictLoadConfig
-from loadtest.predict_client import predict
 from loadtest.signals import SignalSource
 from loadtest.stats import latency_summary_ms
-from loadtest.stream_load import auth_headers, fetch_model_info
+from loadtest.stream_load import fetch_model_info
 from loadtest.targets import check_target, http_base
 
 
@@ -39,8 +39,7 @@ async def run_predict_load(cfg: PredictLoadConfig) -> PredictResult:
     """Post until duration_s or max_requests; each answer must be (batch, length, d_output)."""
     check_target(cfg.url, cfg.allow_remote)
     base = http_base(cfg.url)
-    headers = auth_headers(cfg.token)
-    info = await fetch_model_info(base, cfg.model, headers)
+    info = await fetch_model_info(base, cfg.model, cfg.token)
     inputs = SignalSource(cfg.signal, int(info["d_input"]), cfg.seed, cfg.npy_path).batch(
         cfg.batch, cfg.length
     )
@@ -51,35 +50,27 @@ async def run_predict_load(cfg: PredictLoadConfig) -> PredictResult:
     issued = 0
     deadline = time.monotonic() + cfg.duration_s
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(api: AsyncClient) -> None:
         nonlocal issued, wrong
         while time.monotonic() < deadline and issued < cfg.max_requests:
             issued += 1
             t = time.monotonic()
             try:
-                _, out, code = await predict(
-                    client,
-                    base,
-                    cfg.model,
-                    inputs,
-                    body=cfg.body,
-                    headers=headers,
-                    timeout_s=cfg.timeout_s,
-                )
+                out = (await api.predict(cfg.model, inputs, binary=cfg.body == "npy")).outputs
+            except ClientError as exc:
+                errors[exc.code] += 1
+                continue
             except httpx.HTTPError as exc:
                 errors[type(exc).__name__] += 1
                 continue
-            if out is None:
-                errors[code or "unknown"] += 1
-            elif out.shape != want:
+            if out.shape != want:
                 wrong += 1
             else:
                 latencies.append(time.monotonic() - t)
 
     start = time.monotonic()
-    limits = httpx.Limits(max_connections=cfg.concurrency)
-    async with httpx.AsyncClient(limits=limits) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(cfg.concurrency)))
+    async with AsyncClient(base, cfg.token, cfg.timeout_s, cfg.concurrency) as api:
+        await asyncio.gather(*(client_loop(api) for _ in range(cfg.concurrency)))
     elapsed = time.monotonic() - start
     failures = [f"{wrong} wrong shape"] if wrong else []
     if errors:

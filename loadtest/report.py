@@ -35,8 +35,8 @@ def stream_table(result: StreamResult) -> Table:
         "frames sent / answered ok", f"{c.get('frames_sent', 0)} / {c.get('replies_ok', 0)}"
     )
     table.add_row(
-        "lost / dup / reordered / wrong",
-        " / ".join(str(c.get(k, 0)) for k in ("lost", "duplicated", "reordered", "wrong")),
+        "lost / dup / wrong",
+        " / ".join(str(c.get(k, 0)) for k in ("lost", "duplicated", "wrong")),
     )
     table.add_row(
         "hold frames/s (offered)", f"{tp['frames_per_s']:.0f} ({tp['offered_frames_per_s']:.0f})"

@@ -12,15 +12,15 @@ from dataclasses import asdict, dataclass, field
 import httpx
 import numpy as np
 
+from client import AsyncClient, ClientError
+from client.wire import as_seen_by_server
 from loadtest.config import StreamLoadConfig
-from loadtest.predict_client import predict
 from loadtest.processes import wait_ready
-from loadtest.protocol import as_seen_by_server
 from loadtest.scrape import MetricsPoller, ServerView
 from loadtest.session import SessionPlan, SessionRecord, run_session
 from loadtest.signals import SignalSource
 from loadtest.stats import latency_summary_ms, timeline
-from loadtest.targets import check_target, http_base, stream_url
+from loadtest.targets import check_target, http_base
 
 # Signals longer than this repeat; keeps memory flat for long, fast streams.
 SIGNAL_LOOP_SAMPLES = 1 << 16
@@ -31,12 +31,12 @@ def auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-async def fetch_model_info(base: str, model: str, headers: dict[str, str]) -> dict:
-    async with httpx.AsyncClient() as client:
-        resp = await client.get(f"{base}/v1/models/{model}", headers=headers, timeout=30)
-    if resp.status_code != 200:
-        raise RuntimeError(f"GET /v1/models/{model}: HTTP {resp.status_code} {resp.text[:200]}")
-    return resp.json()
+async def fetch_model_info(base: str, model: str, token: str | None) -> dict:
+    async with AsyncClient(base, token, timeout=30) as api:
+        try:
+            return await api.model(model)
+        except ClientError as exc:
+            raise RuntimeError(f"GET /v1/models/{model}: {exc}") from None
 
 
 def verify_indices(cfg: StreamLoadConfig) -> set[int]:
@@ -77,9 +77,8 @@ def plan_sessions(
 
 
 async def run_plans(cfg: StreamLoadConfig, info: dict, plans: list[SessionPlan]) -> list:
-    url = stream_url(cfg.url, cfg.model, cfg.token)
-    headers = auth_headers(cfg.token)
-    tasks = [run_session(p, url, headers, int(info["d_output"]), cfg.drain_s) for p in plans]
+    base = http_base(cfg.url)
+    tasks = [run_session(p, base, cfg.model, cfg.token, cfg.drain_s) for p in plans]
     return list(await asyncio.gather(*tasks))
 
 
@@ -146,16 +145,14 @@ async def verify_records(cfg: StreamLoadConfig, base: str, records: list[Session
     """Streamed outputs vs one predict call on the same inputs, per checked session."""
     checked = [r for r in records if r.verify_outputs is not None]
     worst, failed, detail = 0.0, 0, []
-    async with httpx.AsyncClient() as client:
+    async with AsyncClient(base, cfg.token) as api:
         for rec in checked:
-            _status, out, code = await predict(
-                client,
-                base,
-                cfg.model,
-                rec.verify_inputs[None],
-                sample_rate=cfg.sample_rate,
-                headers=auth_headers(cfg.token),
-            )
+            try:
+                out = (await api.predict(cfg.model, rec.verify_inputs[None],
+                                         sample_rate=cfg.sample_rate)).outputs
+                code = None
+            except ClientError as exc:
+                out, code = None, exc.code
             if out is None or out.shape[1:] != rec.verify_outputs.shape:
                 failed += 1
                 detail.append(
@@ -188,7 +185,7 @@ def judge(
     counts = Counter()
     errors: Counter = Counter()
     for rec in records:
-        for key in ("frames_sent", "replies_ok", "lost", "duplicated", "reordered", "wrong"):
+        for key in ("frames_sent", "replies_ok", "lost", "duplicated", "wrong"):
             counts[key] += getattr(rec, key)
         counts["connected"] += rec.connected
         counts["end_mismatch"] += rec.end_mismatch
@@ -210,7 +207,7 @@ def judge(
         "achieved_ratio": frames_hold / cfg.hold_s / offered,
     }
     failures = []
-    for key in ("lost", "duplicated", "reordered", "wrong", "end_mismatch"):
+    for key in ("lost", "duplicated", "wrong", "end_mismatch"):
         if counts[key]:
             failures.append(f"{counts[key]} {key}")
     if counts["connected"] < cfg.sessions:
@@ -247,7 +244,7 @@ async def run_stream_load(cfg: StreamLoadConfig) -> StreamResult:
     base = http_base(cfg.url)
     headers = auth_headers(cfg.token)
     await asyncio.to_thread(wait_ready, base, cfg.ready_timeout_s)
-    info = await fetch_model_info(base, cfg.model, headers)
+    info = await fetch_model_info(base, cfg.model, cfg.token)
     poller = MetricsPoller(base, cfg.model, headers, cfg.scrape_interval_s)
     stop = asyncio.Event()
     async with httpx.AsyncClient() as client:

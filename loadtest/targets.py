@@ -36,11 +36,3 @@ def http_base(url: str) -> str:
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme or "http")
     return urlunsplit((scheme, parts.netloc, parts.path, "", ""))
 
-
-def stream_url(url: str, model: str, token: str | None = None) -> str:
-    """The WebSocket URL of a model's stream endpoint."""
-    parts = urlsplit(http_base(url))
-    scheme = "wss" if parts.scheme == "https" else "ws"
-    path = f"{parts.path}/v1/models/{model}/stream"
-    query = f"token={token}" if token else ""
-    return urlunsplit((scheme, parts.netloc, path, query, ""))

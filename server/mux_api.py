@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,21 +20,16 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, WebSocket
 
+from client.wire import ENTRY_IN, ENTRY_OUT, HEADER, KIND_DATA, KIND_OUTPUTS, STATUS, WIRE_DTYPES
+from client.wire import MUX_VERSION as VERSION
 from server.errors import CLOSE_GOING_AWAY, ServeError
 from server.link import Link, peer_for
-from server.protocol import WIRE_DTYPES, binary_frame, parse_start, parse_text
+from server.protocol import binary_frame, parse_start, parse_text
 from server.scheduler import Control, Frame
 from server.sessions import Session
 
 router = APIRouter()
 
-VERSION = 1
-KIND_DATA, KIND_OUTPUTS = 1, 2
-HEADER = struct.Struct("<BBHII")  # version, kind, reserved, seq, count
-ENTRY_IN = struct.Struct("<II")  # session handle, samples
-ENTRY_OUT = struct.Struct("<IHHI")  # session handle, status, reserved, rows
-STATUS = {"ok": 0, "unknown_session": 1, "bad_shape": 2, "non_finite": 3, "overloaded": 4,
-          "internal": 5, "bad_dtype": 6}
 
 
 @router.websocket("/v1/models/{name}/mux")

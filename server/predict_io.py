@@ -9,8 +9,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from client.wire import INT16_SCALE
 from server.errors import ServeError
-from server.protocol import INT16_SCALE, finite_float32, to_float_array
+from server.protocol import finite_float32, to_float_array
 
 NPY_TYPE = "application/x-npy"
 
@@ -68,7 +69,7 @@ def parse_npy(body: bytes, query: dict[str, str], d_input: int) -> PredictReques
         raise ServeError(
             "bad_dtype", f"npy dtype must be float32, float64 or int16, not {array.dtype}"
         )
-    scale = INT16_SCALE if array.dtype == np.int16 else 1.0
+    scale = 1.0 / INT16_SCALE if array.dtype == np.int16 else 1.0
     inputs = finite_float32(shape_inputs(array, d_input), scale=scale)
     try:
         body_model = PredictBody(

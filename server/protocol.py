@@ -8,11 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from client.wire import OUTPUT_MODES, WIRE_DTYPES, from_int16
 from server.errors import ServeError
 
-WIRE_DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}
-INT16_SCALE = 1.0 / 32768.0
-OUTPUT_MODES = ("every", "last")
 _START_FIELDS = {"type", "dtype", "sample_rate", "output", "state", "resume"}
 
 
@@ -76,7 +74,7 @@ def binary_frame(data: bytes, dtype: str, d_input: int) -> np.ndarray:
         )
     samples = np.frombuffer(data, dtype=wire).reshape(-1, d_input)
     if dtype == "int16":  # always finite
-        return samples.astype(np.float32) * np.float32(INT16_SCALE)
+        return from_int16(samples)
     if len(samples) > 1 and not np.isfinite(samples).all():
         raise ServeError("non_finite", "inputs contain NaN or Inf")
     return samples

@@ -1,8 +1,9 @@
 """End-to-end check of a running s4serve: readiness, one streaming session, one predict.
 
 deploy/docker/smoke.sh runs it against the container; tests/deploy uses it to put real traffic
-on a server before Prometheus scrapes it. Needs only s4serve's own dependencies (httpx,
-websockets, numpy). Exits non-zero, with the reason, on the first thing that is wrong.
+on a server before Prometheus scrapes it. It speaks through s4serve's client library (the
+`client` package, installed with s4serve). Exits non-zero, with the reason, on the first thing
+that is wrong.
 
     python deploy/docker/smoke_client.py --url http://127.0.0.1:8000
 """
@@ -10,7 +11,6 @@ websockets, numpy). Exits non-zero, with the reason, on the first thing that is 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 
 import httpx
 import numpy as np
-import websockets
+
+from client import Client, ClientError, StreamError
 
 # Metrics the server must expose once a session and a predict went through it.
 EXPECTED_METRICS = (
@@ -61,36 +62,23 @@ def wait_ready(base_url: str, timeout: float) -> dict:
     raise SmokeFailure(f"/readyz not ready after {timeout:.0f}s (last: {last})")
 
 
-async def stream_session(
-    ws_url: str, d_input: int, d_output: int, frames: np.ndarray
-) -> np.ndarray:
+def stream_session(api: Client, name: str, d_input: int, frames: np.ndarray) -> np.ndarray:
     """Streams `frames` (n_frames, T, d_input) as binary float32 frames; returns the outputs
     (n_frames * T, d_output) in order."""
     outputs = []
-    async with websockets.connect(ws_url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "start", "dtype": "float32", "output": "every"}))
-        started = json.loads(await ws.recv())
-        if started.get("type") != "started" or started.get("d_input") != d_input:
-            raise SmokeFailure(f"unexpected start answer: {started}")
+    with api.stream(name, reconnect=False) as session:
+        if session.info.get("d_input") != d_input:
+            raise SmokeFailure(f"unexpected start answer: {session.info}")
         for frame in frames:
-            await ws.send(np.ascontiguousarray(frame, dtype="<f4").tobytes())
-            reply = await ws.recv()
-            if isinstance(reply, str):
-                raise SmokeFailure(f"text reply to a binary frame: {reply}")
-            outputs.append(np.frombuffer(reply, dtype="<f4").reshape(len(frame), d_output))
-        await ws.send(json.dumps({"type": "end"}))
-        end = json.loads(await ws.recv())
-        expected = frames.shape[0] * frames.shape[1]
-        if end.get("type") != "end" or end.get("samples") != expected:
-            raise SmokeFailure(f"end answer {end}, expected samples={expected}")
+            out = session.send(frame)
+            if out.shape[0] != len(frame):
+                raise SmokeFailure(f"{out.shape[0]} output rows for a frame of {len(frame)}")
+            outputs.append(out)
+        samples = session.end()
+    expected = frames.shape[0] * frames.shape[1]
+    if samples != expected:
+        raise SmokeFailure(f"end answered samples={samples}, expected {expected}")
     return np.concatenate(outputs)
-
-
-def predict(client: httpx.Client, name: str, inputs: np.ndarray) -> np.ndarray:
-    answer = client.post(f"/v1/models/{name}/predict", json={"inputs": inputs.tolist()})
-    if answer.status_code != 200:
-        raise SmokeFailure(f"predict answered {answer.status_code}: {answer.text[:300]}")
-    return np.asarray(answer.json()["outputs"], dtype=np.float64)
 
 
 def run_smoke(base_url: str, timeout: float = 120.0, n_frames: int = 4, frame_len: int = 16,
@@ -99,8 +87,8 @@ def run_smoke(base_url: str, timeout: float = 120.0, n_frames: int = 4, frame_le
     through the first served model; the two views must agree (the contract says they do)."""
     base_url = base_url.rstrip("/")
     wait_ready(base_url, timeout)
-    with httpx.Client(base_url=base_url, timeout=60) as client:
-        models = client.get("/v1/models").json()["models"]
+    with Client(base_url, timeout=60) as api:
+        models = api.models()
         if not models:
             raise SmokeFailure("the server is ready but serves no model")
         info = models[0]
@@ -108,13 +96,12 @@ def run_smoke(base_url: str, timeout: float = 120.0, n_frames: int = 4, frame_le
         rng = np.random.default_rng(seed)
         frames = (0.5 * rng.standard_normal((n_frames, frame_len, d_input))).astype(np.float32)
 
-        ws_url = base_url.replace("http", "ws", 1) + f"/v1/models/{name}/stream"
         began = time.perf_counter()
-        streamed = asyncio.run(stream_session(ws_url, d_input, d_output, frames))
+        streamed = stream_session(api, name, d_input, frames)
         stream_seconds = time.perf_counter() - began
 
         began = time.perf_counter()
-        whole = predict(client, name, frames.reshape(1, -1, d_input))[0]
+        whole = api.predict(name, frames.reshape(1, -1, d_input)).outputs[0].astype(np.float64)
         predict_seconds = time.perf_counter() - began
 
         if whole.shape != streamed.shape or not np.isfinite(streamed).all():
@@ -124,7 +111,7 @@ def run_smoke(base_url: str, timeout: float = 120.0, n_frames: int = 4, frame_le
         if diff > 2e-3 * scale:
             raise SmokeFailure(f"stream and predict disagree by {diff:.3g} (scale {scale:.3g})")
 
-        exposition = client.get("/metrics").text
+        exposition = httpx.get(f"{base_url}/metrics", timeout=30).text
         missing = [m for m in EXPECTED_METRICS if m not in exposition]
         if missing:
             raise SmokeFailure(f"/metrics lacks {missing}")
@@ -140,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = run_smoke(args.url, timeout=args.timeout)
-    except (SmokeFailure, httpx.HTTPError, websockets.WebSocketException, OSError) as exc:
+    except (SmokeFailure, ClientError, StreamError, httpx.HTTPError, OSError) as exc:
         print(f"smoke: FAILED: {exc}", file=sys.stderr)
         return 1
     print("smoke: ok " + json.dumps(asdict(result)))

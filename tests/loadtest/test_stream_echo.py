@@ -33,7 +33,7 @@ def test_clean_run_passes_and_counts_every_frame(echo_url: str, wire: str, frame
         ("duplicate:20", "float32", "duplicated"),
         ("corrupt:20", "float32", "wrong"),
         ("drop:20", "json", "lost"),
-        ("swap:20", "json", "lost"),
+        ("swap:20", "json", "wrong"),  # a reply naming another frame's seq
     ],
 )
 def test_faulty_replies_fail_the_run(fault: str, wire: str, symptom: str):

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 
 from loadtest.scrape import histogram_delta, parse_metrics
 from loadtest.stats import latency_summary_ms, median_iqr, timeline
-from loadtest.targets import RemoteTargetError, check_target, stream_url
+from loadtest.targets import RemoteTargetError, check_target
 
 
 def test_only_loopback_targets_unless_allowed():
@@ -17,12 +17,6 @@ def test_only_loopback_targets_unless_allowed():
     with pytest.raises(RemoteTargetError):
         check_target("http://10.11.12.13:8000")
     check_target("http://10.11.12.13:8000", allow_remote=True)
-
-
-def test_stream_url_from_http_and_ws_bases():
-    assert stream_url("http://127.0.0.1:8000/", "m") == "ws://127.0.0.1:8000/v1/models/m/stream"
-    assert stream_url("https://h/api", "m", "k") == "wss://h/api/v1/models/m/stream?token=k"
-    assert stream_url("ws://h:1", "m") == "ws://h:1/v1/models/m/stream"
 
 
 def test_histogram_delta_counts_only_the_interval():

@@ -12,7 +12,7 @@ import pytest
 import websockets
 
 from client import AsyncClient, StreamError
-from client.mux import HEADER, encode_data
+from client.wire import HEADER, encode_data
 from tests.server.client import connect, predict, start, stream_binary
 from tests.server.conftest import ServerThread, make_settings
 

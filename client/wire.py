@@ -1,0 +1,94 @@
+"""The wire format, defined once: the server, the client library and the load tester all import
+these constants and codecs (docs/protocol.md describes them). Pure numpy + struct."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+# ----- streams -------------------------------------------------------------------------
+WIRE_DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}
+INT16_SCALE = 32768.0  # an int16 sample k stands for k / 32768
+OUTPUT_MODES = ("every", "last")
+# close codes after which a client should reconnect and resume: going away, lost, internal,
+# service restart, try again later
+RETRY_CLOSE_CODES = frozenset({1001, 1005, 1006, 1011, 1012, 1013})
+
+
+def to_int16(signal: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1) to int16 wire samples (rounded, clipped)."""
+    return np.clip(np.round(np.asarray(signal) * INT16_SCALE), -32768, 32767).astype("<i2")
+
+
+def from_int16(samples: np.ndarray) -> np.ndarray:
+    return samples.astype(np.float32) * np.float32(1.0 / INT16_SCALE)
+
+
+def encode_frame(signal: np.ndarray, dtype: str = "float32") -> bytes:
+    """A binary frame: little-endian, channel-interleaved bytes of a (T, d_input) block."""
+    if dtype == "int16":
+        return to_int16(signal).tobytes()
+    return np.ascontiguousarray(signal, dtype=WIRE_DTYPES[dtype]).tobytes()
+
+
+def as_seen_by_server(signal: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """The float32 values the server decodes from `encode_frame(signal, dtype)`."""
+    if dtype == "int16":
+        return from_int16(to_int16(signal))
+    return np.asarray(signal, dtype=np.float32)
+
+
+def json_frame(block: np.ndarray) -> str:
+    """A JSON `samples` frame (the text alternative to a binary frame)."""
+    return json.dumps({"type": "samples", "data": np.asarray(block).tolist()})
+
+
+def start_message(dtype: str = "float32", output: str = "every",
+                  sample_rate: float | None = None, state: str | None = None,
+                  resume: str | None = None) -> str:
+    """The `start` text message that opens (or resumes) a stream session."""
+    message: dict[str, Any] = {"type": "start", "dtype": dtype, "output": output}
+    if sample_rate is not None:
+        message["sample_rate"] = sample_rate
+    if resume is not None:
+        message["resume"] = resume
+    elif state is not None:
+        message["state"] = state
+    return json.dumps(message)
+
+
+# ----- mux, format v1 ------------------------------------------------------------------
+MUX_VERSION, KIND_DATA, KIND_OUTPUTS = 1, 1, 2
+HEADER = struct.Struct("<BBHII")  # version, kind, reserved, seq, count
+ENTRY_IN = struct.Struct("<II")  # session, samples
+ENTRY_OUT = struct.Struct("<IHHI")  # session, status, reserved, rows
+STATUS = {"ok": 0, "unknown_session": 1, "bad_shape": 2, "non_finite": 3, "overloaded": 4,
+          "internal": 5, "bad_dtype": 6}
+STATUS_CODES = {number: code for code, number in STATUS.items()}
+
+
+def encode_data(seq: int, entries: list[tuple[int, bytes, int]]) -> bytes:
+    """A mux data message: (session, payload bytes, samples) per entry."""
+    parts = [HEADER.pack(MUX_VERSION, KIND_DATA, 0, seq, len(entries))]
+    for sid, payload, samples in entries:
+        parts += [ENTRY_IN.pack(sid, samples), payload]
+    return b"".join(parts)
+
+
+def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, int, Any]]]:
+    """A mux outputs message: (seq, [(session, status, (rows, d_output) float32 or None)])."""
+    version, kind, _, seq, count = HEADER.unpack_from(data)
+    if version != MUX_VERSION or kind != KIND_OUTPUTS:
+        raise ValueError(f"not a v{MUX_VERSION} outputs message (version {version}, kind {kind})")
+    at, out = HEADER.size, []
+    for _ in range(count):
+        sid, status, _, rows = ENTRY_OUT.unpack_from(data, at)
+        at += ENTRY_OUT.size
+        size = rows * d_output * 4
+        values = np.frombuffer(data, "<f4", rows * d_output, at).reshape(rows, d_output)
+        at += size
+        out.append((sid, status, values if status == 0 else None))
+    return seq, out
