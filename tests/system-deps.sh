@@ -5,7 +5,7 @@
 set -euo pipefail
 declare -A package=(
   [promtool]=prometheus [espeak-ng]=espeak-ng [sox]=sox [dockerd]=docker.io
-  [debootstrap]=debootstrap [docker-compose]=docker-compose [chromium]=chromium
+  [debootstrap]=debootstrap [docker-compose]=docker-compose [chromium]=chromium [curl]=curl
 )
 need=()
 for cmd in "${!package[@]}"; do
