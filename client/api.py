@@ -115,9 +115,12 @@ class AsyncClient:
         return AsyncStream(self.url, model, options, self.token)
 
 
-    def mux(self, model: str) -> AsyncMux:
-        """Many sessions of `model` over one connection (`async with`)."""
-        return AsyncMux(self.url, model, self.token)
+    def mux(self, model: str, *, reconnect: bool = True, checkpoint_s: float = 2.0,
+            max_reconnect_s: float = 60.0) -> AsyncMux:
+        """Many sessions of `model` over one connection (`async with`). With `reconnect`, a
+        dropped connection is resumed session by session, as for stream()."""
+        return AsyncMux(self.url, model, self.token, reconnect=reconnect,
+                        checkpoint_s=checkpoint_s, max_reconnect_s=max_reconnect_s)
 
 
 class Client:

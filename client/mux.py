@@ -5,6 +5,13 @@
         out = await m.send({a: np.zeros((1, 6), np.float32), b: np.zeros((4, 6), np.float32)})
         out[a]                           # (1, d_output) outputs, or a StreamError for that entry
         await m.end(a)
+
+With `reconnect` (the default) a dropped connection is reconnected with backoff and every
+session is resumed by its token, as AsyncStream does for one stream: a session whose state
+covers exactly the outputs received gets its unanswered entries again; one whose state covers
+more (replies lost in flight) or that is gone is restarted from its recovery point (its state
+at open, then a snapshot every `checkpoint_s`) and the entries since are replayed without
+delivering outputs twice. Session ids stay the same for the caller across reconnects.
 """
 
 from __future__ import annotations
@@ -13,16 +20,20 @@ import asyncio
 import contextlib
 import json
 import struct
+import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from client import wire
 from client.errors import StreamError
-from client.wire import STATUS_CODES, WIRE_DTYPES, encode_data
+from client.wire import RETRY_CLOSE_CODES, STATUS_CODES, WIRE_DTYPES, encode_data
+
+_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
 
 
 def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, Any]]]:
@@ -36,23 +47,61 @@ def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, Any
         for sid, status, values in entries]
 
 
+@dataclass(eq=False)
+class _Entry:
+    t: int  # session index of its first sample
+    payload: bytes
+    samples: int
+    deliver: bool = True  # False: a replay whose outputs the caller already has
+
+
+@dataclass(eq=False)
+class _Session:
+    options: dict  # what `open` asked for (dtype, sample_rate, output)
+    token: str
+    base: tuple[int, str | None]  # recovery point: (samples, state blob)
+    sent: int  # session index of the next entry
+    received: int  # samples whose outputs arrived
+    kept: deque[_Entry] = field(default_factory=deque)  # answered since the recovery point
+    checkpoint_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Pending:
+    seq: int
+    entries: list[tuple[int, _Entry]]  # (caller's sid, entry)
+    future: asyncio.Future | None  # None: a replay message of the recovery
+
+
 class AsyncMux:
     """One mux connection; sessions are small integers (`sid`) on it."""
 
-    def __init__(self, url: str, model: str, token: str | None = None) -> None:
+    def __init__(self, url: str, model: str, token: str | None = None, *,
+                 reconnect: bool = True, checkpoint_s: float = 2.0,
+                 max_reconnect_s: float = 60.0) -> None:
         self.ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/v1/models/{model}/mux"
         self.token = token
+        self.reconnect, self.checkpoint_s, self.max_reconnect_s = (
+            reconnect, checkpoint_s, max_reconnect_s)
         self.sessions: dict[int, dict] = {}  # sid -> its "opened" message
+        self.reconnects = 0
         self._ws: ClientConnection | None = None
         self._seq = 0
-        self._data: deque[tuple[int, asyncio.Future]] = deque()
-        self._control: dict[tuple[str, Any], asyncio.Future] = {}
+        self._data: deque[_Pending] = deque()
+        self._control: dict[tuple[str, Any], deque[asyncio.Future | None]] = {}
+        self._state: dict[int, _Session] = {}
+        self._server_sid: dict[int, int] = {}  # caller's sid -> the current connection's
+        self._caller_sid: dict[int, int] = {}
+        self._up = asyncio.Event()
+        self._failed: StreamError | None = None
+        self._closing = False
         self._reader: asyncio.Task | None = None
         self._closed_sessions: dict[int, str] = {}
 
+    # ----- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> AsyncMux:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self._ws = await connect(self.ws_url, max_size=None, additional_headers=headers)
+        self._ws = await self._connect()
+        self._up.set()
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -60,24 +109,43 @@ class AsyncMux:
         await self.close()
 
     async def close(self) -> None:
+        self._closing = True
         if self._ws is not None:
             await self._ws.close()
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
 
+    async def _connect(self) -> ClientConnection:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        try:
+            return await connect(self.ws_url, max_size=None, additional_headers=headers,
+                                 compression=None)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            raise StreamError(f"http_{status}", f"the server answered HTTP {status}") from None
+
+    # ----- what callers use ------------------------------------------------------------
     async def open(self, *, dtype: str = "float32", sample_rate: float | None = None,
                    output: str = "every", state: str | None = None,
                    resume: str | None = None) -> int:
         """A new (or resumed) session on this connection; returns its sid."""
-        ref = f"r{len(self._control)}-{id(object())}"
-        message = {"type": "open", "ref": ref, "dtype": dtype, "output": output}
-        for key, value in (("sample_rate", sample_rate), ("state", state), ("resume", resume)):
-            if value is not None:
-                message[key] = value
-        opened = await self._ask(("ref", ref), message)
-        self.sessions[opened["sid"]] = opened
-        return opened["sid"]
+        options = {"dtype": dtype, "output": output}
+        if sample_rate is not None:
+            options["sample_rate"] = sample_rate
+        extra = {"state": state} if state is not None else {}
+        if resume is not None:
+            extra = {"resume": resume}
+        opened = await self._open(options | extra)
+        sid = opened["sid"]
+        self._server_sid[sid] = self._caller_sid[sid] = sid  # the same until a reconnect
+        self.sessions[sid] = opened
+        self._state[sid] = _Session(options, opened["resume_token"],
+                                    (opened["samples"], state), opened["samples"],
+                                    opened["samples"])
+        if resume is not None and self.reconnect:  # its state is the recovery point
+            await self._checkpoint(sid, self._state[sid])
+        return sid
 
     async def send(self, frames: dict[int, np.ndarray]) -> dict[int, Any]:
         """One data message: each session's frame -> its outputs (or a StreamError)."""
@@ -86,82 +154,272 @@ class AsyncMux:
             info = self.sessions.get(sid, {"dtype": "float32"})
             payload = np.ascontiguousarray(frame, dtype=WIRE_DTYPES[info["dtype"]])
             entries.append((sid, payload.tobytes(), len(payload)))
-        replies = await self.send_raw(entries)
-        return dict(replies)
+        return dict(await self.send_raw(entries))
 
     async def send_raw(self, entries: list[tuple[int, bytes, int]]) -> list[tuple[int, Any]]:
-        self._seq += 1
+        """(sid, payload bytes, samples) per entry -> (sid, outputs or StreamError) each."""
+        await self._ready()
+        items = []
+        for sid, payload, samples in entries:
+            session = self._state.get(sid)
+            entry = _Entry(session.sent if session else 0, payload, samples)
+            if session is not None:
+                session.sent += samples
+            items.append((sid, entry))
         future = asyncio.get_running_loop().create_future()
-        self._data.append((self._seq, future))
-        await self._ws.send(encode_data(self._seq, entries))
+        await self._send_data(_Pending(0, items, future))
+        if self.reconnect and self.checkpoint_s:
+            now = time.monotonic()
+            for sid, _ in items:
+                session = self._state.get(sid)
+                if session is not None and now - session.checkpoint_at >= self.checkpoint_s:
+                    await self._checkpoint(sid, session)
         return await future
 
     async def snapshot(self, sid: int) -> tuple[int, str]:
-        reply = await self._ask(("snapshot", sid), {"type": "snapshot", "sid": sid})
+        reply = await self._ask("snapshot", sid)
         return reply["samples"], reply["state"]
 
     async def reset(self, sid: int) -> None:
-        await self._ask(("reset", sid), {"type": "reset", "sid": sid})
+        await self._ask("reset", sid)
 
     async def end(self, sid: int) -> int:
-        reply = await self._ask(("end", sid), {"type": "end", "sid": sid})
-        self.sessions.pop(sid, None)
+        reply = await self._ask("end", sid)
+        self._forget(sid)
         return reply["samples"]
 
     async def detach(self, sid: int) -> int:
         """Leave the session resumable (by its token, on a mux or a plain stream)."""
-        reply = await self._ask(("closed", sid), {"type": "close", "sid": sid})
-        self.sessions.pop(sid, None)
+        reply = await self._ask("close", sid, answer="closed")
+        self._forget(sid)
         return reply["samples"]
 
-    async def _ask(self, key: tuple[str, Any], message: dict) -> dict:
+    # ----- internals -------------------------------------------------------------------
+    async def _ready(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        await self._up.wait()
+        if self._failed is not None:
+            raise self._failed
+
+    def _forget(self, sid: int) -> None:
+        self.sessions.pop(sid, None)
+        self._state.pop(sid, None)
+        self._caller_sid.pop(self._server_sid.pop(sid, -1), None)
+
+    async def _open(self, message: dict) -> dict:
+        await self._ready()
+        ref = f"r{id(message)}-{time.monotonic_ns()}"
         future = asyncio.get_running_loop().create_future()
-        self._control[key] = future
-        await self._ws.send(json.dumps(message))
+        self._control.setdefault(("ref", ref), deque()).append(future)
+        await self._send_text({"type": "open", "ref": ref, **message})
         return await future
 
+    async def _ask(self, kind: str, sid: int, answer: str | None = None) -> dict:
+        await self._ready()
+        future = asyncio.get_running_loop().create_future()
+        server_sid = self._server_sid.get(sid, 0)
+        self._control.setdefault((answer or kind, server_sid), deque()).append(future)
+        await self._send_text({"type": kind, "sid": server_sid})
+        return await future
+
+    async def _checkpoint(self, sid: int, session: _Session) -> None:
+        """Ask for a snapshot that becomes the session's recovery point (no caller waits)."""
+        session.checkpoint_at = time.monotonic()
+        server_sid = self._server_sid.get(sid, 0)
+        self._control.setdefault(("snapshot", server_sid), deque()).append(None)
+        await self._send_text({"type": "snapshot", "sid": server_sid})
+
+    async def _send_text(self, message: dict) -> None:
+        with contextlib.suppress(ConnectionClosed):  # the reader sees the drop
+            await self._ws.send(json.dumps(message))
+
+    async def _send_data(self, pending: _Pending, ws: ClientConnection | None = None) -> None:
+        self._seq += 1
+        pending.seq = self._seq
+        self._data.append(pending)
+        # 0 is no session's id on any connection: an unknown sid stays unknown
+        body = encode_data(self._seq, [(self._server_sid.get(sid, 0), e.payload, e.samples)
+                                       for sid, e in pending.entries])
+        with contextlib.suppress(ConnectionClosed):
+            await (ws or self._ws).send(body)
+
     async def _read(self) -> None:
-        error = StreamError("closed", "the mux connection closed")
-        try:
-            async for message in self._ws:
-                if isinstance(message, bytes):
-                    d_out = next(iter(self.sessions.values()), {}).get("d_output", 1)
-                    seq, entries = decode_outputs(message, d_out)
-                    expected, future = self._data.popleft()
-                    future.set_result(entries) if seq == expected else future.set_exception(
-                        StreamError("bad_reply", f"reply {seq} for message {expected}"))
-                    continue
-                self._on_text(json.loads(message))
-        except ConnectionClosed:
-            pass
-        for _, future in self._data:
-            if not future.done():
-                future.set_exception(error)
-        for future in self._control.values():
-            if not future.done():
-                future.set_exception(error)
+        while True:
+            try:
+                async for message in self._ws:
+                    if isinstance(message, bytes):
+                        self._on_outputs(message)
+                    else:
+                        self._on_text(json.loads(message))
+            except ConnectionClosed:
+                pass
+            except StreamError as exc:  # a reply that does not fit: nothing can be trusted
+                self._fail(exc)
+                return
+            code = self._ws.close_code
+            if self._closing or not self.reconnect or code not in RETRY_CLOSE_CODES | {None}:
+                self._fail(StreamError("closed", f"the mux connection closed ({code})",
+                                       close_code=code))
+                return
+            try:
+                await self._recover()
+            except (StreamError, OSError, ConnectionClosed, TimeoutError) as exc:
+                self._fail(exc if isinstance(exc, StreamError)
+                           else StreamError("closed", f"reconnect failed: {exc}"))
+                return
+
+    def _fail(self, error: StreamError) -> None:
+        self._failed = error
+        self._up.set()
+        for pending in self._data:
+            if pending.future is not None and not pending.future.done():
+                pending.future.set_exception(error)
+        self._data.clear()
+        self._fail_controls(error)
+
+    def _fail_controls(self, error: StreamError) -> None:
+        for waiters in self._control.values():
+            for future in waiters:
+                if future is not None and not future.done():
+                    future.set_exception(error)
+        self._control.clear()
+
+    def _on_outputs(self, message: bytes) -> None:
+        d_out = next(iter(self.sessions.values()), {}).get("d_output", 1)
+        seq, replies = decode_outputs(message, d_out)
+        pending = self._data.popleft()
+        if seq != pending.seq or len(replies) != len(pending.entries):
+            raise StreamError("bad_reply", f"reply {seq} for message {pending.seq}")
+        results = []
+        for (sid, entry), (_, out) in zip(pending.entries, replies, strict=True):
+            session = self._state.get(sid)
+            if isinstance(out, StreamError):
+                if not entry.deliver:
+                    raise StreamError(out.code, f"a replayed entry was rejected: {out}")
+                if session is not None:  # not applied: the later entries start earlier
+                    for later in self._data:
+                        for other, e in later.entries:
+                            if other == sid:
+                                e.t -= entry.samples
+                    session.sent -= entry.samples
+            elif session is not None:
+                session.received = entry.t + entry.samples
+                if self.reconnect:
+                    session.kept.append(entry)
+            results.append((sid, out))
+        if pending.future is not None and not pending.future.done():
+            pending.future.set_result(results)
 
     def _on_text(self, reply: dict) -> None:
         kind = reply.get("type")
-        if kind == "opened":
+        if kind == "error" and "seq" in reply and "sid" not in reply and self._data:
+            pending = self._data.popleft()  # a whole data message was unreadable
+            if pending.future is not None:
+                pending.future.set_exception(StreamError(reply["code"], reply["message"]))
+            return
+        if kind == "closed" and reply.get("reason") != "close":
+            sid = self._caller_sid.get(reply["sid"], reply["sid"])
+            self._closed_sessions[sid] = reply["reason"]
+            self._forget(sid)
+            return
+        if kind == "snapshot":
+            session = self._state.get(self._caller_sid.get(reply.get("sid"), -1))
+            if session is not None:
+                session.base = (reply["samples"], reply["state"])
+                while session.kept and session.kept[0].t < reply["samples"]:
+                    session.kept.popleft()
+        elif kind == "reset":
+            session = self._state.get(self._caller_sid.get(reply.get("sid"), -1))
+            if session is not None:
+                session.base, session.sent, session.received = (0, None), 0, 0
+                session.kept.clear()
+        if kind == "opened" or (kind == "error" and "ref" in reply):
             key = ("ref", reply.get("ref"))
         elif kind == "error":
-            if "seq" in reply and self._data:  # a whole data message was unreadable
-                _, future = self._data.popleft()
-                future.set_exception(StreamError(reply["code"], reply["message"]))
-                return
-            key = ("ref", reply["ref"]) if "ref" in reply else next(
-                (k for k in self._control if k[1] == reply.get("sid")), None)
-            future = self._control.pop(key, None)
-            if future is not None and not future.done():
-                future.set_exception(StreamError(reply["code"], reply["message"]))
-            return
-        elif kind == "closed" and reply.get("reason") != "close":
-            self._closed_sessions[reply["sid"]] = reply["reason"]
-            self.sessions.pop(reply["sid"], None)
-            return
+            key = next((k for k in self._control if k[1] == reply.get("sid")), None)
         else:
             key = (kind, reply.get("sid"))
-        future = self._control.pop(key, None)
-        if future is not None and not future.done():
+        waiters = self._control.get(key)
+        if not waiters:
+            return
+        future = waiters.popleft()
+        if not waiters:
+            del self._control[key]
+        if future is None or future.done():
+            return
+        if kind == "error":
+            future.set_exception(StreamError(reply["code"], reply["message"]))
+        else:
             future.set_result(reply)
+
+    # ----- recovery --------------------------------------------------------------------
+    async def _recover(self) -> None:
+        """Reconnect, resume or restart every session, replay, re-send what was unanswered."""
+        self._up.clear()
+        self._fail_controls(StreamError("closed", "the connection dropped; ask again"))
+        deadline = time.monotonic() + self.max_reconnect_s
+        delay = _BACKOFF[0]
+        while True:
+            try:
+                ws = await self._connect()
+                break
+            except (OSError, TimeoutError, StreamError) as exc:
+                if isinstance(exc, StreamError) and exc.code != "http_503":
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _BACKOFF[1])
+        self._ws = ws
+        self.reconnects += 1
+        unanswered = [p for p in self._data if p.future is not None]
+        self._data.clear()
+        self._server_sid.clear()
+        self._caller_sid.clear()
+        replays: list[list[tuple[int, _Entry]]] = []
+        for sid, session in list(self._state.items()):
+            opened, replay = await self._reopen(ws, session)
+            self._server_sid[sid], self._caller_sid[opened["sid"]] = opened["sid"], sid
+            self.sessions[sid] = opened
+            for i, entry in enumerate(replay):
+                entry.deliver = False
+                if i == len(replays):
+                    replays.append([])
+                replays[i].append((sid, entry))
+        for items in replays:  # round i: the i-th replayed entry of every session
+            await self._send_data(_Pending(0, items, None), ws)
+        for pending in unanswered:
+            await self._send_data(pending, ws)
+        self._up.set()
+
+    async def _reopen(self, ws: ClientConnection, session: _Session) -> tuple[dict, list]:
+        """(opened, entries to replay) for one session on the new connection."""
+        opened = await self._request(ws, {"type": "open", "ref": "resume",
+                                          "resume": session.token, **session.options})
+        if opened.get("type") == "opened" and opened["samples"] == session.received:
+            return opened, []  # its state ends where our outputs do
+        if opened.get("type") == "opened":  # outputs were lost in flight: start over
+            await self._request(ws, {"type": "end", "sid": opened["sid"]})
+        elif opened.get("code") != "resume_not_found":
+            raise StreamError(opened.get("code", "bad_reply"), opened.get("message", ""))
+        samples, state = session.base
+        message = {"type": "open", "ref": "restart", **session.options}
+        if state is not None:
+            message["state"] = state
+        opened = await self._request(ws, message)
+        if opened.get("type") != "opened" or opened["samples"] != samples:
+            raise StreamError("bad_state", f"the recovery point did not restore: {opened}")
+        session.token = opened["resume_token"]
+        replay = [e for e in session.kept if e.t >= samples]
+        session.kept = deque(e for e in session.kept if e.t < samples)
+        return opened, replay
+
+    @staticmethod
+    async def _request(ws: ClientConnection, message: dict) -> dict:
+        """One control request on a connection nothing else reads yet (recovery)."""
+        await ws.send(json.dumps(message))
+        while True:
+            reply = json.loads(await ws.recv())
+            if reply.get("type") in ("opened", "error", "end"):
+                return reply

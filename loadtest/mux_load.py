@@ -75,7 +75,7 @@ async def _gateway(cfg: MuxLoadConfig, index: int, info: dict, t0: float) -> _Ga
     verified = min(cfg.verify_sessions, cfg.sessions_per_gateway)
     inputs = [_signal(rng, length, info["d_input"]) for _ in range(verified)]
     plain = np.zeros((cfg.frame, info["d_input"]), "<f4").tobytes()
-    async with AsyncMux(cfg.url, cfg.model, cfg.token) as mux:
+    async with AsyncMux(cfg.url, cfg.model, cfg.token, reconnect=False) as mux:
         sids = [await mux.open() for _ in range(cfg.sessions_per_gateway)]
         outputs: list[list[np.ndarray]] = [[] for _ in range(verified)]
         gate = asyncio.Semaphore(cfg.max_in_flight)

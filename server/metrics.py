@@ -100,6 +100,11 @@ class Metrics:
             "s4serve_queue_depth", "Frames waiting to be computed.", ["model"], registry=r,
             multiprocess_mode="livesum",
         )
+        self.mux_messages = Counter(
+            "s4serve_mux_messages_total", "Mux data messages, by path: batched (one sample "
+            "for each of distinct idle sessions, vectorised) or per_entry.",
+            ["model", "path"], registry=r,
+        )
         self.handoffs = Counter(
             "s4serve_handoffs_total", "Live sessions taken over from another worker process.",
             registry=r,

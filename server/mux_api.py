@@ -25,7 +25,7 @@ from client.wire import MUX_VERSION as VERSION
 from server.errors import CLOSE_GOING_AWAY, ServeError
 from server.link import Link, peer_for
 from server.protocol import binary_frame, parse_start, parse_text
-from server.scheduler import Control, Frame
+from server.scheduler import Batch, Control, Frame
 from server.sessions import Session
 
 router = APIRouter()
@@ -41,8 +41,11 @@ async def mux(websocket: WebSocket, name: str) -> None:
 @dataclass(eq=False)
 class _Message:
     seq: int  # the client's number for it, echoed in the reply
-    parts: list[bytes | None]
-    left: int
+    parts: list[bytes | None]  # one per entry, or the whole body (fast path), or an error text
+    left: int  # entries not answered yet
+    count: int  # entries in the reply
+    text: bool = False  # parts[0] is a JSON error for the whole message
+    sids: np.ndarray | None = None  # fast path: the entries' sessions, in order
 
 
 @dataclass(eq=False)
@@ -62,6 +65,12 @@ class _Handle:
 
     def control_done(self, item: Control, value: Any) -> None:
         self.conn._control_done(self, item, value)
+
+    def frames_dropped(self, frames: list[Frame]) -> None:
+        """Entries that will not be computed here (the session was taken over or left):
+        answered `unknown_session`, so their messages still complete."""
+        for frame in frames:
+            self.conn._entry(frame.seq, frame.entry, self.sid, STATUS["unknown_session"], None)
 
     def kick(self, code: int, reason: str) -> None:
         """Taken over elsewhere: this session leaves the connection (told with `closed`).
@@ -84,6 +93,8 @@ class MuxConnection(Link):
         self._next_message = 0
         self._inflight = 0
         self._tasks: set[asyncio.Task] = set()
+        self._entries: np.dtype | None = None  # fast path: the layout of one-sample entries
+        self._replies: np.dtype | None = None  # ... and of their answers
 
     # ----- lifecycle ---------------------------------------------------------------------
     def _let_go(self) -> None:
@@ -117,15 +128,7 @@ class MuxConnection(Link):
             handle = self.handles.get(message.get("sid"))
             if handle is None or handle.session is None:
                 raise ServeError("unknown_session", f"no session {message.get('sid')!r} here")
-            if kind == "close":
-                session, handle.session = handle.session, None
-                self.handles.pop(handle.sid, None)
-                samples = session.stream.samples
-                self.rt.manager.detach(session, handle)
-                self.peer.send_text(json.dumps({"type": "closed", "sid": handle.sid,
-                                                "samples": samples, "reason": "close"}))
-                return
-            self._queue(handle, Control(kind))
+            self._queue(handle, Control(kind))  # in order: after the entries sent before it
         except ServeError as err:
             self.rt.error(err.code)
             reply = err.ws_message()
@@ -195,12 +198,17 @@ class MuxConnection(Link):
         if count > self.settings.mux_max_entries:
             self._bad_message(seq, f"at most {self.settings.mux_max_entries} entries")
             return
+        received = time.perf_counter()
+        metric = self.rt.metrics.mux_messages
+        if self._fast(data, seq, count, received):
+            metric.labels(self.model.info.name, "batched").inc()
+            return
+        metric.labels(self.model.info.name, "per_entry").inc()
         index = self._next_message
         self._next_message += 1
-        message = _Message(seq, [None] * count, count)
+        message = _Message(seq, [None] * count, count, count)
         self._messages[index] = message
         self._order.append(index)
-        received = time.perf_counter()
         at, scheduler = HEADER.size, self.rt.scheduler
         d_input = self.model.info.d_input
         for entry in range(count):
@@ -223,10 +231,79 @@ class MuxConnection(Link):
             status = self._submit(handle, index, entry, payload, samples, received, scheduler)
             if status:
                 self._entry(index, entry, sid, status, None)
+        self._sent_one()
+
+    def _sent_one(self) -> None:
         self._inflight += 1
         if self._inflight >= self.settings.session_queue:
             self._pause()
         self._flush()
+
+    def _fast(self, data: bytes, seq: int, count: int, received: float) -> bool:
+        """The common message, vectorised: one float32 sample for each of distinct sessions
+        of one rate, all finite, not overloaded. Queued as one Batch, answered in
+        one piece. False: anything else, which the per-entry path handles."""
+        d_input = self.model.info.d_input
+        if not count or len(data) != HEADER.size + count * (ENTRY_IN.size + 4 * d_input):
+            return False
+        if self._entries is None or self._entries.itemsize != ENTRY_IN.size + 4 * d_input:
+            self._entries = np.dtype([("sid", "<u4"), ("T", "<u4"), ("x", "<f4", (d_input,))])
+        entries = np.frombuffer(data, self._entries, count, HEADER.size)
+        sids = entries["sid"]
+        if (entries["T"] != 1).any():
+            return False
+        handles, streams, rate = self.handles, [], None
+        for sid in sids.tolist():
+            handle = handles.get(sid)
+            session = handle.session if handle is not None else None
+            if session is None or session.dtype != "float32":
+                return False
+            stream = session.stream
+            if rate is None:
+                rate = stream.rate
+            elif stream.rate != rate:
+                return False
+            streams.append(stream)
+        u = np.array(entries["x"], np.float32)  # (count, d_input), a copy: data is transient
+        if len(set(streams)) < count or not np.isfinite(u).all():
+            return False
+        pool = streams[0].pool
+        if self.rt.scheduler.overloaded(pool):
+            return False
+        index = self._next_message
+        self._next_message += 1
+        self._messages[index] = _Message(seq, [], count, count, sids=sids.copy())
+        self._order.append(index)
+        self.rt.scheduler.submit_batch(Batch(pool, rate, streams, u, received, self, index))
+        self._sent_one()
+        return True
+
+    def batch_done(self, batch: Batch, outputs: np.ndarray, status: np.ndarray) -> None:
+        message = self._messages.get(batch.ref)
+        if message is None:
+            return
+        sids, count = message.sids, message.count
+        if not status.any():  # every entry ok: the reply body is one structured array
+            if self._replies is None or self._replies["y"].shape != outputs.shape[1:]:
+                self._replies = np.dtype([("sid", "<u4"), ("status", "<u2"), ("res", "<u2"),
+                                          ("rows", "<u4"), ("y", "<f4", outputs.shape[1:])])
+            body = np.empty(count, self._replies)
+            body["sid"], body["status"], body["res"], body["rows"] = sids, 0, 0, 1
+            body["y"] = outputs
+            message.parts = [body.tobytes()]
+        else:
+            codes = (STATUS["ok"], STATUS["unknown_session"], STATUS["non_finite"],
+                     STATUS["internal"])
+            message.parts = [ENTRY_OUT.pack(sid, codes[st], 0, 1 if st == 0 else 0)
+                             + (row.tobytes() if st == 0 else b"")
+                             for sid, st, row in zip(sids.tolist(), status.tolist(), outputs,
+                                                     strict=True)]
+            for st in status.tolist():
+                if st:
+                    self.rt.error(("", "unknown_session", "non_finite", "internal")[st])
+        message.left = 0
+        if self._order and self._order[0] == batch.ref:
+            self._flush()
 
     def _submit(self, handle: _Handle, index: int, entry: int, payload: bytes, samples: int,
                 received: float, scheduler) -> int:
@@ -253,10 +330,9 @@ class MuxConnection(Link):
         self._next_message += 1
         text = json.dumps({"type": "error", "code": "bad_request", "seq": seq,
                            "message": message})
-        self._messages[index] = _Message(seq, [text.encode()], 0)
+        self._messages[index] = _Message(seq, [text.encode()], 0, 0, text=True)
         self._order.append(index)
-        self._inflight += 1
-        self._flush()
+        self._sent_one()
 
     def _queue(self, handle: _Handle, item: Frame | Control) -> None:
         stream = handle.session.stream
@@ -284,10 +360,10 @@ class MuxConnection(Link):
         while order and self._messages[order[0]].left == 0:
             message = self._messages.pop(order.popleft())
             self._inflight -= 1
-            if message.parts and message.parts[0][:1] == b"{":
+            if message.text:
                 self.peer.send_text(message.parts[0].decode())
                 continue
-            head = HEADER.pack(VERSION, KIND_OUTPUTS, 0, message.seq, len(message.parts))
+            head = HEADER.pack(VERSION, KIND_OUTPUTS, 0, message.seq, message.count)
             self.peer.send_bytes(head + b"".join(message.parts))
         self._resume_if(self._inflight <= self.settings.session_queue // 2)
         if not self.paused and not self.peer.can_write:
@@ -299,7 +375,13 @@ class MuxConnection(Link):
                         STATUS.get(item.error.code, STATUS["internal"]), None)
             return
         session, sid = handle.session, handle.sid
-        if item.kind == "reset":
+        if item.kind == "close":  # leave the session resumable, by its token
+            handle.session = None
+            self.handles.pop(sid, None)
+            samples = session.stream.samples
+            self.rt.manager.detach(session, handle)
+            reply = {"type": "closed", "sid": sid, "samples": samples, "reason": "close"}
+        elif item.kind == "reset":
             reply = {"type": "reset", "sid": sid, "samples": 0}
         elif item.kind == "snapshot":
             samples, arrays = value

@@ -20,9 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,60 +29,25 @@ import torch
 from server.errors import ServeError
 from server.metrics import Metrics, observe_many
 from server.slots import SlotPool
+from server.work import (
+    BATCH_FAILED,
+    BATCH_GONE,
+    BATCH_NON_FINITE,
+    BATCH_OK,
+    Batch,
+    BatchSink,
+    Control,
+    Frame,
+    Sink,
+    Stream,
+)
+
+__all__ = ["Batch", "BatchSink", "Control", "Frame", "Scheduler", "Sink", "Stream"]
 
 log = logging.getLogger("s4serve.scheduler")
 # Frames this short are advanced one sample per round, batched with the per-sample sessions:
 # measured (motion, B=1 and B=1000), a chunk of T=2 costs 1.5-1.9x two steps; T=10, 0.4-0.5x.
 STEPPED_FRAMES = 4
-
-
-@dataclass(eq=False, slots=True)
-class Frame:
-    samples: np.ndarray  # (T, d_input) float32
-    seq: int
-    received: float  # perf_counter at receipt
-    text: bool  # reply as a JSON "outputs" message
-    t: int = 0  # index of the frame's first sample in the session
-    done: int = 0  # samples computed so far
-    pieces: list[np.ndarray] | None = None  # outputs of earlier pieces
-    before: tuple[torch.Tensor, torch.Tensor] | None = None  # state rows before a long frame
-    entry: int = -1  # position in a multiplexed message (mux), else -1
-    piece: int = 0  # samples per round for this frame, set when it starts
-
-
-@dataclass(eq=False, slots=True)
-class Control:
-    kind: str  # "reset" | "snapshot" | "end" | "error"
-    error: ServeError | None = None
-    seq: int | None = None
-    entry: int = -1  # for a rejected frame of a multiplexed message: its position
-
-
-class Sink(Protocol):
-    """Where a stream's replies go (the connection that owns it)."""
-
-    def frame_done(self, frame: Frame, outputs: np.ndarray) -> None: ...
-
-    def frame_failed(self, frame: Frame, exc: Exception) -> None: ...
-
-    def control_done(self, item: Control, value: Any) -> None: ...
-
-
-@dataclass(eq=False)
-class Stream:
-    """The compute-side half of a session: where its state lives and what it waits for."""
-
-    pool: SlotPool
-    slot: int
-    rate: float
-    output_last: bool
-    sink: Sink | None = None
-    samples: int = 0
-    queue: deque[Frame | Control] = field(default_factory=deque)
-
-    @property
-    def model(self) -> str:
-        return self.pool.backend.info.name
 
 
 class _ModelMetrics:
@@ -115,6 +79,7 @@ class Scheduler:
         self.lag = 0.0  # age of the oldest unstarted head frame at the last tick, seconds
         self.ticks = 0
         self._ready: OrderedDict[Stream, None] = OrderedDict()
+        self._batches: list[Batch] = []
         self._models: dict[SlotPool, _ModelMetrics] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
@@ -128,7 +93,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self._ready
+        return not self._ready and not self._batches
 
     def open(self, pool: SlotPool, rate: float, output_last: bool,
              state: list[np.ndarray] | None, samples: int = 0) -> Stream | None:
@@ -163,6 +128,22 @@ class Scheduler:
             self._models[stream.pool].queued += 1
         if stream not in self._ready:
             self._ready[stream] = None
+        self._wake()
+
+    def submit_batch(self, batch: Batch) -> None:
+        """Queue a batch behind each member's earlier items; members must be distinct."""
+        n = len(batch.streams)
+        batch.epochs = [stream.epoch for stream in batch.streams]
+        batch.waiting = np.ones(n, bool)
+        batch.outputs = np.zeros((n, batch.pool.backend.info.d_output), np.float32)
+        batch.status = np.full(n, BATCH_GONE, np.uint8)
+        for stream in batch.streams:
+            stream.queue.append(batch)
+        self._models[batch.pool].queued += n
+        self._batches.append(batch)
+        self._wake()
+
+    def _wake(self) -> None:
         if not self._pending:
             self._pending = True
             if self.tick:
@@ -181,12 +162,16 @@ class Scheduler:
         if type(head) is Frame and head.done and head.before is not None:
             stream.pool.restore(stream.slot, head.before)
             stream.samples -= head.done
-        dropped = sum(1 for item in stream.queue if type(item) is Frame)
+        frames = [item for item in stream.queue if type(item) is Frame]
+        if frames and stream.sink is not None:
+            stream.sink.frames_dropped(frames)
+        dropped = sum(1 for item in stream.queue if type(item) is not Control)
         if dropped:
             model = self._models[stream.pool]
             model.queued -= dropped
             model.queue.set(model.queued)
         stream.queue.clear()
+        stream.epoch += 1  # batches still holding it leave it out
         self._ready.pop(stream, None)
         return dropped
 
@@ -211,7 +196,7 @@ class Scheduler:
         self.ticks += 1
         started = time.perf_counter()
         self.lag = self._round(started)
-        while self._ready and time.perf_counter() - started < self.budget:
+        while (self._ready or self._batches) and time.perf_counter() - started < self.budget:
             self._round(started)
         done = time.perf_counter()
         for model in self._models.values():
@@ -220,7 +205,7 @@ class Scheduler:
                 model.frames_ok.inc(len(model.latencies))
                 model.latencies.clear()
             model.queue.set(model.queued)
-        if self._ready and not self._pending:
+        if (self._ready or self._batches) and not self._pending:
             self._pending = True
             self._loop.call_soon(self._tick)
 
@@ -228,6 +213,9 @@ class Scheduler:
         """One batched call per group over the ready streams; returns the age of the oldest
         frame it started."""
         oldest = now
+        if self._batches:
+            oldest = min(oldest, self._batches[0].received)
+            self._advance_batches()
         groups: dict[tuple, list[Stream]] = {}
         taken: list[Stream] = []
         ready, piece = self._ready, self.piece
@@ -236,8 +224,8 @@ class Scheduler:
             queue = stream.queue
             while queue and type(queue[0]) is Control:
                 self.apply(stream, queue.popleft())
-            if not queue or stream.sink is None:
-                continue
+            if not queue or stream.sink is None or type(queue[0]) is Batch:
+                continue  # a batch at the head takes the stream along when it runs
             frame = queue[0]
             size = len(frame.samples)
             if frame.done == 0:
@@ -328,6 +316,78 @@ class Scheduler:
             self._finish(stream)
             model.latencies.append(frame.received)
             stream.sink.frame_done(frame, out)
+
+    def _advance_batches(self) -> None:
+        """Step every batch member whose turn has come, one call per (model, rate); answer
+        the batches that are complete."""
+        groups: dict[tuple, list[tuple[Batch, np.ndarray]]] = {}
+        for batch in self._batches:
+            first = int(batch.waiting.argmax())
+            probe = batch.streams[first]
+            if probe.epoch == batch.epochs[first] and probe.queue[0] is not batch:
+                continue  # in step with the probe, the others are behind earlier items too
+            due = np.zeros(len(batch.streams), bool)
+            for i in np.flatnonzero(batch.waiting).tolist():
+                stream = batch.streams[i]
+                if stream.epoch != batch.epochs[i]:  # dropped: left out
+                    batch.waiting[i] = False
+                elif stream.queue[0] is batch:
+                    due[i] = True
+            if due.any():
+                groups.setdefault((batch.pool, batch.rate), []).append((batch, due))
+        for (pool, rate), members in groups.items():
+            streams = [batch.streams[i] for batch, due in members
+                       for i in np.flatnonzero(due).tolist()]
+            u = np.concatenate([batch.u[due] for batch, due in members])
+            y, status = self._step_rows(pool, rate, streams, u)
+            model, ready, at = self._models[pool], self._ready, 0
+            model.queued -= len(streams)
+            for batch, due in members:
+                n = int(due.sum())
+                batch.outputs[due], batch.status[due] = y[at:at + n], status[at:at + n]
+                batch.waiting[due] = False
+                model.latencies.extend([batch.received] * int((status[at:at + n] == 0).sum()))
+                at += n
+            for stream in streams:
+                stream.queue.popleft()
+                if stream.queue and type(stream.queue[0]) is not Batch:
+                    ready[stream] = None
+        finished = [batch for batch in self._batches if not batch.waiting.any()]
+        if finished:
+            self._batches = [batch for batch in self._batches if batch.waiting.any()]
+            for batch in finished:
+                batch.sink.batch_done(batch, batch.outputs, batch.status)
+
+    def _step_rows(self, pool: SlotPool, rate: float, streams: list[Stream],
+                   u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One step of `streams` on inputs u (B, d_input): (outputs, BATCH_* per row)."""
+        backend, model = pool.backend, self._models[pool]
+        index = pool.index([s.slot for s in streams])
+        started = time.perf_counter()
+        try:
+            flat32, flat64 = pool.gather(index)
+            y, flat32, flat64 = backend.step_flat(torch.from_numpy(u).to(backend.device),
+                                                  flat32, flat64, rate)
+            y = y.to("cpu", torch.float32).numpy()
+        except Exception:  # the states were not written back: nothing is lost
+            log.exception("batched call failed")
+            return (np.zeros((len(u), backend.info.d_output), np.float32),
+                    np.full(len(u), BATCH_FAILED, np.uint8))
+        model.step.observe(time.perf_counter() - started)
+        model.batch.observe(len(streams))
+        fine = np.isfinite(y).all(1)
+        if fine.all():
+            pool.scatter(index, flat32, flat64)
+            for stream in streams:
+                stream.samples += 1
+        else:
+            keep = np.flatnonzero(fine)
+            pool.scatter(torch.tensor([streams[i].slot for i in keep], device=backend.device),
+                         flat32[keep], flat64[keep])
+            for i in keep.tolist():
+                streams[i].samples += 1
+        model.samples.inc(int(fine.sum()))
+        return y, np.where(fine, BATCH_OK, BATCH_NON_FINITE).astype(np.uint8)
 
     def _reject_non_finite(self, stream: Stream, frame: Frame) -> None:
         if frame.before is not None:  # earlier pieces were applied: undo them

@@ -213,6 +213,9 @@ class Connection(Link):
         self.rt.metrics.frames.labels(self.session.name, "error").inc()
         self.kick(CLOSE_INTERNAL, "internal")
 
+    def frames_dropped(self, frames: list[Frame]) -> None:
+        """Nothing to answer: frames are dropped only when this connection is gone."""
+
     def control_done(self, item: Control, value: Any) -> None:
         session = self.session
         if item.kind == "error":

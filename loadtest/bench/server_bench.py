@@ -145,20 +145,33 @@ def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s
          workers: int) -> dict:
     cfg = MuxLoadConfig(url=server.url, model="motion", gateways=gateways,
                         sessions_per_gateway=per, rate=100.0, hold_s=hold_s)
-    before = _cpu_seconds(server.pid)
+    before, batches_before = _cpu_seconds(server.pid), _batch_totals(server.url)
     result = run_loop(run_mux_load(cfg))
     cpu = _cpu_seconds(server.pid) - before
+    rows, calls = (a - b for a, b in zip(_batch_totals(server.url), batches_before, strict=True))
     samples = result.counts["messages_answered"] * per
-    batch = max(1, gateways * per // workers)
-    step = _step_per_session(model_dir, batch)
+    served = max(1, round(rows / max(calls, 1)))  # mean sessions per step call, as served
+    batch = max(1, gateways * per // workers)  # every session of a worker in one call
+    step = _step_per_session(model_dir, served)
+    step_all = _step_per_session(model_dir, batch)
     per_sample = cpu / max(samples, 1)
     return {"gateways": gateways, "sessions_per_gateway": per, "ok": result.ok,
             "failures": result.failures, "counts": result.counts,
             "latency_ms": result.latency_ms, "throughput": result.throughput,
             "verify": result.verify, "server_cpu_s": cpu,
             "server_cpu_per_session_sample_s": per_sample,
-            "step_per_session_s": step, "step_batch": batch,
-            "cost_vs_step": per_sample / step}
+            "step_per_session_s": step, "step_batch": served,
+            "cost_vs_step": per_sample / step,
+            "step_all_per_session_s": step_all, "step_all_batch": batch,
+            "cost_vs_step_all": per_sample / step_all}
+
+
+def _batch_totals(url: str) -> tuple[float, float]:
+    """(sessions advanced, batched calls) so far, from /metrics, all workers."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return tuple(sum(float(v) for v in re.findall(
+        rf"^s4serve_step_batch_size_{part}\{{[^}}]*\}} (\S+)$", text, re.M))
+        for part in ("sum", "count"))
 
 
 def _server_counts(url: str) -> tuple[float, float]:

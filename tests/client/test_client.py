@@ -144,3 +144,38 @@ async def test_stream_resumes_after_the_server_closes_it(server):
             got.append(await s.send(u[20:]))
             assert s.reconnects == 1
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("lose_replies", [False, True])
+async def test_mux_survives_a_cut_line(server, lose_replies):
+    inputs = [signal(120, seed=10 + i) for i in range(4)]
+    fed = [u[::2] if i < 2 else u for i, u in enumerate(inputs)]  # what each session gets
+    async with AsyncClient(server.url) as plain:
+        expected = [(await plain.predict("seq", u[None])).outputs[0] for u in fed]
+    cutter = Cutter(int(server.url.rsplit(":", 1)[1]))
+    url = await cutter.start()
+    got: list[list[np.ndarray]] = [[] for _ in inputs]
+    async with AsyncClient(url) as c, c.mux("seq", checkpoint_s=0.05) as m:
+        sids = [await m.open() for _ in inputs]
+
+        def frames(t: int, size: int) -> dict:  # sessions 0 and 1 one sample, 2 and 3 more
+            return {sid: inputs[i][t:t + (1 if i < 2 else size)] for i, sid in enumerate(sids)}
+
+        for t in range(0, 40, 2):
+            replies = await m.send(frames(t, 2))
+            for i, sid in enumerate(sids):
+                got[i].append(replies[sid])
+        await asyncio.sleep(0.06)  # checkpoints are due with the next message
+        cutter.swallow = lose_replies
+        pending = [asyncio.ensure_future(m.send(frames(t, 2))) for t in range(40, 60, 2)]
+        await asyncio.sleep(0.3)
+        cutter.cut()
+        pending += [asyncio.ensure_future(m.send(frames(t, 2))) for t in range(60, 120, 2)]
+        for reply in await asyncio.wait_for(asyncio.gather(*pending), 30):
+            for i, sid in enumerate(sids):
+                got[i].append(reply[sid])
+        assert m.reconnects >= 1 and sorted(m.sessions) == sorted(sids)
+        assert (await m.snapshot(sids[0]))[0] == 60 and (await m.snapshot(sids[3]))[0] == 120
+    await cutter.stop()
+    for i in range(4):
+        np.testing.assert_allclose(np.concatenate(got[i]), expected[i], atol=1e-4)

@@ -4,6 +4,7 @@ mux and plain streams, limits, auth."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 
@@ -130,3 +131,68 @@ async def test_limits_and_auth(small):
         assert json.loads(await ws.recv())["code"] == "bad_request"
         await ws.send(encode_data(5, []))  # and the connection goes on
         assert HEADER.unpack_from(await ws.recv())[3] == 5
+
+
+def _mux_messages(url: str, path: str) -> float:
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("s4serve_mux_messages_total{") and f'path="{path}"' in line)
+
+
+async def test_one_sample_messages_are_batched_with_the_same_numbers(server):
+    inputs = [signal(12, 20 + i) for i in range(6)]
+    expected = [np.array(predict(server.url, "seq", u[None])["outputs"])[0] for u in inputs]
+    got: list[list[np.ndarray]] = [[] for _ in inputs]
+    batched, per_entry = _mux_messages(server.url, "batched"), _mux_messages(server.url,
+                                                                           "per_entry")
+    async with AsyncClient(server.url) as c, c.mux("seq") as m:
+        sids = [await m.open() for _ in inputs]
+        for t in range(10):  # one sample per session: the batched path, pipelined
+            replies = await asyncio.gather(*(m.send({sid: inputs[i][t:t + 1]})
+                                             for i, sid in enumerate(sids)))
+            whole = await m.send({sid: inputs[i][t + 1:t + 2] for i, sid in enumerate(sids)
+                                  if t == 9})
+            for i, reply in enumerate(replies):
+                got[i].append(reply[sids[i]])
+            for i, sid in enumerate(sids):
+                if sid in whole:
+                    got[i].append(whole[sid])
+        # the per-entry path: a NaN, a session twice, two samples
+        nan = np.array([[np.nan, 0.0]], np.float32)
+        mixed = await m.send({sids[0]: nan, sids[1]: inputs[1][11:12]})
+        assert mixed[sids[0]].code == "non_finite" and mixed[sids[1]].shape == (1, 3)
+        got[1].append(mixed[sids[1]])
+        twice = await m.send_raw([(sids[0], inputs[0][11].tobytes(), 1),
+                                  (sids[0], inputs[0][11].tobytes(), 1)])
+        assert [sid for sid, _ in twice] == [sids[0], sids[0]]
+        got[0].append(twice[0][1])
+        assert (await m.snapshot(sids[0]))[0] == 13 and (await m.snapshot(sids[2]))[0] == 11
+    for i in (0, 1):
+        np.testing.assert_allclose(np.concatenate(got[i])[:12], expected[i], atol=1e-4)
+    for i in range(2, 6):
+        np.testing.assert_allclose(np.concatenate(got[i]), expected[i][:11], atol=1e-4)
+    assert _mux_messages(server.url, "batched") - batched >= 60
+    assert _mux_messages(server.url, "per_entry") - per_entry >= 2
+
+
+async def test_close_and_end_come_after_the_entries_sent_before_them(server):
+    u = signal(8, 30)
+    async with AsyncClient(server.url) as c, c.mux("seq") as m:
+        a, b = await m.open(), await m.open()
+        sent = [m.send({a: u[i:i + 1], b: u[i:i + 1]}) for i in range(8)]
+        replies, closed, ended = await asyncio.gather(asyncio.gather(*sent), m.detach(a),
+                                                      m.end(b))
+        assert closed == 8 and ended == 8
+        assert all(r[a].shape == (1, 3) and r[b].shape == (1, 3) for r in replies)
+
+
+async def test_replies_are_binary_whatever_the_first_session_id(server):
+    async with AsyncClient(server.url) as c, c.mux("seq") as m:
+        sids = [await m.open() for _ in range(130)]
+        assert 123 in sids  # its answer header starts with the byte of "{"
+        reply = await m.send({123: signal(2, 1)})
+        assert reply[123].shape == (2, 3)
+        reply = await m.send({123: signal(1, 2)})
+        assert reply[123].shape == (1, 3)
