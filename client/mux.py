@@ -69,7 +69,7 @@ class _Session:
 @dataclass(eq=False)
 class _Pending:
     seq: int
-    entries: list[tuple[int, _Entry]]  # (caller's sid, entry)
+    entries: list[tuple[int, _Entry]] | None  # (caller's sid, entry); None without reconnect
     future: asyncio.Future | None  # None: a replay message of the recovery
 
 
@@ -159,6 +159,13 @@ class AsyncMux:
     async def send_raw(self, entries: list[tuple[int, bytes, int]]) -> list[tuple[int, Any]]:
         """(sid, payload bytes, samples) per entry -> (sid, outputs or StreamError) each."""
         await self._ready()
+        if not self.reconnect:  # nothing to replay: no bookkeeping per entry
+            future = asyncio.get_running_loop().create_future()
+            self._seq += 1
+            self._data.append(_Pending(self._seq, None, future))
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(encode_data(self._seq, entries))
+            return await future
         items = []
         for sid, payload, samples in entries:
             session = self._state.get(sid)
@@ -289,8 +296,14 @@ class AsyncMux:
         d_out = next(iter(self.sessions.values()), {}).get("d_output", 1)
         seq, replies = decode_outputs(message, d_out)
         pending = self._data.popleft()
-        if seq != pending.seq or len(replies) != len(pending.entries):
+        if seq != pending.seq:
             raise StreamError("bad_reply", f"reply {seq} for message {pending.seq}")
+        if pending.entries is None:  # without reconnect, sids are the server's
+            pending.future.set_result(replies)
+            return
+        if len(replies) != len(pending.entries):
+            raise StreamError("bad_reply", f"{len(replies)} entries answered, "
+                              f"{len(pending.entries)} sent")
         results = []
         for (sid, entry), (_, out) in zip(pending.entries, replies, strict=True):
             session = self._state.get(sid)

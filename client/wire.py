@@ -83,6 +83,15 @@ def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, int
     version, kind, _, seq, count = HEADER.unpack_from(data)
     if version != MUX_VERSION or kind != KIND_OUTPUTS:
         raise ValueError(f"not a v{MUX_VERSION} outputs message (version {version}, kind {kind})")
+    if count:  # the common answer, every entry ok with the same rows: one array view
+        rows = ENTRY_OUT.unpack_from(data, HEADER.size)[3]
+        if len(data) == HEADER.size + count * (ENTRY_OUT.size + 4 * d_output * rows):
+            block = np.frombuffer(data, np.dtype([
+                ("sid", "<u4"), ("status", "<u2"), ("res", "<u2"), ("rows", "<u4"),
+                ("y", "<f4", (rows, d_output))]), count, HEADER.size)
+            if not block["status"].any() and (block["rows"] == rows).all():
+                return seq, [(sid, 0, y) for sid, y in zip(block["sid"].tolist(), block["y"],
+                                                           strict=True)]
     at, out = HEADER.size, []
     for _ in range(count):
         sid, status, _, rows = ENTRY_OUT.unpack_from(data, at)

@@ -134,7 +134,7 @@ class Scheduler:
         """Queue a batch behind each member's earlier items; members must be distinct."""
         n = len(batch.streams)
         batch.epochs = [stream.epoch for stream in batch.streams]
-        batch.waiting = np.ones(n, bool)
+        batch.waiting, batch.left = np.ones(n, bool), n
         batch.outputs = np.zeros((n, batch.pool.backend.info.d_output), np.float32)
         batch.status = np.full(n, BATCH_GONE, np.uint8)
         for stream in batch.streams:
@@ -331,6 +331,7 @@ class Scheduler:
                 stream = batch.streams[i]
                 if stream.epoch != batch.epochs[i]:  # dropped: left out
                     batch.waiting[i] = False
+                    batch.left -= 1
                 elif stream.queue[0] is batch:
                     due[i] = True
             if due.any():
@@ -346,15 +347,16 @@ class Scheduler:
                 n = int(due.sum())
                 batch.outputs[due], batch.status[due] = y[at:at + n], status[at:at + n]
                 batch.waiting[due] = False
+                batch.left -= n
                 model.latencies.extend([batch.received] * int((status[at:at + n] == 0).sum()))
                 at += n
             for stream in streams:
                 stream.queue.popleft()
                 if stream.queue and type(stream.queue[0]) is not Batch:
                     ready[stream] = None
-        finished = [batch for batch in self._batches if not batch.waiting.any()]
-        if finished:
-            self._batches = [batch for batch in self._batches if batch.waiting.any()]
+        if any(batch.left == 0 for batch in self._batches):
+            finished = [batch for batch in self._batches if batch.left == 0]
+            self._batches = [batch for batch in self._batches if batch.left]
             for batch in finished:
                 batch.sink.batch_done(batch, batch.outputs, batch.status)
 

@@ -70,6 +70,7 @@ class Batch:
     ref: Any = None  # the sink's name for it
     epochs: list[int] = field(default_factory=list)  # each member's epoch when queued
     waiting: np.ndarray | None = None  # (B,) bool: members not stepped yet
+    left: int = 0  # how many
     outputs: np.ndarray | None = None  # (B, d_output) float32
     status: np.ndarray | None = None  # (B,) uint8, BATCH_*
 
