@@ -9,11 +9,13 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,6 +24,8 @@ from server.errors import ServeError
 from server.handoff import Handoff
 from server.logs import context_id
 from server.models import load_models
+from server.predict_job import Limits
+from server.predict_worker import PredictPool
 from server.runtime import Runtime
 from server.settings import Settings
 from server.store import SessionStore
@@ -58,13 +62,35 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
                 await runtime.handoff.stop()
             runtime.scheduler.stop()
             runtime.predict_executor.shutdown(wait=False, cancel_futures=True)
+            if runtime.predict_pool is not None:
+                runtime.predict_pool.stop()
 
-    app = FastAPI(title="s4serve", version="1", lifespan=lifespan)
+    # /docs and /openapi.json are routes of our own so that API keys can cover them
+    app = FastAPI(title="s4serve", version="1", lifespan=lifespan, docs_url=None,
+                  openapi_url=None)
     app.state.runtime = runtime
     app.include_router(http_api.router)
     app.include_router(ws_api.router)
     app.include_router(mux_api.router)
     app.mount("/demo", StaticFiles(directory=STATIC, html=True), name="demo")
+
+    def docs_allowed(request: Request) -> None:
+        if not settings.docs_public and not runtime.guard.key_ok(request.headers,
+                                                                 request.query_params):
+            raise ServeError("unauthorized", "the API docs need a key (Authorization: Bearer "
+                             "<key> or ?token=<key>), or docs_public")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        docs_allowed(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        docs_allowed(request)
+        token = request.query_params.get("token")
+        url = "/openapi.json" + (f"?{urlencode({'token': token})}" if token else "")
+        return get_swagger_ui_html(openapi_url=url, title="s4serve API")
 
     @app.get("/", include_in_schema=False)
     async def home(request: Request) -> RedirectResponse:
@@ -120,9 +146,20 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
 
 
 async def _load(runtime: Runtime) -> None:
+    settings = runtime.settings
+    pool = None
+    if settings.predict_workers:
+        pool = PredictPool(settings.model_dirs(), settings.device, settings.max_rates,
+                           Limits(settings.max_batch_length, settings.secret),
+                           settings.predict_workers, settings.predict_timeout,
+                           settings.torch_threads)
     try:
-        runtime.models = await asyncio.to_thread(load_models, runtime.settings)
+        models, _ = await asyncio.gather(asyncio.to_thread(load_models, settings),
+                                         pool.start() if pool else asyncio.sleep(0))
+        runtime.models, runtime.predict_pool = models, pool
     except Exception as exc:
+        if pool is not None:
+            pool.stop()
         runtime.load_error = f"model loading failed: {exc}"
         log.exception("model loading failed")
         return

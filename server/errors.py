@@ -19,6 +19,7 @@ HTTP_STATUS: dict[str, int] = {
     "internal": 500,
     "overloaded": 503,
     "not_ready": 503,
+    "timeout": 504,
 }
 
 # WebSocket close codes (RFC 6455 + the contract).

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.wire import INT16_SCALE
 from server.errors import ServeError
@@ -19,7 +19,8 @@ NPY_TYPE = "application/x-npy"
 class PredictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: Any
+    inputs: Any = Field(description="batch × length × d_input numbers (nested lists), or "
+                        "length × d_input for one sequence")
     sample_rate: float | None = None
     outputs: Literal["all", "last"] = "all"
     return_state: bool = False

@@ -13,6 +13,7 @@ from server.errors import ServeError
 from server.handoff import Handoff
 from server.metrics import Metrics
 from server.models import LoadedModel
+from server.predict_worker import PredictPool
 from server.scheduler import Scheduler
 from server.sessions import SessionManager
 from server.settings import Settings
@@ -37,6 +38,7 @@ class Runtime:
     handoff: Handoff | None = None
     pending_requests: int = 0
     # One worker: predict requests queue instead of running side by side and exhausting memory.
+    predict_pool: PredictPool | None = None  # predict worker processes, when configured
     predict_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="s4serve-predict")
     )
@@ -50,7 +52,7 @@ class Runtime:
             settings.tick_samples, settings.max_queued_frames, settings.max_lag,
         )
         store = store or LocalDirectoryStore(settings.snapshot_dir)
-        manager = SessionManager(scheduler, store, metrics, settings.resume_ttl)
+        manager = SessionManager(scheduler, store, metrics, settings.resume_ttl, settings.secret)
         guard = Guard(settings.api_keys, settings.allowed_origins)
         return cls(settings, metrics, guard, scheduler, store, manager)
 

@@ -69,12 +69,14 @@ class SessionManager:
     session's state can be read or replaced between ticks without locks."""
 
     def __init__(
-        self, scheduler: Scheduler, store: SessionStore, metrics: Metrics, resume_ttl: float
+        self, scheduler: Scheduler, store: SessionStore, metrics: Metrics, resume_ttl: float,
+        secret: str | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.store = store
         self.metrics = metrics
         self.resume_ttl = resume_ttl
+        self.secret = secret  # signs the state blobs it issues, checks the ones it gets
         self.live: dict[str, Session] = {}
 
     def open(self, model: LoadedModel, opts: StartOptions, owner: Owner) -> Session:
@@ -84,7 +86,7 @@ class SessionManager:
         rate = backend.rate_for(opts.sample_rate)
         arrays, samples = None, 0
         if opts.state is not None:
-            record = decode_state(opts.state)
+            record = decode_state(opts.state, self.secret)
             record.check(model.info.name, model.info.version, backend.state_spec)
             arrays, samples = record.tensors, record.samples
         return self._place(
@@ -114,7 +116,7 @@ class SessionManager:
         if record.model != model.info.name:
             self.store.put(token, record, self.resume_ttl)
             raise ServeError("bad_request", "this resume token belongs to another model")
-        state = decode_state(record.state)
+        state = decode_state(record.state, self.secret)
         state.check(model.info.name, model.info.version, model.backend.state_spec)
         session = self._place(
             model, record.session_id, token, record.dtype, record.sample_rate, record.output,
@@ -140,7 +142,9 @@ class SessionManager:
         info = session.model.info
         names = [spec.name for spec in session.model.backend.state_spec]
         return encode_state(
-            StateRecord(info.name, info.version, samples, list(arrays), names, session.sample_rate)
+            StateRecord(info.name, info.version, samples, list(arrays), names,
+                        session.sample_rate),
+            self.secret,
         )
 
     def end(self, session: Session) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "model" / "zoo"
@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 << 20, ge=1, description="largest predict request body")
     max_batch_length: int = Field(4_000_000, ge=1, description="largest batch × length")
     max_pending_requests: int = Field(64, ge=1, description="predict requests queued")
+    predict_workers: int = Field(
+        1, ge=0, description="processes that parse, compute and encode predict requests (0: a "
+        "thread of the server, with no time limit)")
+    predict_timeout: float = Field(
+        60.0, gt=0, description="seconds a predict request may compute before its worker is "
+        "stopped and the answer is 504 timeout (with predict_workers >= 1)")
     max_rates: int = Field(8, ge=1, description="distinct sample rates kept discretised")
     torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads (0: torch's default); the step thread and "
@@ -68,6 +74,12 @@ class Settings(BaseSettings):
     )
 
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    state_secret: SecretStr | None = Field(
+        None, description="signs the state blobs the server issues (HMAC-SHA256); when set, "
+        "only blobs it signed are accepted. Every worker and replica needs the same one")
+    docs_public: bool = Field(
+        False, description="with api_keys set, /docs and /openapi.json are served without a "
+        "key only when this is true (without api_keys they are always public)")
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     snapshot_dir: Path = Path("var/sessions")
@@ -102,6 +114,10 @@ class Settings(BaseSettings):
 
     def backend_for(self, model_name: str) -> str:
         return self.backends.get(model_name, self.backend)
+
+    @property
+    def secret(self) -> str | None:
+        return self.state_secret.get_secret_value() if self.state_secret else None
 
     def model_dirs(self) -> list[Path]:
         """The configured model directories, or every model found under the zoo."""

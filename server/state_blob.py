@@ -3,16 +3,23 @@
 Layout (all integers little-endian):
 
     b"S4SB" | u16 format version | u32 header length | header (UTF-8 JSON) | tensor bytes
+    [ | 32-byte HMAC-SHA256 of everything before it ]     (format 2: signed)
 
 The header names the model, its version, the sample count, the sample rate the state was
 advanced at, and each tensor's name, dtype and shape; the tensor bytes follow in that order,
 C-contiguous little-endian. Clients carry it as standard base64 text.
+
+With a `state_secret` the server signs every blob it issues (format 2) and accepts only blobs
+whose signature checks, before it reads anything else in them; without one it issues format 1
+and accepts both (a format-2 blob's signature is then not checked).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import math
 import struct
@@ -24,7 +31,8 @@ import numpy as np
 from server.errors import ServeError
 
 MAGIC = b"S4SB"
-FORMAT_VERSION = 1
+FORMAT_VERSION, SIGNED_VERSION = 1, 2
+_TAG = 32  # bytes of HMAC-SHA256
 _PREFIX = struct.Struct("<4sHI")
 _ALLOWED_DTYPES = {"float32", "float64", "complex64", "complex128", "int64"}
 
@@ -61,8 +69,12 @@ class StateRecord:
             raise ServeError("bad_state", "state tensors do not match this model's state layout")
 
 
-def encode_state(record: StateRecord) -> str:
-    """Serialise a record to base64 text."""
+def _tag(secret: str, raw: bytes) -> bytes:
+    return hmac.new(secret.encode(), raw, hashlib.sha256).digest()
+
+
+def encode_state(record: StateRecord, secret: str | None = None) -> str:
+    """Serialise a record to base64 text; signed when there is a secret."""
     arrays = [np.ascontiguousarray(t) for t in record.tensors]
     header = {
         "model": record.model,
@@ -76,12 +88,16 @@ def encode_state(record: StateRecord) -> str:
     }
     head = json.dumps(header, separators=(",", ":")).encode()
     body = b"".join(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in arrays)
-    raw = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + body
+    version = SIGNED_VERSION if secret else FORMAT_VERSION
+    raw = _PREFIX.pack(MAGIC, version, len(head)) + head + body
+    if secret:
+        raw += _tag(secret, raw)
     return base64.b64encode(raw).decode("ascii")
 
 
-def decode_state(blob: object) -> StateRecord:
-    """Parse base64 text into a record; any malformation is `bad_state`."""
+def decode_state(blob: object, secret: str | None = None) -> StateRecord:
+    """Parse base64 text into a record; any malformation, and with a secret any blob this
+    server did not sign, is `bad_state`."""
     if not isinstance(blob, str):
         raise ServeError("bad_state", "state must be a base64 string")
     try:
@@ -89,7 +105,7 @@ def decode_state(blob: object) -> StateRecord:
     except (binascii.Error, ValueError) as exc:
         raise ServeError("bad_state", "state is not valid base64") from exc
     try:
-        return _parse(raw)
+        return _parse(_verified(raw, secret))
     except ServeError:
         raise
     except (ValueError, KeyError, TypeError, struct.error, OverflowError,
@@ -97,14 +113,31 @@ def decode_state(blob: object) -> StateRecord:
         raise ServeError("bad_state", f"state record is malformed: {exc}") from exc
 
 
-def _parse(raw: bytes) -> StateRecord:
+def _verified(raw: bytes, secret: str | None) -> bytes:
+    """The record without its signature, once the signature (if any is needed) checks."""
     if len(raw) < _PREFIX.size:
         raise ServeError("bad_state", "state record is truncated")
-    magic, version, head_len = _PREFIX.unpack_from(raw)
+    magic, version, _ = _PREFIX.unpack_from(raw)
     if magic != MAGIC:
         raise ServeError("bad_state", "not an s4serve state record")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, SIGNED_VERSION):
         raise ServeError("bad_state", f"state record format {version} is not supported")
+    if version == FORMAT_VERSION:
+        if secret:
+            raise ServeError("bad_state", "unsigned state: this server accepts only states it "
+                             "issued (signed)")
+        return raw
+    if len(raw) < _PREFIX.size + _TAG:
+        raise ServeError("bad_state", "state record is truncated")
+    body, tag = raw[:-_TAG], raw[-_TAG:]
+    if secret and not hmac.compare_digest(tag, _tag(secret, body)):
+        raise ServeError("bad_state", "state signature does not match: not issued by this "
+                         "server (or its state_secret changed)")
+    return body
+
+
+def _parse(raw: bytes) -> StateRecord:
+    _, _, head_len = _PREFIX.unpack_from(raw)
     head_end = _PREFIX.size + head_len
     header = json.loads(raw[_PREFIX.size : head_end].decode())
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):

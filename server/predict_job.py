@@ -1,0 +1,140 @@
+"""One predict request from body bytes to answer bytes, with no server state: the same code runs
+in a predict worker process (server/predict_worker.py) and, with `predict_workers = 0`, in a
+thread of the server."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from server.backends.base import ModelBackend
+from server.errors import ServeError
+from server.predict_io import (
+    NPY_TYPE,
+    PredictRequest,
+    SchemaError,
+    npy_bytes,
+    parse_json,
+    parse_npy,
+)
+from server.state_blob import StateRecord, decode_state, encode_state
+
+JSON_TYPE = "application/json"
+
+
+@dataclass
+class Job:
+    model: str
+    body: bytes
+    media: str  # the request's content type, lower case, no parameters
+    query: dict[str, str] = field(default_factory=dict)
+    npy: bool = False  # the client accepts an .npy answer
+
+
+@dataclass
+class Limits:
+    max_batch_length: int
+    state_secret: str | None = None
+
+
+@dataclass
+class Answer:
+    status: int
+    media: str
+    body: bytes
+    seconds: float = 0.0  # compute time
+    samples: int = 0  # input samples processed
+    code: str | None = None  # the error code, when status != 200
+
+    def header(self) -> dict:
+        return {"status": self.status, "media": self.media, "seconds": self.seconds,
+                "samples": self.samples, "code": self.code}
+
+
+def run_job(backends: dict[str, ModelBackend], limits: Limits, job: Job) -> Answer:
+    """The answer to one request, errors included (never raises for a client's mistake)."""
+    try:
+        backend = backends.get(job.model)
+        if backend is None:
+            raise ServeError("model_not_found", f"no model named {job.model!r}")
+        request = _parse(job, backend.info.d_input)
+        if request.return_state and job.npy:
+            raise ServeError("bad_request", "return_state needs a JSON answer (drop Accept npy)")
+        return _predict(backend, limits, request, job.npy)
+    except SchemaError as exc:
+        body = {"error": {"code": "invalid_request", "message": str(exc)}, "detail": exc.errors}
+        return Answer(422, JSON_TYPE, json.dumps(body).encode(), code="invalid_request")
+    except ServeError as exc:
+        return Answer(exc.http_status, JSON_TYPE, json.dumps(exc.body()).encode(),
+                      code=exc.code)
+
+
+def _parse(job: Job, d_input: int) -> PredictRequest:
+    if job.media == NPY_TYPE:
+        return parse_npy(job.body, job.query, d_input)
+    if job.media in (JSON_TYPE, ""):
+        return parse_json(job.body, d_input)
+    raise ServeError("unsupported_media_type", f"send {JSON_TYPE} or {NPY_TYPE}")
+
+
+def _start_states(backend: ModelBackend, blobs: list[str] | None, batch: int,
+                  secret: str | None):
+    """Stack per-sequence blobs into batch state tensors; also their sample counts."""
+    if blobs is None:
+        return None, [0] * batch
+    if len(blobs) != batch:
+        raise ServeError("bad_state", f"state needs one blob per sequence ({batch})")
+    info = backend.info
+    records = [decode_state(blob, secret) for blob in blobs]
+    for record in records:
+        record.check(info.name, info.version, backend.state_spec)
+    state = [
+        torch.from_numpy(np.stack([r.tensors[i] for r in records])).to(backend.device)
+        for i in range(len(backend.state_spec))
+    ]
+    return state, [r.samples for r in records]
+
+
+def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bool) -> Answer:
+    batch, length, _ = req.inputs.shape
+    if batch * length > limits.max_batch_length:
+        raise ServeError("too_large", f"batch × length {batch * length} is over the limit "
+                         f"{limits.max_batch_length}")
+    rate = backend.rate_for(req.sample_rate)
+    state, samples = _start_states(backend, req.state, batch, limits.state_secret)
+    began = time.perf_counter()
+    u = torch.from_numpy(req.inputs).to(backend.device)
+    y, end_state = backend.predict(u, rate, state=state, return_state=req.return_state)
+    if req.outputs == "last":
+        y = y[:, -1:]
+    y = y.to("cpu", torch.float32).numpy()
+    end_state = None if end_state is None else [t.to("cpu").numpy() for t in end_state]
+    seconds = time.perf_counter() - began
+    if not np.isfinite(y).all() or (end_state is not None and not all(
+            np.isfinite(t).all() for t in end_state)):
+        # finite inputs near float32's limit can overflow inside the network
+        raise ServeError("non_finite", "the outputs would not be finite (inputs too large?)")
+    if npy:
+        return Answer(200, NPY_TYPE, npy_bytes(y), seconds, batch * length)
+    info = backend.info
+    blobs = None
+    if req.return_state and end_state is not None:
+        names = [s.name for s in backend.state_spec]
+        blobs = [
+            encode_state(StateRecord(
+                info.name, info.version, samples[b] + length, [t[b] for t in end_state], names,
+                req.sample_rate or info.sample_rate,
+            ), limits.state_secret)
+            for b in range(batch)
+        ]
+    body = {
+        "model": info.name, "version": info.version, "outputs": y.tolist(),
+        "labels": info.labels, "state": blobs, "device": info.device,
+        "timing_ms": {"compute": round(seconds * 1000, 3)},
+    }
+    text = json.dumps(body, allow_nan=False, separators=(",", ":"))
+    return Answer(200, JSON_TYPE, text.encode(), seconds, batch * length)

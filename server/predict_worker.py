@@ -1,0 +1,154 @@
+"""Predict requests in worker processes (`predict_workers`, default 1).
+
+Parsing the body, the convolutional view and encoding the answer run in a process of their own,
+so neither a large JSON body (json.loads holds the GIL for the whole parse) nor a long
+computation can stall the event loop that steps the streams. A request that computes longer
+than `predict_timeout` seconds is cut off: its worker is killed and replaced, the client gets
+504 `timeout`, and a worker that dies (out of memory, say) costs only its own request (500).
+
+Requests and answers cross a pipe as bytes: a JSON header, a NUL byte, then the body. Nothing
+is pickled. With `predict_workers = 0` the same job (server/predict_job.py) runs in a thread of
+the server process, with no time limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from server.errors import ServeError
+from server.predict_job import Answer, Job, Limits, run_job
+
+log = logging.getLogger("s4serve.predict")
+_START_TIMEOUT_S = 600.0  # loading torch and the models, on a slow machine
+
+
+def _pack(header: dict, body: bytes) -> bytes:
+    return json.dumps(header).encode() + b"\0" + body
+
+
+def _unpack(message: bytes) -> tuple[dict, bytes]:
+    head, _, body = message.partition(b"\0")
+    return json.loads(head), body
+
+
+def _worker_main(conn: Connection, model_dirs: list[str], device: str, max_rates: int,
+                 limits: dict, torch_threads: int) -> None:
+    """A worker process: load the models for predict, then answer jobs until the pipe closes."""
+    import torch
+
+    from server.backends.base import load_backend
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    backends = {}
+    for model_dir in model_dirs:  # the torch backend's convolutional view serves predict
+        backend = load_backend("torch", Path(model_dir), device, max_rates, "torchscript")
+        backends[backend.info.name] = backend
+    conn.send_bytes(_pack({"ready": sorted(backends)}, b""))
+    rules = Limits(**limits)
+    while True:
+        try:
+            header, body = _unpack(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        try:
+            answer = run_job(backends, rules, Job(body=body, **header))
+        except Exception as exc:  # a bug, not the client's mistake: say so, keep serving
+            log.exception("predict job failed")
+            error = ServeError("internal", f"internal error: {type(exc).__name__}")
+            answer = Answer(500, "application/json", json.dumps(error.body()).encode(),
+                            code="internal")
+        conn.send_bytes(_pack(answer.header(), answer.body))
+
+
+class _Worker:
+    def __init__(self, context, args: tuple) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child, *args), daemon=True,
+                                       name="s4serve-predict")
+        self.process.start()
+        child.close()
+
+    def call(self, message: bytes) -> bytes:
+        self.conn.send_bytes(message)
+        return self.conn.recv_bytes()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+class PredictPool:
+    """`predict_workers` processes, one request each at a time; the rest wait their turn."""
+
+    def __init__(self, model_dirs: list[Path], device: str, max_rates: int, limits: Limits,
+                 size: int, timeout: float, torch_threads: int = 1) -> None:
+        self._args = ([str(d) for d in model_dirs], device, max_rates, asdict(limits),
+                      torch_threads)
+        self.size, self.timeout = size, timeout
+        self._context = multiprocessing.get_context("spawn")
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._workers: set[_Worker] = set()
+        self.restarts = 0
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has loaded its models."""
+        await asyncio.gather(*(self._add() for _ in range(self.size)))
+
+    async def _add(self) -> None:
+        worker = _Worker(self._context, self._args)
+        self._workers.add(worker)
+        try:
+            header, _ = _unpack(await asyncio.wait_for(
+                asyncio.to_thread(worker.conn.recv_bytes), _START_TIMEOUT_S))
+        except (EOFError, OSError, TimeoutError) as exc:
+            self._drop(worker)
+            raise RuntimeError(f"a predict worker did not start: {exc!r}") from None
+        log.debug("predict worker %d ready: %s", worker.process.pid, header["ready"])
+        self._idle.put_nowait(worker)
+
+    def _drop(self, worker: _Worker) -> None:
+        self._workers.discard(worker)
+        worker.kill()
+
+    async def run(self, job: Job) -> Answer:
+        worker = await self._idle.get()
+        message = _pack({"model": job.model, "media": job.media, "query": job.query,
+                         "npy": job.npy}, job.body)
+        try:
+            reply = await asyncio.wait_for(asyncio.to_thread(worker.call, message),
+                                           self.timeout)
+        except TimeoutError:
+            self._replace(worker, "ran past predict_timeout")
+            raise ServeError("timeout", f"predict took longer than {self.timeout:g} s; its "
+                             "worker was stopped (send less per request)") from None
+        except (EOFError, OSError):
+            self._replace(worker, "died")
+            raise ServeError("internal", "the predict worker died during this request") \
+                from None
+        except asyncio.CancelledError:  # its answer would arrive for nobody
+            self._replace(worker, "lost its request")
+            raise
+        self._idle.put_nowait(worker)
+        header, body = _unpack(reply)
+        return Answer(header["status"], header["media"], body, header["seconds"],
+                      header["samples"], header["code"])
+
+    def _replace(self, worker: _Worker, why: str) -> None:
+        log.warning("predict worker %d %s: replacing it", worker.process.pid, why)
+        self._drop(worker)
+        self.restarts += 1
+        task = asyncio.ensure_future(self._add())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None
+                               or log.error("no new predict worker: %s", t.exception()))
+
+    def stop(self) -> None:
+        for worker in list(self._workers):
+            self._drop(worker)
