@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: install system-deps serve test lint bench bench-quick loadtest docker-smoke clean
+.PHONY: install system-deps serve test fuzz lint bench bench-quick loadtest docker-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ system-deps:
 test: system-deps install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The fuzz tests with a long budget (make test runs them with 60 examples per property).
+FUZZ_EXAMPLES ?= 2000
+fuzz: install
+	S4SERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q \
+		tests/server/test_fuzz_parsers.py tests/server/test_fuzz_sockets.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import logging
 import uuid
@@ -83,7 +84,14 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
         docs_allowed(request)
-        return JSONResponse(app.openapi())
+        schema = copy.deepcopy(app.openapi())
+        for path in schema["paths"].values():  # {name}: one of the models served now
+            for operation in path.values():
+                for parameter in operation.get("parameters", []):
+                    if parameter["name"] == "name" and parameter["in"] == "path" \
+                            and runtime.models:
+                        parameter["schema"]["enum"] = sorted(runtime.models)
+        return JSONResponse(schema)
 
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> HTMLResponse:
