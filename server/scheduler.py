@@ -6,7 +6,8 @@ the control items at their heads, and advances the head frame of each by at most
 samples (one sample for frames of at most STEPPED_FRAMES) in one call per group: one-sample
 pieces of one (model, rate) as one batched `step`, pieces of one (model, rate, T) as one
 batched `chunk`. How a frame is cut into pieces depends only on its own
-length, never on other sessions, so batching cannot change a session's numbers.
+length, never on other sessions, so batching changes a session's numbers by float32 rounding
+at most (docs/server.md gives the measured bound).
 
 Ticks run on the event loop between reads: a tick batches whatever arrived since the last one
 (in rounds, up to a time budget, when sessions have several frames queued),

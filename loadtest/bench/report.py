@@ -184,6 +184,14 @@ def _server(r: dict) -> list[str]:
                   f"samples: {tp['frames_per_s']:.0f} frames/s answered (offered "
                   f"{tp['offered_frames_per_s']:.0f}), p50 {_f(lat['p50'])} ms, p99 "
                   f"{_f(lat['p99'])} ms, all replies ok: {_yes(chunked['ok'])}."]
+    beside = r.get("beside_predict")
+    if beside:
+        p99, answer = beside["p99_ms"], beside["predict"]
+        lines += ["", f"Streams beside the largest predict: {beside['body_mb']:.0f} MB of JSON "
+                  f"(shape {tuple(beside['shape'])}), answered {answer.get('status')} in "
+                  f"{_f(answer.get('seconds'))} s; stream p99 {_f(p99['during'])} ms during it "
+                  f"vs {_f(p99['baseline'])} ms without (same run), all replies ok: "
+                  f"{_yes(beside['during']['ok'])}."]
     mux = r.get("mux")
     if mux:
         tp, lat = mux["throughput"], mux["latency_ms"]

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 from websockets.asyncio.client import connect
 
+from loadtest.bench.beside_predict import beside_predict
 from loadtest.bench.k6_bench import run_k6
 from loadtest.bench.networks import served_model
 from loadtest.bench.profile import finish_profile, start_profile
@@ -91,6 +92,12 @@ def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
         gateways, per = (2, 5) if quick else (10, 100)
         log(f"server bench: mux, {gateways} gateways × {per} sessions × 100 Hz")
         results["mux"] = _mux(server, motion_dir, gateways, per, hold_s, workers)
+        sessions = counts[0]
+        log(f"server bench: {sessions} sessions × 100 Hz beside the largest JSON predict")
+        results["beside_predict"] = beside_predict(
+            server.url, "motion", channels,
+            lambda seconds: _stream(server.url, "motion", sessions, seconds, rate=100.0,
+                                    frame=1), quick)
         n = counts[-1]
         log(f"server bench: {n} sessions × 10 frames/s of 10 samples")
         results["chunked"] = {"sessions": n, "frame": 10, **_stream(
