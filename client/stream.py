@@ -66,7 +66,8 @@ class AsyncStream:
     end(). `info` is the server's `started` message (d_input, d_output, labels, ...)."""
 
     def __init__(self, url: str, model: str, options: StreamOptions,
-                 token: str | None = None) -> None:
+                 token: str | None = None,
+                 on_output: Callable[[np.ndarray | StreamError], None] | None = None) -> None:
         self.ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/v1/models/{model}/stream"
         self.options = options
         self.token = token
@@ -80,6 +81,9 @@ class AsyncStream:
         self._sent = 0  # session index of the next frame's first sample
         self._received = 0  # samples whose outputs have arrived
         self._outputs: asyncio.Queue[np.ndarray | StreamError] = asyncio.Queue()
+        # with on_output, each frame's outputs (or StreamError) go to it from the reader, in
+        # order, instead of to recv(): no queue and no task switch per frame
+        self._deliver = on_output or self._outputs.put_nowait
         self._up = asyncio.Event()
         self._reader: asyncio.Task | None = None
         self._ended = False
@@ -243,7 +247,7 @@ class AsyncStream:
         for entry in self._pending:
             if isinstance(entry, _Control) and entry.future and not entry.future.done():
                 entry.future.set_exception(error)
-        self._outputs.put_nowait(error)
+        self._deliver(error)
 
     def _on_reply(self, message: bytes | str) -> None:
         if not self._pending:  # nothing asked for this: not a reply of ours
@@ -275,7 +279,7 @@ class AsyncStream:
                         later.t -= entry.rows
                 self._sent -= entry.rows
                 if entry.deliver:
-                    self._outputs.put_nowait(error)
+                    self._deliver(error)
             elif entry.future is not None:
                 entry.future.set_exception(error)
             return
@@ -308,7 +312,7 @@ class AsyncStream:
             else:
                 outputs = outputs.reshape(rows, d_output)
         if entry.deliver:
-            self._outputs.put_nowait(outputs)
+            self._deliver(outputs)
 
     async def _recover(self) -> None:
         """Reconnect, resume (or restart from the recovery point), replay."""

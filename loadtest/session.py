@@ -89,12 +89,13 @@ class SessionRecord:
 class _Run:
     """A session's sender and receiver around one AsyncStream."""
 
-    def __init__(self, plan: SessionPlan, stream: AsyncStream):
-        self.plan, self.stream = plan, stream
+    def __init__(self, plan: SessionPlan):
+        self.plan = plan
+        self.stream: AsyncStream | None = None
         self.rec = SessionRecord(plan.index, connected=True)
         self.pending: deque[tuple[float, int]] = deque()  # (sent at, frame number)
         self.room = asyncio.Event()  # set when a reply frees room for one more frame
-        self.fed = asyncio.Event()  # set when a frame was sent or sending stopped
+        self.settled = asyncio.Event()  # every sent frame answered, or the stream failed
         self.sent_at, self.latency = array("d"), array("d")
         self.outputs: list[np.ndarray] = []
         self.inputs: list[np.ndarray] = []
@@ -107,18 +108,17 @@ class _Run:
         plan, rec = self.plan, self.rec
         k, due = 0, stream_start
         try:
-            while due < plan.stop_at:
+            while due < plan.stop_at and not self.closed:
                 now = time.monotonic()
                 if due > now:
                     await asyncio.sleep(due - now)
                 else:
                     rec.max_send_lag_s = max(rec.max_send_lag_s, now - due)
-                while len(self.pending) >= plan.max_in_flight:
+                while len(self.pending) >= plan.max_in_flight and not self.closed:
                     rec.stalls += 1
                     self.room.clear()
                     await self.room.wait()
                 self.pending.append((time.monotonic(), k))
-                self.fed.set()
                 await self.stream.feed(plan.payload(k))
                 rec.frames_sent = k = k + 1
                 due = stream_start + k * plan.period_s
@@ -126,34 +126,32 @@ class _Run:
             pass
         finally:
             self.sending = False
-            self.fed.set()
-
-    async def receive_loop(self) -> None:
-        """Until every sent frame is answered (or the stream fails)."""
-        plan, rec = self.plan, self.rec
-        while self.sending or self.pending:
             if not self.pending:
-                self.fed.clear()
-                await self.fed.wait()
-                continue
-            try:
-                outputs = await self.stream.recv()
-            except StreamError as exc:
-                if exc.code == "closed":
-                    rec.errors[f"close_{exc.close_code or 1006}"] += 1
-                    self.closed = True
-                    return
-                self.pending.popleft()
+                self.settled.set()
+
+    def on_output(self, outputs: np.ndarray | StreamError) -> None:
+        """Each frame's outputs, in order, straight from the stream's reader."""
+        plan, rec = self.plan, self.rec
+        now = time.monotonic()
+        if isinstance(outputs, StreamError):
+            if outputs.code == "closed":
+                rec.errors[f"close_{outputs.close_code or 1006}"] += 1
+                self.closed = True
+                self.settled.set()
                 self.room.set()
-                if exc.code == "bad_reply":  # a reply that does not fit its frame
-                    rec.wrong += 1
-                    self.answered_samples += plan.frame
-                else:  # a rejected frame: the server's state did not move
-                    rec.errors[exc.code] += 1
-                continue
-            now = time.monotonic()
+                return
+            if not self.pending:
+                return
+            self.pending.popleft()
+            if outputs.code == "bad_reply":  # a reply that does not fit its frame
+                rec.wrong += 1
+                self.answered_samples += plan.frame
+            else:  # a rejected frame: the server's state did not move
+                rec.errors[outputs.code] += 1
+        else:
+            if not self.pending:
+                return
             sent, k = self.pending.popleft()
-            self.room.set()
             rec.replies_ok += 1  # the client library checked its size against the frame
             self.sent_at.append(sent)
             self.latency.append(now - sent)
@@ -162,6 +160,9 @@ class _Run:
                 self.inputs.append(plan.block(k))
                 self.kept_rows += len(outputs)
             self.answered_samples += plan.frame
+        self.room.set()
+        if not self.sending and not self.pending:
+            self.settled.set()
 
     def finish(self) -> SessionRecord:
         rec = self.rec
@@ -179,7 +180,8 @@ async def run_session(plan: SessionPlan, url: str, model: str, token: str | None
                       drain_s: float) -> SessionRecord:
     """Connect at plan.start_at, stream until plan.stop_at, collect late replies, end."""
     await asyncio.sleep(max(0.0, plan.start_at - time.monotonic()))
-    stream = AsyncStream(url, model, plan.options(), token)
+    run = _Run(plan)
+    stream = run.stream = AsyncStream(url, model, plan.options(), token, on_output=run.on_output)
     try:
         await stream.open()
     except StreamError as exc:
@@ -187,18 +189,13 @@ async def run_session(plan: SessionPlan, url: str, model: str, token: str | None
         return SessionRecord(plan.index, errors=Counter({code: 1}))
     except (OSError, TimeoutError, WebSocketException) as exc:
         return SessionRecord(plan.index, errors=Counter({f"connect_{type(exc).__name__}": 1}))
-    run = _Run(plan, stream)
     try:
-        sender = asyncio.create_task(run.send_loop(max(plan.start_at, time.monotonic())))
-        receiver = asyncio.create_task(run.receive_loop())
-        await sender
-        await asyncio.wait({receiver}, timeout=drain_s)
-        if not receiver.done():
+        await run.send_loop(max(plan.start_at, time.monotonic()))
+        try:
+            await asyncio.wait_for(run.settled.wait(), drain_s)
+        except TimeoutError:
             run.rec.errors["drain_timeout"] += 1
-            receiver.cancel()
-        elif receiver.exception() is not None:
-            raise receiver.exception()
-        elif not run.closed:
+        if not run.closed and not run.pending:
             try:
                 async with asyncio.timeout(drain_s):
                     samples = await stream.end()

@@ -22,6 +22,17 @@ from server.store import LocalDirectoryStore, SessionStore
 log = logging.getLogger("s4serve.runtime")
 
 
+def make_store(settings: Settings) -> SessionStore:
+    local = LocalDirectoryStore(settings.snapshot_dir)
+    if settings.store is None:
+        return local
+    if not settings.store.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"store must be a redis:// URL or unset, not {settings.store!r}")
+    from server.redis_store import RedisStore  # redis-py only when it is used
+
+    return RedisStore(settings.store, local)
+
+
 @dataclass(eq=False)
 class Runtime:
     settings: Settings
@@ -51,7 +62,7 @@ class Runtime:
             metrics, settings.scheduler_max_batch, settings.scheduler_tick,
             settings.tick_samples, settings.max_queued_frames, settings.max_lag,
         )
-        store = store or LocalDirectoryStore(settings.snapshot_dir)
+        store = store or make_store(settings)
         manager = SessionManager(scheduler, store, metrics, settings.resume_ttl, settings.secret)
         guard = Guard(settings.api_keys, settings.allowed_origins)
         return cls(settings, metrics, guard, scheduler, store, manager)

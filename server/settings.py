@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     snapshot_dir: Path = Path("var/sessions")
+    store: str | None = Field(
+        None, description="where dropped sessions wait: None for the local directory "
+        "(snapshot_dir), or redis://host:port/db, shared by every worker and replica")
     drain_seconds: float = Field(
         0.0, ge=0, description="after SIGTERM, answer readyz 503 this long before stopping"
     )

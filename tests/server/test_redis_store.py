@@ -1,0 +1,104 @@
+"""The Redis session store against a real redis-server (started here): atomic take, TTL,
+the local fallback when Redis is away, and a session dropped on one server resuming on
+another that shares the store."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from server.redis_store import RedisStore
+from server.store import LocalDirectoryStore, SessionRecord
+from tests.server.client import connect, predict, start, stream_binary
+from tests.server.conftest import ServerThread, free_port, make_settings
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is missing: tests/system-deps.sh (make test) installs it"
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("r"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def record(samples: int = 5) -> SessionRecord:
+    return SessionRecord("id", "seq", "float32", None, "every", samples, "blob")
+
+
+def test_put_take_once_and_expire(redis_url, tmp_path):
+    store = RedisStore(redis_url, LocalDirectoryStore(tmp_path))
+    store.put("tok", record(), ttl=30)
+    assert store.take("tok") == record()
+    assert store.take("tok") is None  # taken: gone
+    store.put("short", record(), ttl=0.2)
+    time.sleep(0.4)
+    assert store.take("short") is None  # expired by Redis itself
+    store.put("secret-token", record(), ttl=30)
+    keys = [k.decode() for k in store.client.keys("*")]
+    assert keys and not any("secret-token" in k for k in keys)  # tokens are hashed
+
+
+def test_of_many_concurrent_takes_exactly_one_wins(redis_url, tmp_path):
+    store = RedisStore(redis_url, LocalDirectoryStore(tmp_path))
+    store.put("race", record(), ttl=30)
+    got, barrier = [], threading.Barrier(16)
+
+    def take():
+        barrier.wait()
+        got.append(RedisStore(redis_url, LocalDirectoryStore(tmp_path)).take("race"))
+
+    threads = [threading.Thread(target=take) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r is not None for r in got) == 1
+
+
+def test_without_redis_sessions_go_to_the_local_store(tmp_path):
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", LocalDirectoryStore(tmp_path),
+                       timeout=0.5)
+    store.put("tok", record(7), ttl=30)
+    assert store.take("tok") == record(7)
+
+
+async def test_a_session_dropped_on_one_server_resumes_on_another(model_dirs, redis_url,
+                                                                  tmp_path):
+    u = np.random.default_rng(3).standard_normal((60, 2)).astype(np.float32)
+    settings_a = make_settings(model_dirs, tmp_path / "a", store=redis_url)
+    settings_b = make_settings(model_dirs, tmp_path / "b", store=redis_url)
+    with ServerThread(settings_a) as a, ServerThread(settings_b) as b:
+        expected = np.array(predict(a.url, "seq", u[None])["outputs"])[0]
+        async with await connect(a.ws_url, "seq") as ws:
+            token = (await start(ws))["resume_token"]
+            head = await stream_binary(ws, [u[:30]], 3)
+        await asyncio.sleep(0.3)  # A detaches the dropped session into Redis
+        async with await connect(b.ws_url, "seq") as ws:
+            resumed = await start(ws, resume=token)
+            assert resumed["type"] == "started" and resumed["samples"] == 30
+            tail = await stream_binary(ws, [u[30:]], 3)
+            async with await connect(a.ws_url, "seq") as other:  # one owner: A has nothing
+                assert (await start(other, resume=token))["code"] == "resume_not_found"
+    np.testing.assert_allclose(np.concatenate([head, tail]), expected, atol=1e-4)
