@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from client import wire
 from client.errors import StreamError
-from client.wire import RETRY_CLOSE_CODES, STATUS_CODES, WIRE_DTYPES, encode_data
+from client.wire import RETRY_CLOSE_CODES, STATUS_CODES, encode_data, frame_bytes
 
 _BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
 
@@ -152,8 +152,8 @@ class AsyncMux:
         entries = []
         for sid, frame in frames.items():
             info = self.sessions.get(sid, {"dtype": "float32"})
-            payload = np.ascontiguousarray(frame, dtype=WIRE_DTYPES[info["dtype"]])
-            entries.append((sid, payload.tobytes(), len(payload)))
+            samples = int(np.prod(np.shape(frame)[:-1])) if np.ndim(frame) > 1 else 1
+            entries.append((sid, frame_bytes(frame, info["dtype"]), samples))
         return dict(await self.send_raw(entries))
 
     async def send_raw(self, entries: list[tuple[int, bytes, int]]) -> list[tuple[int, Any]]:

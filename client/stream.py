@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from client.errors import StreamError
-from client.wire import RETRY_CLOSE_CODES, WIRE_DTYPES, encode_frame, json_frame, start_message
+from client.wire import RETRY_CLOSE_CODES, WIRE_DTYPES, frame_bytes, json_frame, start_message
 
 _BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
 
@@ -130,14 +130,15 @@ class AsyncStream:
     # ----- what callers use ------------------------------------------------------------
     async def feed(self, frame: np.ndarray | bytes) -> None:
         """Send one frame (T × d_input samples, or bytes already in the wire dtype); its
-        outputs come from recv(), in order."""
+        outputs come from recv(), in order. An int16 session takes int16 samples as they are,
+        or floats in [-1, 1) (scaled by 32768)."""
         opts = self.options
         if opts.frames == "json":
             block = np.asarray(frame, dtype=np.float32).reshape(-1, self.info["d_input"])
             data: bytes | str = json_frame(block)
             rows = len(block)
         else:
-            data = frame if isinstance(frame, bytes) else encode_frame(frame, opts.dtype)
+            data = frame if isinstance(frame, bytes) else frame_bytes(frame, opts.dtype)
             rows = len(data) // (self.info["d_input"] * WIRE_DTYPES[opts.dtype].itemsize)
         await self._ready()
         entry = _Frame(self._sent, rows, data)

@@ -34,6 +34,15 @@ def encode_frame(signal: np.ndarray, dtype: str = "float32") -> bytes:
     return np.ascontiguousarray(signal, dtype=WIRE_DTYPES[dtype]).tobytes()
 
 
+def frame_bytes(frame: np.ndarray, dtype: str = "float32") -> bytes:
+    """What a client sends for `frame`: int16 sessions take int16 samples as they are, or
+    floats in [-1, 1) scaled to int16; float32 sessions take any numbers."""
+    array = np.asarray(frame)
+    if dtype == "int16" and array.dtype.kind == "f":
+        return to_int16(array).tobytes()
+    return np.ascontiguousarray(array, dtype=WIRE_DTYPES[dtype]).tobytes()
+
+
 def as_seen_by_server(signal: np.ndarray, dtype: str = "float32") -> np.ndarray:
     """The float32 values the server decodes from `encode_frame(signal, dtype)`."""
     if dtype == "int16":
