@@ -14,10 +14,10 @@ dropped connection (reconnect, resume, replay: the caller sees every output exac
 `AsyncClient` has the same methods as coroutines. Dependencies: websockets, httpx, numpy.
 """
 
-from client.api import AsyncClient, Client, PredictResult
+from client.api import AsyncClient, Client, PredictResult, Stream
 from client.errors import ClientError, StreamError
 from client.mux import AsyncMux
-from client.stream import AsyncStream, Stream
+from client.stream import AsyncStream
 
 __all__ = [
     "AsyncClient",

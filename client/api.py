@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from client.errors import ClientError
 from client.mux import AsyncMux
-from client.stream import AsyncStream, Stream, StreamOptions
+from client.stream import AsyncStream, StreamOptions
 
 T = TypeVar("T")
 NPY = "application/x-npy"
@@ -164,3 +164,46 @@ class Client:
 
     def stream(self, model: str, **options: Any) -> Stream:
         return Stream(self._async.stream(model, **options), self._run)
+
+
+class Stream:
+    """The synchronous face of AsyncStream (used by `Client.stream`)."""
+
+    def __init__(self, inner: AsyncStream, run: Callable[[Any], Any]) -> None:
+        self._inner, self._run = inner, run
+
+    @property
+    def info(self) -> dict:
+        return self._inner.info
+
+    @property
+    def reconnects(self) -> int:
+        return self._inner.reconnects
+
+    def __enter__(self) -> Stream:
+        self._run(self._inner.open())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._run(self._inner.__aexit__(*exc))
+
+    def feed(self, frame: np.ndarray) -> None:
+        self._run(self._inner.feed(frame))
+
+    def recv(self) -> np.ndarray:
+        return self._run(self._inner.recv())
+
+    def send(self, frame: np.ndarray) -> np.ndarray:
+        return self._run(self._inner.send(frame))
+
+    def snapshot(self) -> tuple[int, str]:
+        return self._run(self._inner.snapshot())
+
+    def reset(self) -> None:
+        self._run(self._inner.reset())
+
+    def end(self) -> int:
+        return self._run(self._inner.end())
+
+    def close(self) -> None:
+        self._run(self._inner.close())

@@ -22,7 +22,6 @@ import json
 import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from client import wire
 from client.errors import StreamError
+from client.mux_recovery import Entry, Pending, Session, reopen
 from client.wire import RETRY_CLOSE_CODES, STATUS_CODES, encode_data, frame_bytes
 
 _BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
@@ -47,32 +47,6 @@ def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, Any
         for sid, status, values in entries]
 
 
-@dataclass(eq=False)
-class _Entry:
-    t: int  # session index of its first sample
-    payload: bytes
-    samples: int
-    deliver: bool = True  # False: a replay whose outputs the caller already has
-
-
-@dataclass(eq=False)
-class _Session:
-    options: dict  # what `open` asked for (dtype, sample_rate, output)
-    token: str
-    base: tuple[int, str | None]  # recovery point: (samples, state blob)
-    sent: int  # session index of the next entry
-    received: int  # samples whose outputs arrived
-    kept: deque[_Entry] = field(default_factory=deque)  # answered since the recovery point
-    checkpoint_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass(eq=False)
-class _Pending:
-    seq: int
-    entries: list[tuple[int, _Entry]] | None  # (caller's sid, entry); None without reconnect
-    future: asyncio.Future | None  # None: a replay message of the recovery
-
-
 class AsyncMux:
     """One mux connection; sessions are small integers (`sid`) on it."""
 
@@ -87,9 +61,9 @@ class AsyncMux:
         self.reconnects = 0
         self._ws: ClientConnection | None = None
         self._seq = 0
-        self._data: deque[_Pending] = deque()
+        self._data: deque[Pending] = deque()
         self._control: dict[tuple[str, Any], deque[asyncio.Future | None]] = {}
-        self._state: dict[int, _Session] = {}
+        self._state: dict[int, Session] = {}
         self._server_sid: dict[int, int] = {}  # caller's sid -> the current connection's
         self._caller_sid: dict[int, int] = {}
         self._up = asyncio.Event()
@@ -140,7 +114,7 @@ class AsyncMux:
         sid = opened["sid"]
         self._server_sid[sid] = self._caller_sid[sid] = sid  # the same until a reconnect
         self.sessions[sid] = opened
-        self._state[sid] = _Session(options, opened["resume_token"],
+        self._state[sid] = Session(options, opened["resume_token"],
                                     (opened["samples"], state), opened["samples"],
                                     opened["samples"])
         if resume is not None and self.reconnect:  # its state is the recovery point
@@ -162,19 +136,19 @@ class AsyncMux:
         if not self.reconnect:  # nothing to replay: no bookkeeping per entry
             future = asyncio.get_running_loop().create_future()
             self._seq += 1
-            self._data.append(_Pending(self._seq, None, future))
+            self._data.append(Pending(self._seq, None, future))
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send(encode_data(self._seq, entries))
             return await future
         items = []
         for sid, payload, samples in entries:
             session = self._state.get(sid)
-            entry = _Entry(session.sent if session else 0, payload, samples)
+            entry = Entry(session.sent if session else 0, payload, samples)
             if session is not None:
                 session.sent += samples
             items.append((sid, entry))
         future = asyncio.get_running_loop().create_future()
-        await self._send_data(_Pending(0, items, future))
+        await self._send_data(Pending(0, items, future))
         if self.reconnect and self.checkpoint_s:
             now = time.monotonic()
             for sid, _ in items:
@@ -230,7 +204,7 @@ class AsyncMux:
         await self._send_text({"type": kind, "sid": server_sid})
         return await future
 
-    async def _checkpoint(self, sid: int, session: _Session) -> None:
+    async def _checkpoint(self, sid: int, session: Session) -> None:
         """Ask for a snapshot that becomes the session's recovery point (no caller waits)."""
         session.checkpoint_at = time.monotonic()
         server_sid = self._server_sid.get(sid, 0)
@@ -241,7 +215,7 @@ class AsyncMux:
         with contextlib.suppress(ConnectionClosed):  # the reader sees the drop
             await self._ws.send(json.dumps(message))
 
-    async def _send_data(self, pending: _Pending, ws: ClientConnection | None = None) -> None:
+    async def _send_data(self, pending: Pending, ws: ClientConnection | None = None) -> None:
         self._seq += 1
         pending.seq = self._seq
         self._data.append(pending)
@@ -390,9 +364,9 @@ class AsyncMux:
         self._data.clear()
         self._server_sid.clear()
         self._caller_sid.clear()
-        replays: list[list[tuple[int, _Entry]]] = []
+        replays: list[list[tuple[int, Entry]]] = []
         for sid, session in list(self._state.items()):
-            opened, replay = await self._reopen(ws, session)
+            opened, replay = await reopen(ws, session)
             self._server_sid[sid], self._caller_sid[opened["sid"]] = opened["sid"], sid
             self.sessions[sid] = opened
             for i, entry in enumerate(replay):
@@ -401,38 +375,7 @@ class AsyncMux:
                     replays.append([])
                 replays[i].append((sid, entry))
         for items in replays:  # round i: the i-th replayed entry of every session
-            await self._send_data(_Pending(0, items, None), ws)
+            await self._send_data(Pending(0, items, None), ws)
         for pending in unanswered:
             await self._send_data(pending, ws)
         self._up.set()
-
-    async def _reopen(self, ws: ClientConnection, session: _Session) -> tuple[dict, list]:
-        """(opened, entries to replay) for one session on the new connection."""
-        opened = await self._request(ws, {"type": "open", "ref": "resume",
-                                          "resume": session.token, **session.options})
-        if opened.get("type") == "opened" and opened["samples"] == session.received:
-            return opened, []  # its state ends where our outputs do
-        if opened.get("type") == "opened":  # outputs were lost in flight: start over
-            await self._request(ws, {"type": "end", "sid": opened["sid"]})
-        elif opened.get("code") != "resume_not_found":
-            raise StreamError(opened.get("code", "bad_reply"), opened.get("message", ""))
-        samples, state = session.base
-        message = {"type": "open", "ref": "restart", **session.options}
-        if state is not None:
-            message["state"] = state
-        opened = await self._request(ws, message)
-        if opened.get("type") != "opened" or opened["samples"] != samples:
-            raise StreamError("bad_state", f"the recovery point did not restore: {opened}")
-        session.token = opened["resume_token"]
-        replay = [e for e in session.kept if e.t >= samples]
-        session.kept = deque(e for e in session.kept if e.t < samples)
-        return opened, replay
-
-    @staticmethod
-    async def _request(ws: ClientConnection, message: dict) -> dict:
-        """One control request on a connection nothing else reads yet (recovery)."""
-        await ws.send(json.dumps(message))
-        while True:
-            reply = json.loads(await ws.recv())
-            if reply.get("type") in ("opened", "error", "end"):
-                return reply

@@ -124,3 +124,18 @@ class Metrics:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(self.multiprocess_dir))
         return generate_latest(registry)
+
+
+class ModelMetrics:
+    """One model's metric children, resolved once (a label lookup takes a lock)."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.frames_ok = metrics.frames.labels(name, "ok")
+        self.latency = metrics.frame_latency.labels(name)
+        self.step = metrics.step_seconds.labels(name, "step")
+        self.chunk = metrics.step_seconds.labels(name, "chunk")
+        self.batch = metrics.step_batch_size.labels(name)
+        self.samples = metrics.samples.labels(name, "stream")
+        self.queue = metrics.queue_depth.labels(name)
+        self.queued = 0  # frames waiting, this model
+        self.latencies: list[float] = []  # receipt times of the frames answered this tick

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from server.errors import ServeError
-from server.metrics import Metrics, observe_many
+from server.metrics import Metrics, ModelMetrics, observe_many
 from server.slots import SlotPool
 from server.work import (
     BATCH_FAILED,
@@ -51,21 +51,6 @@ log = logging.getLogger("s4serve.scheduler")
 STEPPED_FRAMES = 4
 
 
-class _ModelMetrics:
-    """One model's metric children, resolved once (a label lookup takes a lock)."""
-
-    def __init__(self, metrics: Metrics, name: str) -> None:
-        self.frames_ok = metrics.frames.labels(name, "ok")
-        self.latency = metrics.frame_latency.labels(name)
-        self.step = metrics.step_seconds.labels(name, "step")
-        self.chunk = metrics.step_seconds.labels(name, "chunk")
-        self.batch = metrics.step_batch_size.labels(name)
-        self.samples = metrics.samples.labels(name, "stream")
-        self.queue = metrics.queue_depth.labels(name)
-        self.queued = 0  # frames waiting, this model
-        self.latencies: list[float] = []  # receipt times of the frames answered this tick
-
-
 class Scheduler:
     def __init__(self, metrics: Metrics, max_batch: int = 1024, tick: float = 0.0,
                  piece: int = 256, max_queued: int = 1 << 16, max_lag: float = 1.0,
@@ -81,7 +66,7 @@ class Scheduler:
         self.ticks = 0
         self._ready: OrderedDict[Stream, None] = OrderedDict()
         self._batches: list[Batch] = []
-        self._models: dict[SlotPool, _ModelMetrics] = {}
+        self._models: dict[SlotPool, ModelMetrics] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
 
@@ -116,10 +101,10 @@ class Scheduler:
         lagging = bool(self._ready) and self.lag > self.max_lag  # stale once queues are empty
         return lagging or self._model(pool).queued >= self.max_queued
 
-    def _model(self, pool: SlotPool) -> _ModelMetrics:
+    def _model(self, pool: SlotPool) -> ModelMetrics:
         model = self._models.get(pool)
         if model is None:
-            model = self._models[pool] = _ModelMetrics(self.metrics, pool.backend.info.name)
+            model = self._models[pool] = ModelMetrics(self.metrics, pool.backend.info.name)
         return model
 
     def submit(self, stream: Stream, item: Frame | Control) -> None:

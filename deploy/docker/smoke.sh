@@ -154,7 +154,7 @@ build_wheelhouse() {
   local t0=$SECONDS deps="$CACHE/wheels" src="$WORK/src"
   mkdir -p "$deps" "$src" "$WORK/context/wheelhouse"
   tar -C "$REPO" --exclude=__pycache__ --exclude='*.egg-info' -c pyproject.toml model server \
-    loadtest | tar -C "$src" -x
+    client loadtest | tar -C "$src" -x
   if [ -f "$REPO/README.md" ]; then cp "$REPO/README.md" "$src/"; else : >"$src/README.md"; fi
   "$PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/project" "$src" \
     >"$WORK/pip.log" 2>&1 || { tail -n 20 "$WORK/pip.log" >&2; exit 1; }
