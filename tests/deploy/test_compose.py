@@ -98,3 +98,11 @@ def test_grafana_provisioning_matches_the_dashboard():
         for signal in ("sessions", "samples", "frame latency", "batch size", "step",
                        "errors", "predict latency"):
             assert signal in titles, signal
+
+
+def test_sessions_wait_in_the_compose_redis():
+    services = compose()["services"]
+    server = services["s4serve"]
+    assert "redis" in services and "redis" in server["depends_on"]
+    assert server["environment"]["S4SERVE_STORE"] == "redis://redis:6379/0"
+

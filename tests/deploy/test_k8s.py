@@ -65,7 +65,9 @@ def load_documents(paths: list[Path]) -> list[dict]:
 
 
 def by_kind(docs: list[dict]) -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in docs}
+    """The s4serve resources by kind (the Redis store's Deployment and Service aside)."""
+    return {doc["kind"]: doc for doc in docs
+            if not doc["metadata"]["name"].endswith("-redis")}
 
 
 def kubernetes_validate(paths: list[Path]) -> subprocess.CompletedProcess:
@@ -198,3 +200,16 @@ def test_kustomize_renders_the_listed_resources():
         "containers"][0]["image"]
     new = KUSTOMIZATION["images"][0]
     assert image == f"{new['newName']}:{new['newTag']}"
+
+
+def test_the_session_store_points_at_the_redis_service():
+    docs = load_documents(RESOURCE_FILES)
+    redis_docs = {d["kind"]: d for d in docs if d["metadata"]["name"] == "s4serve-redis"}
+    deployment, service = redis_docs["Deployment"], redis_docs["Service"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    port = service["spec"]["ports"][0]
+    container = by_kind(docs)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["S4SERVE_STORE"] == f"redis://{service['metadata']['name']}:{port['port']}/0"
+
