@@ -25,15 +25,14 @@ from collections import deque
 from typing import Any
 
 import numpy as np
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from client import wire
+from client.connection import open_ws, with_backoff, worth_reconnecting
 from client.errors import StreamError
 from client.mux_recovery import Entry, Pending, Session, reopen
-from client.wire import RETRY_CLOSE_CODES, STATUS_CODES, encode_data, frame_bytes
-
-_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
+from client.wire import STATUS_CODES, encode_data, frame_bytes
 
 
 def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, Any]]]:
@@ -91,13 +90,7 @@ class AsyncMux:
                 await self._reader
 
     async def _connect(self) -> ClientConnection:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        try:
-            return await connect(self.ws_url, max_size=None, additional_headers=headers,
-                                 compression=None)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            raise StreamError(f"http_{status}", f"the server answered HTTP {status}") from None
+        return await open_ws(self.ws_url, self.token)
 
     # ----- what callers use ------------------------------------------------------------
     async def open(self, *, dtype: str = "float32", sample_rate: float | None = None,
@@ -239,7 +232,7 @@ class AsyncMux:
                 self._fail(exc)
                 return
             code = self._ws.close_code
-            if self._closing or not self.reconnect or code not in RETRY_CLOSE_CODES | {None}:
+            if self._closing or not worth_reconnecting(self._ws, self.reconnect):
                 self._fail(StreamError("closed", f"the mux connection closed ({code})",
                                        close_code=code))
                 return
@@ -345,19 +338,7 @@ class AsyncMux:
         """Reconnect, resume or restart every session, replay, re-send what was unanswered."""
         self._up.clear()
         self._fail_controls(StreamError("closed", "the connection dropped; ask again"))
-        deadline = time.monotonic() + self.max_reconnect_s
-        delay = _BACKOFF[0]
-        while True:
-            try:
-                ws = await self._connect()
-                break
-            except (OSError, TimeoutError, StreamError) as exc:
-                if isinstance(exc, StreamError) and exc.code != "http_503":
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, _BACKOFF[1])
+        ws = await with_backoff(self._connect, self.max_reconnect_s, frozenset({"http_503"}))
         self._ws = ws
         self.reconnects += 1
         unanswered = [p for p in self._data if p.future is not None]

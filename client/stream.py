@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
+from client.connection import open_ws, with_backoff, worth_reconnecting
 from client.errors import StreamError
-from client.wire import RETRY_CLOSE_CODES, WIRE_DTYPES, frame_bytes, json_frame, start_message
-
-_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
+from client.wire import WIRE_DTYPES, frame_bytes, json_frame, start_message
 
 
 @dataclass(frozen=True)
@@ -200,15 +199,9 @@ class AsyncStream:
 
     async def _connect(self, state: str | None = None,
                        resume: str | None = None) -> tuple[ClientConnection, dict]:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         opts = self.options
-        try:
-            ws = await connect(self.ws_url, max_size=None, additional_headers=headers,
-                               compression=None, open_timeout=opts.open_timeout,
-                               ping_interval=opts.ping_interval, close_timeout=2)
-        except InvalidStatus as exc:  # refused before the upgrade (auth, Origin, no route)
-            status = exc.response.status_code
-            raise StreamError(f"http_{status}", f"the server answered HTTP {status}") from None
+        ws = await open_ws(self.ws_url, self.token, open_timeout=opts.open_timeout,
+                           ping_interval=opts.ping_interval, close_timeout=2)
         await ws.send(start_message(opts.dtype, opts.output, opts.sample_rate, state, resume))
         try:
             async with asyncio.timeout(opts.open_timeout):
@@ -231,7 +224,7 @@ class AsyncStream:
             if self._ended:
                 return
             code = self._ws.close_code
-            if not self.options.reconnect or code not in RETRY_CLOSE_CODES | {None}:
+            if not worth_reconnecting(self._ws, self.options.reconnect):
                 reason = self._ws.close_reason or "connection closed"
                 self._fail(StreamError("closed", f"{code} {reason}", close_code=code))
                 return
@@ -318,19 +311,8 @@ class AsyncStream:
     async def _recover(self) -> None:
         """Reconnect, resume (or restart from the recovery point), replay."""
         self._up.clear()
-        deadline = time.monotonic() + self.options.max_reconnect_s
-        delay = _BACKOFF[0]
-        while True:
-            try:
-                ws, info = await self._reconnect_once()
-                break
-            except (OSError, ConnectionClosed, TimeoutError, StreamError) as exc:
-                if isinstance(exc, StreamError) and exc.code not in ("overloaded", "closed"):
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, _BACKOFF[1])
+        ws, info = await with_backoff(self._reconnect_once, self.options.max_reconnect_s,
+                                      frozenset({"overloaded", "closed"}))
         self._ws, self.info = ws, info
         self.reconnects += 1
         start = info["samples"]

@@ -3,6 +3,7 @@ these constants and codecs (docs/protocol.md describes them). Pure numpy + struc
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from typing import Any
@@ -27,16 +28,10 @@ def from_int16(samples: np.ndarray) -> np.ndarray:
     return samples.astype(np.float32) * np.float32(1.0 / INT16_SCALE)
 
 
-def encode_frame(signal: np.ndarray, dtype: str = "float32") -> bytes:
-    """A binary frame: little-endian, channel-interleaved bytes of a (T, d_input) block."""
-    if dtype == "int16":
-        return to_int16(signal).tobytes()
-    return np.ascontiguousarray(signal, dtype=WIRE_DTYPES[dtype]).tobytes()
-
-
 def frame_bytes(frame: np.ndarray, dtype: str = "float32") -> bytes:
-    """What a client sends for `frame`: int16 sessions take int16 samples as they are, or
-    floats in [-1, 1) scaled to int16; float32 sessions take any numbers."""
+    """A binary frame (little-endian, channel-interleaved) for a (T, d_input) block: int16
+    sessions take int16 samples as they are, or floats in [-1, 1) scaled to int16; float32
+    sessions take any numbers."""
     array = np.asarray(frame)
     if dtype == "int16" and array.dtype.kind == "f":
         return to_int16(array).tobytes()
@@ -44,7 +39,7 @@ def frame_bytes(frame: np.ndarray, dtype: str = "float32") -> bytes:
 
 
 def as_seen_by_server(signal: np.ndarray, dtype: str = "float32") -> np.ndarray:
-    """The float32 values the server decodes from `encode_frame(signal, dtype)`."""
+    """The float32 values the server decodes from `frame_bytes(signal, dtype)` of floats."""
     if dtype == "int16":
         return from_int16(to_int16(signal))
     return np.asarray(signal, dtype=np.float32)
@@ -79,6 +74,20 @@ STATUS = {"ok": 0, "unknown_session": 1, "bad_shape": 2, "non_finite": 3, "overl
 STATUS_CODES = {number: code for code, number in STATUS.items()}
 
 
+@functools.cache
+def uniform_entries(samples: int, d_input: int) -> np.dtype:
+    """A data message's entries as one numpy record each, when all carry `samples` float32
+    samples (the usual gateway tick: one)."""
+    return np.dtype([("sid", "<u4"), ("T", "<u4"), ("x", "<f4", (samples, d_input))])
+
+
+@functools.cache
+def uniform_outputs(rows: int, d_output: int) -> np.dtype:
+    """An outputs message's entries as records, when every one is ok with `rows` rows."""
+    return np.dtype([("sid", "<u4"), ("status", "<u2"), ("res", "<u2"), ("rows", "<u4"),
+                     ("y", "<f4", (rows, d_output))])
+
+
 def encode_data(seq: int, entries: list[tuple[int, bytes, int]]) -> bytes:
     """A mux data message: (session, payload bytes, samples) per entry."""
     parts = [HEADER.pack(MUX_VERSION, KIND_DATA, 0, seq, len(entries))]
@@ -95,9 +104,7 @@ def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, int
     if count:  # the common answer, every entry ok with the same rows: one array view
         rows = ENTRY_OUT.unpack_from(data, HEADER.size)[3]
         if len(data) == HEADER.size + count * (ENTRY_OUT.size + 4 * d_output * rows):
-            block = np.frombuffer(data, np.dtype([
-                ("sid", "<u4"), ("status", "<u2"), ("res", "<u2"), ("rows", "<u4"),
-                ("y", "<f4", (rows, d_output))]), count, HEADER.size)
+            block = np.frombuffer(data, uniform_outputs(rows, d_output), count, HEADER.size)
             if not block["status"].any() and (block["rows"] == rows).all():
                 return seq, [(sid, 0, y) for sid, y in zip(block["sid"].tolist(), block["y"],
                                                            strict=True)]

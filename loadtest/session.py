@@ -14,7 +14,7 @@ from websockets.exceptions import WebSocketException
 
 from client.errors import StreamError
 from client.stream import AsyncStream, StreamOptions
-from client.wire import encode_frame
+from client.wire import frame_bytes
 
 HANDSHAKE_TIMEOUT_S = 30.0
 
@@ -38,7 +38,7 @@ class SessionPlan:
     def __post_init__(self) -> None:
         self.loop_frames = len(self.seen) // self.frame
         # binary frames are encoded once; the server decodes exactly `seen` from them
-        self._encoded = encode_frame(self.seen, self.wire) if self.wire != "json" else b""
+        self._encoded = frame_bytes(self.seen, self.wire) if self.wire != "json" else b""
         self._frame_bytes = len(self._encoded) // max(self.loop_frames, 1)
 
     def block(self, k: int) -> np.ndarray:

@@ -158,7 +158,7 @@ async def _load(runtime: Runtime) -> None:
     pool = None
     if settings.predict_workers:
         pool = PredictPool(settings.model_dirs(), settings.device, settings.max_rates,
-                           Limits(settings.max_batch_length, settings.secret),
+                           Limits.of(settings),
                            settings.predict_workers, settings.predict_timeout,
                            settings.torch_threads)
     try:

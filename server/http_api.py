@@ -133,7 +133,7 @@ async def _answer(rt: Runtime, job: Job) -> Answer:
     if rt.predict_pool is not None:
         return await rt.predict_pool.run(job)
     backends = {name: m.backend for name, m in rt.models.items()}
-    limits = Limits(rt.settings.max_batch_length, rt.settings.secret)
+    limits = Limits.of(rt.settings)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(rt.predict_executor, run_job, backends, limits, job)
 

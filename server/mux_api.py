@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, WebSocket
 
+from client import wire
 from client.wire import ENTRY_IN, ENTRY_OUT, HEADER, KIND_DATA, KIND_OUTPUTS, STATUS, WIRE_DTYPES
 from client.wire import MUX_VERSION as VERSION
 from server.errors import CLOSE_GOING_AWAY, ServeError
@@ -27,9 +28,15 @@ from server.link import Link, peer_for
 from server.protocol import binary_frame, parse_start, parse_text
 from server.scheduler import Batch, Control, Frame
 from server.sessions import Session
+from server.work import BATCH_FAILED, BATCH_GONE, BATCH_NON_FINITE, BATCH_OK
 
 router = APIRouter()
 
+
+
+# what a batch member's outcome is answered with
+_BATCH_CODES = {BATCH_GONE: "unknown_session", BATCH_NON_FINITE: "non_finite",
+                BATCH_FAILED: "internal"}
 
 
 @router.websocket("/v1/models/{name}/mux")
@@ -93,8 +100,6 @@ class MuxConnection(Link):
         self._next_message = 0
         self._inflight = 0
         self._tasks: set[asyncio.Task] = set()
-        self._entries: np.dtype | None = None  # fast path: the layout of one-sample entries
-        self._replies: np.dtype | None = None  # ... and of their answers
 
     # ----- lifecycle ---------------------------------------------------------------------
     def _let_go(self) -> None:
@@ -246,9 +251,7 @@ class MuxConnection(Link):
         d_input = self.model.info.d_input
         if not count or len(data) != HEADER.size + count * (ENTRY_IN.size + 4 * d_input):
             return False
-        if self._entries is None or self._entries.itemsize != ENTRY_IN.size + 4 * d_input:
-            self._entries = np.dtype([("sid", "<u4"), ("T", "<u4"), ("x", "<f4", (d_input,))])
-        entries = np.frombuffer(data, self._entries, count, HEADER.size)
+        entries = np.frombuffer(data, wire.uniform_entries(1, d_input), count, HEADER.size)
         sids = entries["sid"]
         if (entries["T"] != 1).any():
             return False
@@ -264,7 +267,7 @@ class MuxConnection(Link):
             elif stream.rate != rate:
                 return False
             streams.append(stream)
-        u = np.array(entries["x"], np.float32)  # (count, d_input), a copy: data is transient
+        u = np.array(entries["x"][:, 0], np.float32)  # (count, d_input), a copy of transient data
         if len(set(streams)) < count or not np.isfinite(u).all():
             return False
         pool = streams[0].pool
@@ -284,23 +287,19 @@ class MuxConnection(Link):
             return
         sids, count = message.sids, message.count
         if not status.any():  # every entry ok: the reply body is one structured array
-            if self._replies is None or self._replies["y"].shape != outputs.shape[1:]:
-                self._replies = np.dtype([("sid", "<u4"), ("status", "<u2"), ("res", "<u2"),
-                                          ("rows", "<u4"), ("y", "<f4", outputs.shape[1:])])
-            body = np.empty(count, self._replies)
+            body = np.empty(count, wire.uniform_outputs(1, outputs.shape[1]))
             body["sid"], body["status"], body["res"], body["rows"] = sids, 0, 0, 1
-            body["y"] = outputs
+            body["y"] = outputs[:, None]
             message.parts = [body.tobytes()]
         else:
-            codes = (STATUS["ok"], STATUS["unknown_session"], STATUS["non_finite"],
-                     STATUS["internal"])
-            message.parts = [ENTRY_OUT.pack(sid, codes[st], 0, 1 if st == 0 else 0)
-                             + (row.tobytes() if st == 0 else b"")
-                             for sid, st, row in zip(sids.tolist(), status.tolist(), outputs,
-                                                     strict=True)]
-            for st in status.tolist():
-                if st:
-                    self.rt.error(("", "unknown_session", "non_finite", "internal")[st])
+            message.parts = []
+            for sid, outcome, row in zip(sids.tolist(), status.tolist(), outputs, strict=True):
+                if outcome == BATCH_OK:
+                    message.parts.append(ENTRY_OUT.pack(sid, STATUS["ok"], 0, 1) + row.tobytes())
+                    continue
+                code = _BATCH_CODES[outcome]
+                self.rt.error(code)
+                message.parts.append(ENTRY_OUT.pack(sid, STATUS[code], 0, 0))
         message.left = 0
         if self._order and self._order[0] == batch.ref:
             self._flush()

@@ -40,6 +40,10 @@ class Limits:
     max_batch_length: int
     state_secret: str | None = None
 
+    @classmethod
+    def of(cls, settings) -> Limits:
+        return cls(settings.max_batch_length, settings.secret)
+
 
 @dataclass
 class Answer:

@@ -54,9 +54,3 @@ class RedisStore(SessionStore):
 
     def purge_expired(self) -> int:
         return self.fallback.purge_expired()  # Redis expires its own keys
-
-    def ping(self) -> bool:
-        try:
-            return bool(self.client.ping())
-        except redis.RedisError:
-            return False

@@ -334,7 +334,8 @@ class Scheduler:
                 batch.outputs[due], batch.status[due] = y[at:at + n], status[at:at + n]
                 batch.waiting[due] = False
                 batch.left -= n
-                model.latencies.extend([batch.received] * int((status[at:at + n] == 0).sum()))
+                answered = int((status[at:at + n] == BATCH_OK).sum())
+                model.latencies.extend([batch.received] * answered)
                 at += n
             for stream in streams:
                 stream.queue.popleft()
@@ -355,8 +356,7 @@ class Scheduler:
         # view and scatter as one plain copy instead of two indexed passes
         order = np.argsort(slots, kind="stable")
         rows = slots[order]
-        index = (slice(int(rows[0]), int(rows[-1]) + 1) if rows[-1] - rows[0] == len(rows) - 1
-                 else torch.from_numpy(rows).to(backend.device))
+        index = pool.index(rows.tolist())
         started = time.perf_counter()
         try:
             flat32, flat64 = pool.gather(index)

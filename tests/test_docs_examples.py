@@ -17,16 +17,15 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+
+from loadtest.processes import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-URL = "http://127.0.0.1:8000"
 SKIP = re.compile(r"<!-- example: skip: (.+?) -->")
 SERVER_LINE = re.compile(r"^\s*(\.venv/bin/)?s4serve serve &")
 
@@ -86,7 +85,6 @@ def scratch(tmp_path_factory) -> Path:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.pop("S4SERVE_WORKERS", None)
     return env
 
 
@@ -97,26 +95,8 @@ def served(tmp_path_factory):
         if probe.connect_ex(("127.0.0.1", 8000)) == 0:
             pytest.fail("port 8000 is in use: the examples need it for their server")
     log = tmp_path_factory.mktemp("served") / "server.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "s4serve"), "serve",
-                                 "--host", "127.0.0.1", "--port", "8000"], cwd=REPO,
-                                env=_env(), stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{URL}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("s4serve serve was not ready within 240 s")
-        yield URL
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with ServerProcess.s4serve([], port=8000, log_path=log) as server:
+        yield server.url
 
 
 def _bash(code: str) -> str:

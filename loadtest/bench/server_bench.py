@@ -132,8 +132,9 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
-def _step_per_session(model_dir: Path, batch: int) -> float:
-    """Seconds per session of the served batched step, in this process, at `batch`."""
+def _step_per_session(model_dir: Path, batches: tuple[int, ...]) -> list[float]:
+    """Seconds per session of the served batched step, in this process, at each batch size
+    (one backend, loaded and compiled once)."""
     import torch
 
     from server.backends.torch import TorchBackend
@@ -141,11 +142,14 @@ def _step_per_session(model_dir: Path, batch: int) -> float:
     torch.set_num_threads(1)
     backend = TorchBackend(model_dir, device="cpu")
     backend.warmup()
-    flat32, flat64 = backend.layout.join(backend.initial_state(batch))
-    u = torch.zeros(batch, backend.info.d_input)
-    call = lambda: backend.step_flat(u, flat32, flat64, 1.0)  # noqa: E731
-    call()
-    return time_call(call, 5, inner_for(0.2, call)).median_s / batch
+    seconds = []
+    for batch in batches:
+        flat32, flat64 = backend.layout.join(backend.initial_state(batch))
+        u = torch.zeros(batch, backend.info.d_input)
+        call = lambda: backend.step_flat(u, flat32, flat64, 1.0)  # noqa: E731,B023
+        call()
+        seconds.append(time_call(call, 5, inner_for(0.2, call)).median_s / batch)
+    return seconds
 
 
 def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s: float,
@@ -159,8 +163,7 @@ def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s
     samples = result.counts["messages_answered"] * per
     served = max(1, round(rows / max(calls, 1)))  # mean sessions per step call, as served
     batch = max(1, gateways * per // workers)  # every session of a worker in one call
-    step = _step_per_session(model_dir, served)
-    step_all = _step_per_session(model_dir, batch)
+    step, step_all = _step_per_session(model_dir, (served, batch))
     per_sample = cpu / max(samples, 1)
     return {"gateways": gateways, "sessions_per_gateway": per, "ok": result.ok,
             "failures": result.failures, "counts": result.counts,
