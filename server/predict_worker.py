@@ -17,6 +17,8 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import os
+import signal
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -38,10 +40,14 @@ def _unpack(message: bytes) -> tuple[dict, bytes]:
 
 
 def _worker_main(conn: Connection, model_dirs: list[str], device: str, max_rates: int,
-                 limits: dict, torch_threads: int) -> None:
-    """A worker process: load the models for predict, then answer jobs until the pipe closes."""
+                 limits: dict, torch_threads: int, server_pid: int) -> None:
+    """A worker process: load the models for predict, then answer jobs until the pipe closes
+    or the server process is gone."""
     import torch
 
+    from server.lifeline import die_with_parent
+
+    die_with_parent(server_pid, signal.SIGKILL)  # nothing of its own to save
     from server.backends.base import load_backend
 
     if torch_threads:
@@ -91,7 +97,7 @@ class PredictPool:
     def __init__(self, model_dirs: list[Path], device: str, max_rates: int, limits: Limits,
                  size: int, timeout: float, torch_threads: int = 1) -> None:
         self._args = ([str(d) for d in model_dirs], device, max_rates, asdict(limits),
-                      torch_threads)
+                      torch_threads, os.getpid())
         self.size, self.timeout = size, timeout
         self._context = multiprocessing.get_context("spawn")
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from server.lifeline import die_with_parent
 from server.settings import Settings
 
 log = logging.getLogger("s4serve.workers")
@@ -47,10 +48,11 @@ def bind_shared(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(options: dict, worker_id: int) -> None:
+def _worker(options: dict, worker_id: int, supervisor: int) -> None:
     from server.cli.serve import run_one
 
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor, which stops the workers once
+    die_with_parent(supervisor)  # SIGTERM (a drain) if the supervisor is killed
     settings = Settings(**options)
     settings.worker_id = worker_id
     run_one(settings, sockets=[bind_shared(settings.host, settings.port)])
@@ -71,7 +73,7 @@ def supervise(settings: Settings, workers: int) -> int:
     stopping = False
 
     def spawn(worker_id: int) -> None:
-        proc = context.Process(target=_worker, args=(options, worker_id),
+        proc = context.Process(target=_worker, args=(options, worker_id, os.getpid()),
                                name=f"s4serve-worker-{worker_id}")
         proc.start()
         procs[worker_id] = proc

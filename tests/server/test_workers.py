@@ -50,8 +50,7 @@ def cluster(model_dirs, tmp_path):
         wait_ready(url, process)
         yield process, url, f"ws://127.0.0.1:{port}", tmp_path / "sessions"
     finally:
-        process.kill()
-        subprocess.run(["pkill", "-9", "-f", f"--port {port}"], check=False)
+        process.kill()  # the workers follow it (server/lifeline.py)
         process.wait(10)
 
 
@@ -109,3 +108,24 @@ async def test_a_killed_worker_is_replaced_and_sigterm_drains_all(cluster):
         assert (ws.close_code, ws.close_reason) == (1001, "server_shutdown")
     assert process.wait(timeout=30) == 0
     assert len(list(snapshots.glob("*.json"))) == 6  # every session resumable
+
+
+def descendants(pid: int) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    children = {int(p) for p in out.stdout.split()}
+    return children.union(*(descendants(c) for c in children))
+
+
+def test_workers_end_when_the_supervisor_is_killed(cluster):
+    process, url, _, _ = cluster
+    left = descendants(process.pid)  # workers, their predict workers, the resource tracker
+    assert len(left) >= 4
+    process.kill()
+    process.wait(10)
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() for pid in left):
+        assert time.monotonic() < deadline, "orphaned workers kept running"
+        time.sleep(0.2)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/healthz", timeout=2)
+
