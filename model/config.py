@@ -40,6 +40,14 @@ class ModelConfig(BaseModel):
     labels: list[str] | None = None
     sample_rate: float | None = Field(None, gt=0, description="Hz the model was trained at")
     chunk_max: int = Field(256, ge=1, description="longest block of the chunked recurrence")
+    channels: int = Field(1, ge=1, description="SSM outputs per feature (official S4Block "
+                          "`channels`), mixed by the output linear")
+    bidirectional: bool = Field(False, description="S4D only: add an anti-causal kernel; such "
+                                "a model serves whole sequences (predict) but cannot stream")
+    bandlimit: float | None = Field(
+        None, gt=0, le=1, description="S4D only: keep the modes whose frequency "
+        "dt·|Im A|/2π at the trained rate is below bandlimit × its Nyquist frequency (the others "
+        "get C = 0), so no mode aliases when served at rates down to bandlimit × sample_rate")
     description: str = ""
 
     @model_validator(mode="after")
@@ -59,9 +67,16 @@ class ModelConfig(BaseModel):
                              f"({self.d_output} != {self.d_model})")
         if self.labels is not None and len(self.labels) != self.d_output:
             raise ValueError(f"{len(self.labels)} labels for d_output = {self.d_output}")
+        if self.layer == "s4" and (self.bandlimit is not None or self.bidirectional):
+            raise ValueError("bandlimit and bidirectional apply to S4D layers only")
         if self.layer == "s4" and self.chunk_max & (self.chunk_max - 1):
             raise ValueError(f"chunk_max must be a power of two for S4, got {self.chunk_max}")
         return self
+
+    @property
+    def streamable(self) -> bool:
+        """Whether the network has a recurrent form (bidirectional layers have none)."""
+        return not self.bidirectional
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")

@@ -32,6 +32,10 @@ def check_input(u: torch.Tensor, d_input: int, name: str = "inputs") -> None:
         raise ValueError(f"{name} contain NaN or Inf")
 
 
+class NotStreamable(ValueError):
+    """The network has no recurrent form (bidirectional layers)."""
+
+
 class ResidualBlock(nn.Module):
     """Norm (pre or post), an SSM layer, dropout and the residual connection."""
 
@@ -40,10 +44,12 @@ class ResidualBlock(nn.Module):
         self.prenorm, self.residual = config.prenorm, config.residual
         if config.layer == "s4":
             self.layer: SSMLayer = S4Layer(config.d_model, config.d_state, config.rank,
-                                           config.dt_min, config.dt_max, config.dropout)
+                                           config.dt_min, config.dt_max, config.dropout,
+                                           config.channels)
         else:
             self.layer = S4DLayer(config.d_model, config.d_state, config.init, config.disc,
-                                  config.dt_min, config.dt_max, config.dropout)
+                                  config.dt_min, config.dt_max, config.dropout, config.bandlimit,
+                                  config.channels, config.bidirectional)
         norm = config.norm == "layer"
         self.norm = nn.LayerNorm(config.d_model) if norm else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
@@ -109,10 +115,21 @@ class S4Network(nn.Module):
                              f"got {tuple(u.shape)}")
         return self.head(self.features(u, rate))
 
+    def final(self, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """Outputs at the last sample only, (B, d_output): `self(u, rate)[:, -1]` without the
+        running mean over every step (what training and scoring need)."""
+        x = self.features(u, rate)  # (B, L, d_model)
+        last = x.to(torch.float64).mean(1).to(x.dtype) if self.pooled else x[:, -1]  # (B, H)
+        return self.decoder(last)
+
     def to_recurrent(self, rate: float = 1.0, chunk_max: int | None = None) -> RecurrentNetwork:
         """Discretise every layer once at this rate and return the recurrent form."""
         if rate <= 0:
             raise ValueError(f"rate must be positive, got {rate}")
+        if self.config.bidirectional:
+            raise NotStreamable(f"model {self.config.name!r} has bidirectional layers: each "
+                                "output reads future samples, so it has no recurrent form; "
+                                "whole sequences only (predict without state)")
         return RecurrentNetwork(self, rate, chunk_max or self.config.chunk_max)
 
     def recurrent(self, rate: float = 1.0) -> RecurrentNetwork:
@@ -158,7 +175,7 @@ class RecurrentNetwork(nn.Module):
         self.blocks = nn.ModuleList(net.blocks)
         with torch.no_grad():
             self.layers = nn.ModuleList(b.layer.recurrence(rate, chunk_max) for b in net.blocks)
-        h, n2 = self.config.d_model, self.config.d_state // 2
+        h, n2 = self.config.channels * self.config.d_model, self.config.d_state // 2
         spec = []
         for i in range(len(self.layers)):
             spec += [(f"layer{i}.re", (h, n2), torch.float32),

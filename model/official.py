@@ -1,10 +1,16 @@
 """Import of checkpoints written by the official state-spaces/s4 code.
 
-Supported: `S4Block` (models/s4/s4.py) in mode 'diag' (S4D) and 'dplr' (S4), the minimal
+Supported: `S4Block` (models/s4/s4.py) in mode 'diag' (S4D) and 'dplr' (S4), with any
+`channels`, `n_ssm`, the dt/real/imag transforms, `l_max` (see below) and, for 'diag',
+`bidirectional` (served by predict only: it reads future samples); the minimal
 `S4D` (models/s4/s4d.py), and the `S4Model` network of the repository's example.py. The
 official parameterisations (transforms, sign conventions, C̃ = C(I - Ā^L), shared copies
 n_ssm) are converted to s4serve's continuous-time parameters in float64.
 State dicts are read with `torch.load(weights_only=True)`: nothing is unpickled.
+
+`l_max`: the official convolution truncates its kernel at l_max taps, its step does not; the
+imported model serves the SSM's full impulse response, i.e. the official step's outputs (the
+same as its convolution for sequences up to l_max).
 """
 
 from __future__ import annotations
@@ -75,56 +81,75 @@ def _real(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(x).float().contiguous()
 
 
-def _single_channel(sd: dict, kwargs: dict) -> None:
-    if kwargs.get("bidirectional"):
-        raise OfficialImportError("bidirectional layers look at the future and cannot be stepped; "
-                           "s4serve serves causal streams only")
-    if sd["layer.kernel.C"].shape[0] != 1 or kwargs.get("channels", 1) != 1:
-        raise OfficialImportError("only channels=1 is supported (one SSM output per feature)")
+def _check_options(kwargs: dict, dplr: bool) -> None:
+    if kwargs.get("bidirectional") and dplr:
+        raise OfficialImportError("bidirectional layers are imported for mode 'diag' (S4D) only")
     if kwargs.get("activation", "gelu") != "gelu" or kwargs.get("final_act", "glu") != "glu":
         raise OfficialImportError("only activation='gelu' with final_act='glu' is supported")
     for flag in ("gate", "bottleneck"):
         if kwargs.get(flag):
             raise OfficialImportError(f"S4Block option {flag} is not supported")
+    if kwargs.get("is_real"):
+        raise OfficialImportError("is_real=True (real diagonal SSMs) is not supported")
+
+
+def _real_part(a_real: torch.Tensor, name: str) -> torch.Tensor:
+    """Re(A) = -real_transform(A_real); the official 'relu' adds 1e-4 so Re(A) stays < 0."""
+    re = -_transform(a_real, name, "real_transform")
+    return re - 1e-4 if name == "relu" else re
+
+
+def _rows(x: torch.Tensor, h: int, channels: int, axis: int = 0) -> torch.Tensor:
+    """Per-feature parameters (shared copies tiled to H) repeated for every output channel:
+    SSM row c·H + h is feature h's system read out by channel c."""
+    x = _tile(x, h, axis)
+    return x.repeat(*[channels if i == axis else 1 for i in range(x.dim())])
 
 
 def convert_block(sd: dict, kwargs: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Standalone S4Block -> a one-layer `sequence` model with d_input = d_output = d_model."""
-    _single_channel(sd, kwargs)
-    h = sd["layer.D"].shape[1]
+    """Standalone S4Block -> a one-layer `sequence` model with d_input = d_output = d_model.
+
+    channels > 1 become channels·H SSM rows (model/ssm.py); bidirectional blocks keep their
+    backward readout as C_back and are served by predict only."""
+    channels, h = sd["layer.D"].shape  # (C', H)
     mode = kwargs.get("mode", "dplr")
     dplr = "layer.kernel.P" in sd
     if (mode in ("diag", "s4d") and dplr) or (mode in ("dplr", "s4", "nplr") and not dplr):
         raise OfficialImportError(f"mode {mode!r} does not match the state dict")
+    _check_options(kwargs, dplr)
+    bidirectional = bool(kwargs.get("bidirectional", False))
+    c_rows = sd["layer.kernel.C"].shape[0]
+    if c_rows != channels * (2 if bidirectional else 1):
+        raise OfficialImportError(f"layer.kernel.C has {c_rows} rows for {channels} channels "
+                                  f"(bidirectional={bidirectional})")
     disc = "bilinear" if dplr else kwargs.get("disc", "zoh")
     if disc == "dss":
         raise OfficialImportError("disc='dss' has no recurrent step in the official code and "
                                   "cannot be streamed")
-    if kwargs.get("is_real"):
-        raise OfficialImportError("is_real=True (real diagonal SSMs) is not supported")
     inv_dt = sd["layer.kernel.inv_dt"]
     if inv_dt.shape[-1] != 1:
         raise OfficialImportError("dt_tie=False (a dt per state) is not supported")
     dt = _transform(inv_dt[:, 0], kwargs.get("dt_transform", "exp"), "dt_transform")  # (H,)
-    re = -_transform(sd["layer.kernel.A_real"], kwargs.get("real_transform", "exp"),
-                     "real_transform")  # (S, N2)
-    im = -_transform(sd["layer.kernel.A_imag"], kwargs.get("imag_transform", "none"),
-                     "imag_transform")
-    re, im = _tile(re, h, 0), _tile(im, h, 0)  # (H, N2)
-    b = _tile(_complex(sd["layer.kernel.B"])[0], h, 0)  # (H, N2)
-    c = _complex(sd["layer.kernel.C"])[0]  # (H, N2)
+    dt = dt.repeat(channels)  # (H',) H' = C'·H
+    re = _rows(_real_part(sd["layer.kernel.A_real"], kwargs.get("real_transform", "exp")),
+               h, channels)  # (H', N2)
+    im = _rows(-_transform(sd["layer.kernel.A_imag"], kwargs.get("imag_transform", "none"),
+                           "imag_transform"), h, channels)  # (H', N2)
+    b = _rows(_complex(sd["layer.kernel.B"])[0], h, channels)  # (H', N2)
+    c_all = _complex(sd["layer.kernel.C"])  # (C' or 2C', H, N2)
+    c = c_all[:channels].reshape(channels * h, -1)  # (H', N2), row c·H + h
     n2 = re.shape[-1]
-    out = {"blocks.0.layer.D": sd["layer.D"][0].float(), "blocks.0.layer.log_dt": dt.log().float(),
-           "blocks.0.layer.B": _real(b),
+    out = {"blocks.0.layer.D": sd["layer.D"].reshape(-1).float(),
+           "blocks.0.layer.log_dt": dt.log().float(), "blocks.0.layer.B": _real(b),
            "blocks.0.layer.output_linear.weight": sd["output_linear.0.weight"].float(),
            "blocks.0.layer.output_linear.bias": sd["output_linear.0.bias"].float()}
     if dplr:
-        p = _tile(_complex(sd["layer.kernel.P"]), h, 1)  # (R, H, N2)
+        p = _rows(_complex(sd["layer.kernel.P"]), h, channels, axis=1)  # (R, H', N2)
         length = int(sd.get("layer.kernel.l_kernel", torch.tensor(0)))
         if length > 0:  # the stored C is C̃ = C (I - Ā^L): solve for C
-            transition = dplr_transition(torch.complex(re, im), p, dt)  # (H, N, N)
+            transition = dplr_transition(torch.complex(re, im), p, dt)  # (H', N, N)
             eye = torch.eye(2 * n2, dtype=torch.complex128)
-            power = torch.linalg.matrix_power(transition, length)  # (H, N, N)
+            power = torch.linalg.matrix_power(transition, length)  # (H', N, N)
             c = torch.linalg.solve((eye - power).transpose(-1, -2), conj_extend(c))[:, :n2]
         out |= {"blocks.0.layer.log_lam_real": (-re).log().float(),
                 "blocks.0.layer.lam_imag": im.float(), "blocks.0.layer.P": _real(p)}
@@ -132,9 +157,12 @@ def convert_block(sd: dict, kwargs: dict) -> tuple[ModelConfig, dict[str, torch.
         out |= {"blocks.0.layer.log_a_real": (-re).log().float(),
                 "blocks.0.layer.a_imag": im.float()}
     out["blocks.0.layer.C"] = _real(c)
+    if bidirectional:
+        out["blocks.0.layer.C_back"] = _real(c_all[channels:].reshape(channels * h, -1))
     config = ModelConfig(task="sequence", layer="s4" if dplr else "s4d", d_input=h, d_output=h,
                          d_model=h, n_layers=1, d_state=2 * n2, rank=p.shape[0] if dplr else 1,
-                         disc=disc, encoder=False, decoder=False, residual=False, norm="none")
+                         disc=disc, encoder=False, decoder=False, residual=False, norm="none",
+                         channels=channels, bidirectional=bidirectional)
     return config, out
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from model.discretize import DPLRBilinear
 from model.kernels import causal_conv_direct, conj_extend, dplr_transition
+from model.ssm import widen
 
 DIRECT_CONV_MAX = 64
 
@@ -48,6 +49,7 @@ class LayerRecurrence(nn.Module):
                  inject: torch.Tensor, chunk_max: int) -> None:
         super().__init__()
         self.h, self.n2, self.chunk_max = layer.h, layer.n2, chunk_max
+        self.channels = layer.channels  # > 1: each SSM row reads its feature's input
         self.output_linear = layer.output_linear  # shared with the conv view
         self.register_buffer("skip", _f32(layer.D))  # (H,)
         self.register_buffer("k", _f32(kernel))  # (H, Tm) impulse response
@@ -77,7 +79,7 @@ class LayerRecurrence(nn.Module):
     def step(self, u: torch.Tensor, xr: torch.Tensor, xi: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u (B, H) -> y (B, H) and the new state, O(N) per channel."""
-        y, xr, xi = self.ssm_step(u, xr, xi)
+        y, xr, xi = self.ssm_step(widen(u, self.channels), xr, xi)
         return self.tail(y), xr, xi
 
     def _piece(self, u: torch.Tensor, xr: torch.Tensor, xi: torch.Tensor
@@ -102,6 +104,7 @@ class LayerRecurrence(nn.Module):
     def chunk(self, u: torch.Tensor, xr: torch.Tensor, xi: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u (B, T, H) -> y (B, T, H) and the state after the block; vectorised over T."""
+        u = widen(u, self.channels)  # (B, T, H')
         outs = []
         start = 0
         while start < u.shape[1]:

@@ -44,9 +44,12 @@ def dense_system(layer: SSMLayer, rate: float = 1.0
 
 
 def ssm_reference(layer: SSMLayer, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
-    """The layer's linear SSM part, y = C x + D u, by a float64 loop. u (B, L, H) -> (B, L, H)."""
+    """The layer's linear SSM part, y = C x + D u, by a float64 loop. u (B, L, H) -> (B, L, H')
+    (H' = channels·H)."""
+    if layer.bidirectional:
+        raise TypeError("the dense reference is causal; bidirectional layers have none")
     da, db, c = dense_system(layer, rate)
-    u = u.double()
+    u = layer.widen(u.double())
     x = torch.zeros(u.shape[0], *db.shape, dtype=torch.complex128)  # (B, H, N)
     ys = []
     for t in range(u.shape[1]):

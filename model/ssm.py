@@ -7,6 +7,7 @@ rescales dt (a model trained at rate r served at r' uses dt·r/r', i.e. rate = r
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -30,22 +31,47 @@ def as_real(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(x.to(torch.complex128)).to(torch.float32).contiguous()
 
 
-class SSMLayer(nn.Module):
-    """Shared part of S4D and S4: kernel cache, D skip term and the pointwise output tail."""
+def bandlimit_mask(a: torch.Tensor, dt: torch.Tensor, bandlimit: float) -> torch.Tensor:
+    """1 for modes oscillating below bandlimit × Nyquist at the trained rate, else 0 (the S4
+    authors' remedy for aliasing when dt grows). a (H, N2), dt (H,) -> (H, N2)."""
+    cycles_per_sample = dt[:, None] * a.imag.abs() / (2 * math.pi)  # (H, N2)
+    return (cycles_per_sample < 0.5 * bandlimit).to(a.real.dtype)
 
-    def __init__(self, d_model: int, d_state: int, dropout: float = 0.0) -> None:
+
+def widen(u: torch.Tensor, channels: int) -> torch.Tensor:
+    """(..., H) -> (..., channels·H), feature c·H + h = u_h: every channel reads its input."""
+    return u if channels == 1 else u.repeat(*([1] * (u.dim() - 1)), channels)
+
+
+class SSMLayer(nn.Module):
+    """Shared part of S4D and S4: kernel cache, D skip term and the pointwise output tail.
+
+    `channels` > 1 (the official S4Block's `channels`): each feature has several outputs
+    C_c x + D_c u, flattened as c·H + h before the output linear (channels·H -> 2H). They are
+    kept as channels·H independent SSM rows fed with the tiled input, which is exact and leaves
+    every view unchanged (the state is channels times that of a shared-state layout).
+    `bidirectional`: a second, anti-causal kernel from C_back (convolutional view only).
+    """
+
+    def __init__(self, d_model: int, d_state: int, dropout: float = 0.0, channels: int = 1,
+                 bidirectional: bool = False) -> None:
         super().__init__()
         if d_state % 2:
             raise ValueError(f"d_state must be even (conjugate pairs), got {d_state}")
-        self.h, self.n2 = d_model, d_state // 2
-        self.D = nn.Parameter(torch.randn(d_model))  # (H,)
-        self.output_linear = nn.Linear(d_model, 2 * d_model)
+        self.d_model, self.channels, self.bidirectional = d_model, channels, bidirectional
+        self.h, self.n2 = channels * d_model, d_state // 2  # SSM rows, modes per row
+        self.D = nn.Parameter(torch.randn(self.h))  # (H',) H' = channels·H
+        self.output_linear = nn.Linear(self.h, 2 * d_model)
         self.dropout = nn.Dropout(dropout)
         self._kernels: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
+    def widen(self, u: torch.Tensor) -> torch.Tensor:
+        return widen(u, self.channels)
+
     # --- to be provided by the subclasses -------------------------------------------------
     def kernel(self, length: int, rate: float = 1.0) -> torch.Tensor:
-        """The convolution kernel (H, L) in float64."""
+        """The convolution kernel (H', L) in float64; (2H', L), forward rows then backward
+        rows, when bidirectional."""
         raise NotImplementedError
 
     def recurrence(self, rate: float = 1.0, chunk_max: int = 256) -> nn.Module:
@@ -58,20 +84,28 @@ class SSMLayer(nn.Module):
     def _version(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self.parameters())
 
+    def _taps(self, length: int, rate: float) -> torch.Tensor:
+        """The kernel as applied: the backward half (if any) delayed by one sample, since
+        its first tap multiplies u_{t+1} (the official layer's convention)."""
+        k = self.kernel(length, rate)  # (H' or 2H', L)
+        if not self.bidirectional:
+            return k
+        return torch.cat([k[: self.h], F.pad(k[self.h:, :-1], (1, 0))])  # (2H', L)
+
     def kernel_fft(self, length: int, rate: float) -> tuple[torch.Tensor, int]:
         """rfft of the kernel, cached by (length, rate) until a parameter changes."""
         n_fft = fft_size(length)
         device = self.D.device
         if torch.is_grad_enabled() and self.training:
-            k = self.kernel(length, rate).to(torch.float32)  # differentiable path
+            k = self._taps(length, rate).to(torch.float32)  # differentiable path
             return torch.fft.rfft(k, n=n_fft).T.to(device), n_fft
         key = (length, float(rate), str(device), self._version())
         if key in self._kernels:
             self._kernels.move_to_end(key)
             return self._kernels[key], n_fft
         with torch.no_grad():
-            k = self.kernel(length, rate)  # (H, L) float64
-            k_f = torch.fft.rfft(k, n=n_fft).T.to(torch.complex64).to(device)  # (F, H)
+            k = self._taps(length, rate)  # (H', L) float64
+            k_f = torch.fft.rfft(k, n=n_fft).T.to(torch.complex64).to(device)  # (F, H')
         self._kernels[key] = k_f
         while len(self._kernels) > KERNEL_CACHE_SIZE:
             self._kernels.popitem(last=False)
@@ -81,39 +115,58 @@ class SSMLayer(nn.Module):
         self._kernels.clear()
 
     def tail(self, y: torch.Tensor) -> torch.Tensor:
-        """GELU -> Linear(H, 2H) -> GLU, applied per time step."""
+        """GELU -> Linear(H', 2H) -> GLU, applied per time step."""
         y = self.dropout(F.gelu(y))
         return F.glu(self.output_linear(y), dim=-1)
 
     def forward(self, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """u (B, L, H) -> (B, L, H) through the convolutional view."""
-        k_f, n_fft = self.kernel_fft(u.shape[1], rate)
-        y = causal_conv(u, k_f, n_fft) + u * self.D  # (B, L, H)
+        u = self.widen(u)  # (B, L, H')
+        k_f, n_fft = self.kernel_fft(u.shape[1], rate)  # (F, H') or (F, 2H')
+        y = causal_conv(u, k_f[:, : self.h], n_fft) + u * self.D  # (B, L, H')
+        if self.bidirectional:  # y_t += Σ_{s>t} K_back[s-t-1] u_s: causal in reversed time
+            y = y + causal_conv(u.flip(1), k_f[:, self.h:], n_fft).flip(1)
         return self.tail(y)
+
+    def _no_recurrence(self) -> None:
+        if self.bidirectional:
+            raise ValueError("a bidirectional layer reads future samples, so it has no "
+                             "recurrent (streaming) form; use the convolutional view (predict)")
 
 
 class S4DLayer(SSMLayer):
     """Diagonal state space layer (S4D) with ZOH or bilinear discretisation."""
 
     def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", disc: str = "zoh",
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.0) -> None:
-        super().__init__(d_model, d_state, dropout)
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.0,
+                 bandlimit: float | None = None, channels: int = 1,
+                 bidirectional: bool = False) -> None:
+        super().__init__(d_model, d_state, dropout, channels, bidirectional)
+        self.bandlimit = bandlimit
         if init not in ("legs", "lin"):
             raise ValueError(f"unknown S4D init {init!r}: expected 'legs' or 'lin'")
         self.disc = disc
         lam, b = s4d_legs(self.n2) if init == "legs" else s4d_lin(self.n2)
-        lam, b = lam.expand(d_model, -1), b.expand(d_model, -1)  # (H, N2)
-        c = torch.randn(d_model, self.n2, dtype=torch.complex128) * 0.5**0.5  # (H, N2)
-        self.log_dt = nn.Parameter(log_uniform_dt(d_model, dt_min, dt_max).float())  # (H,)
-        self.log_a_real = nn.Parameter(torch.log(-lam.real).float())  # (H, N2) Re A = -exp(.)
-        self.a_imag = nn.Parameter(lam.imag.float().clone())  # (H, N2)
-        self.B = nn.Parameter(as_real(b))  # (H, N2, 2)
-        self.C = nn.Parameter(as_real(c))  # (H, N2, 2)
+        lam, b = lam.expand(self.h, -1), b.expand(self.h, -1)  # (H', N2)
+        c = torch.randn(self.h, self.n2, dtype=torch.complex128) * 0.5**0.5  # (H', N2)
+        self.log_dt = nn.Parameter(log_uniform_dt(self.h, dt_min, dt_max).float())  # (H',)
+        self.log_a_real = nn.Parameter(torch.log(-lam.real).float())  # (H', N2) Re A = -exp(.)
+        self.a_imag = nn.Parameter(lam.imag.float().clone())  # (H', N2)
+        self.B = nn.Parameter(as_real(b))  # (H', N2, 2)
+        self.C = nn.Parameter(as_real(c))  # (H', N2, 2)
+        if bidirectional:
+            c_back = torch.randn(self.h, self.n2, dtype=torch.complex128) * 0.5**0.5
+            self.C_back = nn.Parameter(as_real(c_back))  # (H', N2, 2) anti-causal readout
 
     def continuous(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, C) complex128, each (H, N2)."""
         a = -torch.exp(self.log_a_real.to(torch.float64)) + 1j * self.a_imag.to(torch.float64)
-        return a, as_complex(self.B), as_complex(self.C)
+        return a, as_complex(self.B), self._limited(a, as_complex(self.C))
+
+    def _limited(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.bandlimit is None:
+            return c
+        return c * bandlimit_mask(a, self.dt(1.0), self.bandlimit)
 
     def discrete(self, rate: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Ā, B̄, C) complex128 at this rate."""
@@ -123,11 +176,15 @@ class S4DLayer(SSMLayer):
 
     def kernel(self, length: int, rate: float = 1.0) -> torch.Tensor:
         da, db, c = self.discrete(rate)
+        if self.bidirectional:  # same Ā, B̄; the backward rows read out with C_back
+            c_back = self._limited(self.continuous()[0], as_complex(self.C_back))
+            da, db, c = torch.cat([da, da]), torch.cat([db, db]), torch.cat([c, c_back])
         return kernel_diag(da, db, c, length)
 
     def recurrence(self, rate: float = 1.0, chunk_max: int = 256) -> nn.Module:
         from model.recurrent import DiagonalRecurrence
 
+        self._no_recurrence()
         da, db, c = self.discrete(rate)
         return DiagonalRecurrence(da, db, c, self, chunk_max)
 
@@ -136,19 +193,20 @@ class S4Layer(SSMLayer):
     """S4: A = Λ - P P* from HiPPO-LegS (diagonal plus low rank), bilinear discretisation."""
 
     def __init__(self, d_model: int, d_state: int = 64, rank: int = 1, dt_min: float = 1e-3,
-                 dt_max: float = 1e-1, dropout: float = 0.0) -> None:
-        super().__init__(d_model, d_state, dropout)
+                 dt_max: float = 1e-1, dropout: float = 0.0, channels: int = 1) -> None:
+        super().__init__(d_model, d_state, dropout, channels)
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         lam, p, b = nplr_legs(d_state)  # (N2,) each
         p = torch.cat([p[None], torch.zeros(rank - 1, self.n2, dtype=p.dtype)])  # (R, N2)
-        c = torch.randn(d_model, self.n2, dtype=torch.complex128) * 0.5**0.5  # (H, N2)
-        self.log_dt = nn.Parameter(log_uniform_dt(d_model, dt_min, dt_max).float())  # (H,)
-        self.log_lam_real = nn.Parameter(torch.log(-lam.real).expand(d_model, -1).float())
-        self.lam_imag = nn.Parameter(lam.imag.expand(d_model, -1).float().clone())  # (H, N2)
-        self.P = nn.Parameter(as_real(p[:, None].expand(-1, d_model, -1)))  # (R, H, N2, 2)
-        self.B = nn.Parameter(as_real(b.expand(d_model, -1)))  # (H, N2, 2)
-        self.C = nn.Parameter(as_real(c))  # (H, N2, 2)
+        h = self.h  # channels·d_model SSM rows
+        c = torch.randn(h, self.n2, dtype=torch.complex128) * 0.5**0.5  # (H', N2)
+        self.log_dt = nn.Parameter(log_uniform_dt(h, dt_min, dt_max).float())  # (H',)
+        self.log_lam_real = nn.Parameter(torch.log(-lam.real).expand(h, -1).float())
+        self.lam_imag = nn.Parameter(lam.imag.expand(h, -1).float().clone())  # (H', N2)
+        self.P = nn.Parameter(as_real(p[:, None].expand(-1, h, -1)))  # (R, H', N2, 2)
+        self.B = nn.Parameter(as_real(b.expand(h, -1)))  # (H', N2, 2)
+        self.C = nn.Parameter(as_real(c))  # (H', N2, 2)
 
     def continuous(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Λ, P, B, C) complex128: Λ, B, C (H, N2), P (R, H, N2)."""

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
 
+from model.augment import Augment, augment
 from model.config import ModelConfig
 from model.data.base import Dataset, Split
 from model.network import S4Network
@@ -44,6 +45,7 @@ class TrainSettings(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     eval_batch_size: int = Field(64, ge=1)
+    augment: Augment | None = Field(None, description="random changes to training batches")
     time_budget_s: float | None = Field(
         None, gt=0, description="wall-clock limit for the optimisation steps: the schedule "
         "anneals by whichever of steps or time is further along, and training stops when it "
@@ -56,6 +58,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: dict = Field(default_factory=dict)
+    data: dict = Field(default_factory=dict, description="options of the dataset's loader")
     train: TrainSettings = Field(default_factory=TrainSettings)
 
     @classmethod
@@ -119,14 +122,18 @@ def fold_standardisation(net: S4Network, mean: np.ndarray, std: np.ndarray) -> N
 
 
 def batches(split: Split, batch_size: int, generator: torch.Generator | None,
-            mean: np.ndarray | None = None, std: np.ndarray | None = None
+            mean: np.ndarray | None = None, std: np.ndarray | None = None,
+            change: Callable[[np.ndarray], np.ndarray] | None = None,
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches in a seeded random order (or in order without a generator)."""
+    """Mini-batches in a seeded random order (or in order without a generator); `change`
+    (augmentation) sees raw samples, before standardisation."""
     order = (torch.randperm(len(split), generator=generator) if generator is not None
              else torch.arange(len(split)))
     for start in range(0, len(split), batch_size):
         index = order[start:start + batch_size].numpy()
         inputs = split.inputs[index]
+        if change is not None:
+            inputs = change(inputs)
         if mean is not None and std is not None:
             inputs = (inputs - mean) / std
         yield (torch.as_tensor(inputs, dtype=torch.float32),
@@ -139,7 +146,7 @@ def final_logits(net: S4Network, split: Split, rate: float = 1.0,
     """Logits at each sequence's last sample (the causal head's full-sequence prediction)."""
     was_training = net.training
     net.eval()
-    outputs = [net(inputs, rate=rate)[:, -1]
+    outputs = [net.final(inputs, rate=rate)
                for inputs, _ in batches(split, batch_size, generator=None)]
     net.train(was_training)
     return torch.cat(outputs)
@@ -188,14 +195,20 @@ def fit(config: ModelConfig, dataset: Dataset, settings: TrainSettings,
                                    time_fraction if budget else None))
     mean, std = channel_statistics(dataset.train)
     order = torch.Generator().manual_seed(settings.seed)
+    change = None
+    if settings.augment is not None:
+        rng = np.random.default_rng(settings.seed)
+        def change(x: np.ndarray) -> np.ndarray:
+            return augment(x, settings.augment, dataset.sample_rate, rng)
     losses: list[float] = []
     steps_done = 0
     with tqdm(total=total_steps, desc=f"train {config.name}", disable=not progress,
               unit="step") as bar:
         for epoch in range(settings.epochs):
             epoch_losses = []
-            for inputs, targets in batches(dataset.train, settings.batch_size, order, mean, std):
-                loss = F.cross_entropy(net(inputs)[:, -1], targets)
+            for inputs, targets in batches(dataset.train, settings.batch_size, order, mean, std,
+                                           change):
+                loss = F.cross_entropy(net.final(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if settings.grad_clip:
@@ -236,6 +249,24 @@ def evaluate(net: S4Network, dataset: Dataset, batch_size: int = 64) -> dict:
     return results
 
 
+def rescore(model_dir: str | Path, dataset_name: str, write: bool = False,
+             batch_size: int = 64, dataset_options: dict | None = None) -> dict:
+    """Score a saved model again on its dataset (held-out split and every extra evaluation);
+    with `write`, the results replace those in its metrics.json (training facts are kept)."""
+    from model.checkpoint import load_model
+    from model.data import load_dataset
+
+    directory = Path(model_dir)
+    dataset = load_dataset(dataset_name, **(dataset_options or {}))
+    results = evaluate(load_model(directory), dataset, batch_size)
+    if write:
+        path = directory / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        metrics.update(results)
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return results
+
+
 def train_and_save(config_path: str | Path, dataset_name: str, out: str | Path, *,
                    seed: int | None = None, epochs: int | None = None, limit: int | None = None,
                    command: str = "", baselines: bool = True, progress: bool = True,
@@ -250,7 +281,7 @@ def train_and_save(config_path: str | Path, dataset_name: str, out: str | Path, 
                  if value is not None}
     settings = run.train.model_copy(update=overrides)
     settings = TrainSettings.model_validate(settings.model_dump())
-    dataset = load_dataset(dataset_name, limit=limit, **(dataset_options or {}))
+    dataset = load_dataset(dataset_name, limit=limit, **{**run.data, **(dataset_options or {})})
     config = run.model_config_for(dataset)
     net, history = fit(config, dataset, settings, progress=progress)
     metrics = {
@@ -262,6 +293,7 @@ def train_and_save(config_path: str | Path, dataset_name: str, out: str | Path, 
         "training": {
             "command": command,
             "config_file": str(config_path),
+            "data_options": run.data,
             "settings": settings.model_dump(),
             "parameters": sum(p.numel() for p in net.parameters()),
             "torch": torch.__version__,

@@ -11,6 +11,7 @@ HTTP_STATUS: dict[str, int] = {
     "bad_dtype": 400,
     "non_finite": 400,
     "bad_state": 400,
+    "not_streamable": 400,
     "unauthorized": 401,
     "model_not_found": 404,
     "too_large": 413,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from server.backends.base import ModelBackend
+from server.backends.base import ModelBackend, refuse_unstreamable
 from server.errors import ServeError
 from server.predict_io import (
     NPY_TYPE,
@@ -109,6 +109,8 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
         raise ServeError("too_large", f"batch × length {batch * length} is over the limit "
                          f"{limits.max_batch_length}")
     rate = backend.rate_for(req.sample_rate)
+    if req.state is not None or req.return_state:
+        refuse_unstreamable(backend.info, "state in or out")
     state, samples = _start_states(backend, req.state, batch, limits.state_secret)
     began = time.perf_counter()
     u = torch.from_numpy(req.inputs).to(backend.device)

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
+from server.backends.base import refuse_unstreamable
 from server.errors import ServeError
 from server.metrics import Metrics
 from server.models import LoadedModel
@@ -82,6 +83,7 @@ class SessionManager:
     def open(self, model: LoadedModel, opts: StartOptions, owner: Owner) -> Session:
         """A new session, from zeros or from a state blob."""
         backend = model.backend
+        refuse_unstreamable(model.info)
         sample_rate = opts.sample_rate if opts.sample_rate is not None else model.info.sample_rate
         rate = backend.rate_for(opts.sample_rate)
         arrays, samples = None, 0
@@ -96,6 +98,7 @@ class SessionManager:
 
     def resume(self, model: LoadedModel, token: str, owner: Owner) -> tuple[Session, int]:
         """Take over a live session or bring back a stored one; returns it and its samples."""
+        refuse_unstreamable(model.info)
         session = self.live.get(token)
         if session is not None:
             if session.model is not model:

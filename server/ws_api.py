@@ -124,8 +124,8 @@ class Connection(Link):
     def _start_failed(self, err: ServeError) -> None:
         self.rt.error(err.code)
         self.peer.send_text(json.dumps(err.ws_message()))
-        if err.code == "resume_not_found":
-            self._close(CLOSE_POLICY, "resume_not_found")
+        if err.code in ("resume_not_found", "not_streamable"):
+            self._close(CLOSE_POLICY, err.code)
         elif err.code == "overloaded":
             self._close(CLOSE_TRY_AGAIN, "overloaded")
 

@@ -143,11 +143,15 @@ def load(
     cache_dir: str | Path | None = None,
     renditions: int = DEFAULT_RENDITIONS,
     workers: int | None = None,
+    train_renditions: int | None = None,
     **_: object,
 ) -> Dataset:
-    """Generate what is missing, then load train/test at 16 kHz plus the 8 kHz copy of test."""
+    """Generate what is missing, then load train/test at 16 kHz plus the 8 kHz copy of test.
+    `train_renditions` (default: `renditions`) gives training more takes per voice while the
+    held-out set stays the same."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    train_clips = plan("train", renditions)[:limit]
+    train_renditions = train_renditions or renditions
+    train_clips = plan("train", train_renditions)[:limit]
     test_clips = plan("test", renditions)[:limit]
     generate(train_clips, cache, workers=workers)
     generate(test_clips, cache, sample_rates=(SAMPLE_RATE_HZ, LOW_RATE_HZ), workers=workers)
@@ -164,6 +168,7 @@ def load(
             "train_voices": [f"{a}+{v}" for a, v in _voices(TRAIN_ACCENTS, TRAIN_VARIANTS)],
             "test_voices": [f"{a}+{v}" for a, v in _voices(TEST_ACCENTS, TEST_VARIANTS)],
             "renditions_per_voice": renditions,
+            "train_renditions_per_voice": train_renditions,
             "speed_wpm": list(SPEED_WPM),
             "pitch": list(PITCH),
             "amplitude": list(AMPLITUDE),

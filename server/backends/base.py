@@ -51,9 +51,19 @@ class ModelInfo:
     state_bytes: int
     device: str
     backend: str
+    streamable: bool = True  # False: predict only (bidirectional layers read the future)
+    card: dict[str, Any] | None = None  # the model card's key facts (model/card.py)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def refuse_unstreamable(info: ModelInfo, what: str = "streams") -> None:
+    """ServeError `not_streamable` for a model without a recurrent form."""
+    if not info.streamable:
+        raise ServeError("not_streamable", f"model {info.name!r} has bidirectional layers (each "
+                         "output reads future samples): it serves whole sequences through "
+                         f"predict, not {what}")
 
 
 class ModelBackend(ABC):
@@ -120,6 +130,9 @@ class ModelBackend(ABC):
     def warmup(self) -> None:
         """Run every code path once so the first client does not pay for setup."""
         d_in = self.info.d_input
+        if not self.info.streamable:
+            self.predict(torch.zeros(1, 16, d_in, device=self.device), 1.0)
+            return
         state = self.initial_state(2)
         self.step(torch.zeros(2, d_in, device=self.device), state, 1.0)
         self.chunk(torch.zeros(2, 3, d_in, device=self.device), state, 1.0)

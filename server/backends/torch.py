@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from model.card import read_card
 from model.checkpoint import load_model
 from model.fused import FusedStep, inductor_available
 from server.backends.base import ModelBackend, ModelInfo, resolve_device
@@ -30,12 +31,12 @@ class TorchBackend(ModelBackend):
         # rates at most (clients choose rates: an unbounded cache would let them grow memory).
         # Streams and predict-with-state share that one cache.
         self.net.recurrent_cache_size = max_rates
-        rec = self._recurrence(1.0)
+        cfg = self.net.config
+        rec = self._recurrence(1.0) if cfg.streamable else None
         self._spec = [
             TensorSpec(name, tuple(int(n) for n in shape), str(dtype).removeprefix("torch."))
-            for name, shape, dtype in rec.state_spec
+            for name, shape, dtype in (rec.state_spec if rec is not None else [])
         ]
-        cfg = self.net.config
         self._info = ModelInfo(
             name=cfg.name,
             version=str(cfg.version),
@@ -48,9 +49,11 @@ class TorchBackend(ModelBackend):
             n_layers=cfg.n_layers,
             d_model=cfg.d_model,
             d_state=cfg.d_state,
-            state_bytes=int(rec.state_bytes),
+            state_bytes=int(rec.state_bytes) if rec is not None else 0,
             device=str(self._device),
             backend=self.kind,
+            streamable=cfg.streamable,
+            card=card.model_dump() if (card := read_card(model_dir)) else None,
         )
         if step_compiler not in ("auto", "inductor", "torchscript"):
             raise ValueError(f"unknown step compiler {step_compiler!r}: expected auto, "
@@ -58,7 +61,8 @@ class TorchBackend(ModelBackend):
         if step_compiler == "auto":
             step_compiler = "inductor" if inductor_available() else "torchscript"
         self.step_compiler = step_compiler
-        self._fused = FusedStep(rec, self.layout) if step_compiler == "inductor" else None
+        self._fused = (FusedStep(rec, self.layout)
+                       if step_compiler == "inductor" and rec is not None else None)
 
     def warmup(self) -> None:
         """Also compiles the fused step; if that fails (no compiler headers, say), the

@@ -41,6 +41,28 @@ def train(
         typer.echo(f"baseline {name}: accuracy {result['accuracy']:.3f}")
 
 
+def evaluate(
+    model_dir: Path = typer.Argument(..., exists=True, file_okay=False,
+                                     help="a model directory"),
+    dataset: str = typer.Option(..., "--dataset", help="the dataset it was trained on"),
+    write: bool = typer.Option(False, help="store the results in its metrics.json"),
+    cache_dir: Path | None = typer.Option(None, help="where generated data is cached"),
+) -> None:
+    """Score a saved model on the held-out split and every extra evaluation (other rates)."""
+    from model.data import LOADERS
+    from model.train import rescore
+
+    if dataset not in LOADERS:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; known: "
+                                 f"{', '.join(sorted(LOADERS))}", param_hint="--dataset")
+    options = {"cache_dir": cache_dir} if cache_dir else {}
+    results = rescore(model_dir, dataset, write=write, dataset_options=options)
+    typer.echo(f"held-out accuracy {results['test_accuracy']:.3f}")
+    for key, value in results.items():
+        if isinstance(value, dict) and "rate" in value:
+            typer.echo(f"{key}: accuracy {value['accuracy']:.3f} at rate {value['rate']}")
+
+
 def _command_line(config: Path, dataset: str, out: Path, seed: int | None, epochs: int | None,
                   limit: int | None) -> str:
     """The command that reproduces this run (data caching options do not change the result)."""
@@ -53,3 +75,4 @@ def _command_line(config: Path, dataset: str, out: Path, seed: int | None, epoch
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
+    app.command("evaluate")(evaluate)

@@ -38,3 +38,14 @@ def test_describe_records_provenance():
     assert info["dataset"] == "basicmotions"
     assert info["train_size"] == info["test_size"] == 40
     assert "aeon" in info["source"]
+
+
+def test_test_split_is_offered_at_20_and_5_hz():
+    data = load_dataset("basicmotions")
+    fast, slow = data.extra_evaluations["test_20hz"], data.extra_evaluations["test_5hz"]
+    assert (fast.rate, slow.rate) == (2.0, 0.5)
+    assert fast.split.inputs.shape == (40, 200, 6) and slow.split.inputs.shape == (40, 50, 6)
+    assert (fast.split.targets == data.test.targets).all()
+    # every other 20 Hz sample lies on the original grid: resampling keeps the signal
+    err = np.abs(fast.split.inputs[:, ::2] - data.test.inputs).mean()
+    assert err < 0.1 * np.abs(data.test.inputs).mean()

@@ -33,14 +33,47 @@ def test_blocks_match_official_float64_reference(case, tmp_path):
     else:
         ref = expected["y_ref64"]
     net = load_model(save_model(net, tmp_path / case))  # through our checkpoint format
+    assert_three_views_match(net, u, ref, steps=1024)
+
+
+def assert_three_views_match(net, u, ref, steps):
+    """Convolution, chunked recurrence and per-sample steps (the first `steps`) vs ref."""
     with torch.no_grad():
         conv = net(u)
     rec = net.to_recurrent()
     chunk, _ = rec.chunk(u, rec.initial_state(u.shape[0]))
-    step = stepped(rec, u[:, :1024])
+    step = stepped(rec, u[:, :steps])
     assert (conv.double() - ref).abs().max() < TOL
     assert (chunk.double() - ref).abs().max() < TOL
-    assert (step.double() - ref[:, :1024]).abs().max() < TOL
+    assert (step.double() - ref[:, :steps]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("case", ["s4d_channels3", "s4_dplr_channels2", "s4d_softplus_lmax"])
+def test_channels_and_transforms_match_official_float64_reference(case, tmp_path):
+    """channels > 1 (S4D and S4), softplus dt, relu Re(A), l_max: conv, chunk and step."""
+    net, u, expected = load_case(case)
+    ref = expected["y_ref64"]
+    net = load_model(save_model(net, tmp_path / case))
+    assert net.config.channels == {"s4d_channels3": 3, "s4_dplr_channels2": 2}.get(case, 1)
+    assert_three_views_match(net, u, ref, steps=512)
+
+
+def test_bidirectional_block_predicts_and_refuses_to_stream(tmp_path):
+    net, u, expected = load_case("s4d_bidirectional")
+    net = load_model(save_model(net, tmp_path / "bidi"))
+    assert net.config.bidirectional and not net.config.streamable
+    y, _ = net.predict(u)
+    assert (y.double() - expected["y_ref64"]).abs().max() < TOL
+    # the anti-causal part matters: a causal-only model is far off
+    causal = net.blocks[0].layer
+    with torch.no_grad():
+        causal.C_back.zero_()
+    causal.clear_kernel_cache()
+    assert (net.predict(u)[0].double() - expected["y_ref64"]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="bidirectional"):
+        net.to_recurrent()
+    with pytest.raises(ValueError, match="bidirectional"):
+        net.predict(u, return_state=True)
 
 
 def test_example_network_features_and_logits(tmp_path):
