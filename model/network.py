@@ -145,14 +145,29 @@ class S4Network(nn.Module):
             self._recurrent_cache.move_to_end(key)
             return self._recurrent_cache[key]
 
+    def conv_bytes(self, length: int) -> int:
+        """Peak bytes of the convolutional view per sequence of this length (float32): the
+        input spectrum and the inverse FFT's full output (n_fft each, complex or real) plus
+        about six (L, H) activations of a block (input, norm, conv, GELU, linear 2H, GLU)."""
+        from model.kernels import fft_size
+
+        h = self.config.channels * self.config.d_model
+        return 4 * (2 * fft_size(length) * h + 8 * length * self.config.d_model)
+
     @torch.no_grad()
     def predict(self, u: torch.Tensor, rate: float = 1.0, state: State | None = None,
-                return_state: bool = False) -> tuple[torch.Tensor, State | None]:
+                return_state: bool = False, last: bool = False,
+                max_batch: int | None = None) -> tuple[torch.Tensor, State | None]:
         """Whole sequences: the conv view, or the exact chunked recurrence when a state is
-        given or asked for."""
+        given or asked for. `last`: only each sequence's final output, (B, 1, d_output).
+        `max_batch`: the conv view runs that many sequences at a time, which bounds memory
+        (see `conv_bytes`) and keeps the working set in cache."""
         check_input(u, self.config.d_input)
         if state is None and not return_state:
-            return self(u, rate), None
+            step = max(1, min(max_batch or u.shape[0], u.shape[0]))
+            pieces = [self.final(u[i:i + step], rate)[:, None] if last
+                      else self(u[i:i + step], rate) for i in range(0, u.shape[0], step)]
+            return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)), None
         rec = self.recurrent(rate)
         if state is None:
             state = rec.initial_state(u.shape[0])

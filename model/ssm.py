@@ -98,14 +98,14 @@ class SSMLayer(nn.Module):
         device = self.D.device
         if torch.is_grad_enabled() and self.training:
             k = self._taps(length, rate).to(torch.float32)  # differentiable path
-            return torch.fft.rfft(k, n=n_fft).T.to(device), n_fft
+            return torch.fft.rfft(k, n=n_fft).to(device), n_fft
         key = (length, float(rate), str(device), self._version())
         if key in self._kernels:
             self._kernels.move_to_end(key)
             return self._kernels[key], n_fft
         with torch.no_grad():
             k = self._taps(length, rate)  # (H', L) float64
-            k_f = torch.fft.rfft(k, n=n_fft).T.to(torch.complex64).to(device)  # (F, H')
+            k_f = torch.fft.rfft(k, n=n_fft).to(torch.complex64).to(device)  # (H', F)
         self._kernels[key] = k_f
         while len(self._kernels) > KERNEL_CACHE_SIZE:
             self._kernels.popitem(last=False)
@@ -122,10 +122,10 @@ class SSMLayer(nn.Module):
     def forward(self, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """u (B, L, H) -> (B, L, H) through the convolutional view."""
         u = self.widen(u)  # (B, L, H')
-        k_f, n_fft = self.kernel_fft(u.shape[1], rate)  # (F, H') or (F, 2H')
-        y = causal_conv(u, k_f[:, : self.h], n_fft) + u * self.D  # (B, L, H')
+        k_f, n_fft = self.kernel_fft(u.shape[1], rate)  # (H', F) or (2H', F)
+        y = causal_conv(u, k_f[: self.h], n_fft) + u * self.D  # (B, L, H')
         if self.bidirectional:  # y_t += Σ_{s>t} K_back[s-t-1] u_s: causal in reversed time
-            y = y + causal_conv(u.flip(1), k_f[:, self.h:], n_fft).flip(1)
+            y = y + causal_conv(u.flip(1), k_f[self.h:], n_fft).flip(1)
         return self.tail(y)
 
     def _no_recurrence(self) -> None:

@@ -39,10 +39,11 @@ class Job:
 class Limits:
     max_batch_length: int
     state_secret: str | None = None
+    memory_bytes: int = 256 << 20  # conv working set per pass (predict_memory_mb)
 
     @classmethod
     def of(cls, settings) -> Limits:
-        return cls(settings.max_batch_length, settings.secret)
+        return cls(settings.max_batch_length, settings.secret, settings.predict_memory_mb << 20)
 
 
 @dataclass
@@ -114,7 +115,11 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
     state, samples = _start_states(backend, req.state, batch, limits.state_secret)
     began = time.perf_counter()
     u = torch.from_numpy(req.inputs).to(backend.device)
-    y, end_state = backend.predict(u, rate, state=state, return_state=req.return_state)
+    # sequences per conv pass so the working set stays within the configured bound
+    per_sequence = backend.conv_bytes(length)
+    max_batch = max(1, limits.memory_bytes // per_sequence) if per_sequence else None
+    y, end_state = backend.predict(u, rate, state=state, return_state=req.return_state,
+                                   last=req.outputs == "last", max_batch=max_batch)
     if req.outputs == "last":
         y = y[:, -1:]
     y = y.to("cpu", torch.float32).numpy()

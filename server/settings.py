@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     predict_workers: int = Field(
         1, ge=0, description="processes that parse, compute and encode predict requests (0: a "
         "thread of the server, with no time limit)")
+    predict_memory_mb: int = Field(
+        256, ge=1, description="working memory of one convolutional pass of predict: a batch "
+        "is run a few sequences at a time so that their estimated peak (model conv_bytes) "
+        "stays within it; a single sequence above it still runs, alone")
     predict_timeout: float = Field(
         60.0, gt=0, description="seconds a predict request may compute before its worker is "
         "stopped and the answer is 504 timeout (with predict_workers >= 1)")

@@ -123,9 +123,16 @@ class ModelBackend(ABC):
         rate: float,
         state: list[torch.Tensor] | None = None,
         return_state: bool = False,
+        last: bool = False,
+        max_batch: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Whole sequences u (B, L, d_input) through the convolutional view (or the exact
-        chunked recurrence when a state goes in or must come out)."""
+        chunked recurrence when a state goes in or must come out). `last`: only the final
+        outputs may be returned, (B, 1, d_output); `max_batch`: sequences per conv pass."""
+
+    def conv_bytes(self, length: int) -> int:
+        """Estimated peak bytes per sequence of a convolutional pass (0: unknown)."""
+        return 0
 
     def warmup(self) -> None:
         """Run every code path once so the first client does not pay for setup."""

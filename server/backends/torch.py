@@ -110,9 +110,13 @@ class TorchBackend(ModelBackend):
     def chunk(self, u, state, rate):
         return self._recurrence(rate).chunk(u, state)
 
+    def conv_bytes(self, length: int) -> int:
+        return self.net.conv_bytes(length)
+
     @torch.inference_mode()
-    def predict(self, u, rate, state=None, return_state=False):
-        return self.net.predict(u, rate=rate, state=state, return_state=return_state)
+    def predict(self, u, rate, state=None, return_state=False, last=False, max_batch=None):
+        return self.net.predict(u, rate=rate, state=state, return_state=return_state,
+                                last=last, max_batch=max_batch)
 
 
 class InductorTorchBackend(TorchBackend):

@@ -40,9 +40,27 @@ def test_fft_and_direct_causal_convolutions_agree():
     k = torch.randn(3, 100)
     n = fft_size(100)
     assert n >= 200
-    y = causal_conv(u, torch.fft.rfft(k, n=n).T, n)
+    y = causal_conv(u, torch.fft.rfft(k, n=n), n)
     assert torch.allclose(y, causal_conv_direct(u, k), atol=1e-4)
     v = u.clone()
     v[:, 60:] += 1  # causality: outputs before 60 unchanged
-    assert torch.allclose(causal_conv(v, torch.fft.rfft(k, n=n).T, n)[:, :60], y[:, :60],
+    assert torch.allclose(causal_conv(v, torch.fft.rfft(k, n=n), n)[:, :60], y[:, :60],
                           atol=1e-5)
+
+
+def test_blocked_kernels_stay_exact_at_long_lengths():
+    """L = 16000: the blocked products vs direct powers (diagonal) and stepping (DPLR)."""
+    h, n2, length = 2, 4, 16000
+    a, b = s4d_legs(n2)
+    c = torch.randn(h, n2, dtype=torch.complex128)
+    da, db = discretize_zoh(a.expand(h, n2), b.expand(h, n2),
+                            torch.tensor([1e-3, 3e-2], dtype=torch.float64))
+    expected = 2 * (c[:, :, None] * db[:, :, None]
+                    * da[:, :, None] ** torch.arange(length)).sum(1).real  # (H, L)
+    assert (kernel_diag(da, db, c, length) - expected).abs().max() < 1e-12
+    lam, p, b = nplr_legs(2 * n2)
+    lam, b, p = lam.expand(h, n2), b.expand(h, n2), p.expand(1, h, n2)
+    dt = torch.tensor([1e-3, 3e-2], dtype=torch.float64)
+    fast = kernel_dplr(lam, p, b, c, dt, length)
+    slow = kernel_dplr_reference(DPLRBilinear.build(lam, p, b, dt), c, length)
+    assert (fast - slow).abs().max() < 1e-10
