@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: install system-deps serve test fuzz lint bench bench-quick loadtest docker-smoke clean
+.PHONY: install system-deps serve test fuzz lint bench bench-quick gpu-check loadtest docker-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench: install
 
 bench-quick: install
 	$(BIN)/s4serve bench --quick --out /tmp/s4serve-bench-quick.md
+
+# On a machine with a CUDA GPU (and a CUDA build of torch: TORCH_SPEC=torch make install):
+# correctness vs float64, the B=64 x L=16000 timing, a real server on --device cuda.
+GPU_DEVICE ?= cuda
+gpu-check: install
+	$(BIN)/python -m loadtest.bench.gpu_check --device $(GPU_DEVICE)
 
 loadtest: install
 	$(BIN)/s4serve loadtest stream --url http://$(HOST):$(PORT) --model motion --sessions 100 --rate 100 --hold 10 --png-out loadtest.png

@@ -114,7 +114,10 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
         refuse_unstreamable(backend.info, "state in or out")
     state, samples = _start_states(backend, req.state, batch, limits.state_secret)
     began = time.perf_counter()
-    u = torch.from_numpy(req.inputs).to(backend.device)
+    u = torch.from_numpy(req.inputs)
+    if backend.device.type == "cuda":  # page-locked, so the copy is one DMA, asynchronous
+        u = u.pin_memory()
+    u = u.to(backend.device, non_blocking=True)
     # sequences per conv pass so the working set stays within the configured bound
     per_sequence = backend.conv_bytes(length)
     max_batch = max(1, limits.memory_bytes // per_sequence) if per_sequence else None

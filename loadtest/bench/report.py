@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loadtest.bench.conv_report import render_conv
 from loadtest.bench.model_bench import OFFICIAL_STEP_B1024_S
 
 
@@ -377,6 +378,7 @@ def render(result: dict, command: str) -> str:
         ("backends", _backends),
         ("server", _server),
         ("soak", _soak),
+        ("conv", lambda r: render_conv(r, result.get("model"))),
         ("gpu", _gpu),
     ):
         value = result.get(key)

@@ -12,7 +12,7 @@ from pathlib import Path
 from loadtest.bench.machine import machine_info
 from loadtest.bench.report import render
 
-SECTIONS = ("model", "backends", "server", "soak", "gpu")
+SECTIONS = ("model", "backends", "server", "soak", "conv", "gpu")
 
 
 def run_suite(
@@ -25,6 +25,7 @@ def run_suite(
 ) -> dict:
     """Run the chosen sections; a section that fails is reported as such, never skipped silently."""
     from loadtest.bench.backend_bench import run_backend_benches
+    from loadtest.bench.conv_bench import run_conv_benches
     from loadtest.bench.gpu_bench import run_gpu_bench
     from loadtest.bench.model_bench import run_model_benches
     from loadtest.bench.server_bench import run_server_benches, run_soak
@@ -38,6 +39,7 @@ def run_suite(
             "backends": lambda: run_backend_benches(scratch, quick, log),
             "server": lambda: run_server_benches(scratch, quick, log),
             "soak": lambda: run_soak(scratch, quick, log),
+            "conv": lambda: run_conv_benches(scratch, quick, log),
             "gpu": lambda: run_gpu_bench(quick, log),
         }
         for name in sections:

@@ -45,3 +45,9 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path):
     assert "### Served step" in text and "Disconnect:" in text and "## Soak" in text
     assert data["soak"]["run"]["ok"], data["soak"]["run"]["failures"]
     assert data["soak"]["rss_growth"] is not None
+    conv = data["conv"]
+    assert "## Convolution view at batch scale" in text
+    for layer in ("s4d", "s4"):
+        for run in conv[layer].values():
+            assert run["seconds"] > 0 and run["of_ceiling"] > 0 and run["gflops"] > 0
+    assert conv["server"]["batched_vs_b1"] > 0
