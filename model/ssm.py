@@ -85,9 +85,13 @@ class SSMLayer(nn.Module):
         return tuple((p.data_ptr(), p._version) for p in self.parameters())
 
     def _taps(self, length: int, rate: float) -> torch.Tensor:
-        """The kernel as applied: the backward half (if any) delayed by one sample, since
-        its first tap multiplies u_{t+1} (the official layer's convention)."""
+        """The kernel as applied: D·u folded into tap 0 (K * u + D u = (K + D δ) * u, one
+        pass less over the (B, L, H) activations), and the backward half (if any) delayed by
+        one sample, since its first tap multiplies u_{t+1} (the official layer's convention)."""
         k = self.kernel(length, rate)  # (H' or 2H', L)
+        skip = torch.zeros_like(k)
+        skip[: self.h, 0] = self.D.to(k.dtype)
+        k = k + skip
         if not self.bidirectional:
             return k
         return torch.cat([k[: self.h], F.pad(k[self.h:, :-1], (1, 0))])  # (2H', L)
@@ -123,7 +127,7 @@ class SSMLayer(nn.Module):
         """u (B, L, H) -> (B, L, H) through the convolutional view."""
         u = self.widen(u)  # (B, L, H')
         k_f, n_fft = self.kernel_fft(u.shape[1], rate)  # (H', F) or (2H', F)
-        y = causal_conv(u, k_f[: self.h], n_fft) + u * self.D  # (B, L, H')
+        y = causal_conv(u, k_f[: self.h], n_fft)  # (B, L, H'), D u included
         if self.bidirectional:  # y_t += Σ_{s>t} K_back[s-t-1] u_s: causal in reversed time
             y = y + causal_conv(u.flip(1), k_f[self.h:], n_fft).flip(1)
         return self.tail(y)
