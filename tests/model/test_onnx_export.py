@@ -17,6 +17,7 @@ CASES = {
     "s4d-zoh-cls": dict(layer="s4d", disc="zoh", task="classification"),
     "s4d-bilinear-seq": dict(layer="s4d", disc="bilinear", task="sequence", init="lin"),
     "s4-cls": dict(layer="s4", task="classification", rank=2),
+    "s4d-channels2-seq": dict(layer="s4d", task="sequence", channels=2),
 }
 BLOCK, EXTRA = 32, (8,)
 TOL = dict(rtol=1e-5, atol=1e-5)
