@@ -54,10 +54,11 @@ def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
-def _batch_run(layer: str, batch: int, length: int, max_batch: int | None, out) -> None:
+def _batch_run(layer: str, batch: int, length: int, max_batch: int | None, shape: dict,
+               out) -> None:
     """In a fresh process, so that its peak RSS is this run's alone."""
     torch.set_num_threads(1)
-    net = perturbed_network(layer)
+    net = perturbed_network(layer, **shape)
     with torch.no_grad():
         net.predict(torch.randn(1, length, 1))  # kernels cached (warm), buffers touched
     u = torch.randn(batch, length, 1)
@@ -69,10 +70,12 @@ def _batch_run(layer: str, batch: int, length: int, max_batch: int | None, out) 
     out.send({"seconds": seconds, "peak_rss_over_start": max(0, peak - before)})
 
 
-def batch_conv(layer: str, batch: int, length: int, max_batch: int | None) -> dict:
+def batch_conv(layer: str, batch: int, length: int, max_batch: int | None,
+               shape: dict) -> dict:
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_batch_run, args=(layer, batch, length, max_batch, send))
+    child = ctx.Process(target=_batch_run,
+                        args=(layer, batch, length, max_batch, shape, send))
     child.start()
     result = receive.recv()
     child.join()
@@ -81,12 +84,14 @@ def batch_conv(layer: str, batch: int, length: int, max_batch: int | None) -> di
 
 def run_conv_benches(scratch: Path, quick: bool, log=print) -> dict:
     batch, length = (4, 2000) if quick else (64, 16_000)
-    net = perturbed_network("s4d")
+    shape = dict(n_layers=2, d_model=16, d_state=16) if quick else {}  # quick: a smoke test
+    net = perturbed_network("s4d", **shape)
     cfg = net.config
     per_sequence = net.conv_bytes(length)
     pieces = max(1, (MEMORY_MB << 20) // per_sequence)
     torch.set_num_threads(1)
-    results: dict = {"batch": batch, "length": length, "threads": 1, "memory_mb": MEMORY_MB,
+    results: dict = {"network": f"{cfg.n_layers} × {cfg.d_model}, N={cfg.d_state}",
+                     "batch": batch, "length": length, "threads": 1, "memory_mb": MEMORY_MB,
                      "conv_bytes_per_sequence": per_sequence, "sequences_per_pass": pieces,
                      "ceilings": ceilings(length, cfg.d_model),
                      "flops_per_sequence": network_flops(cfg.d_model, cfg.n_layers, length)}
@@ -98,7 +103,7 @@ def run_conv_benches(scratch: Path, quick: bool, log=print) -> dict:
         results[layer] = {}
         for label, max_batch in (("pieces", pieces), ("one_pass", None)):
             log(f"conv bench {layer}: {batch} × {length}, {label}")
-            run = batch_conv(layer, batch, length, max_batch)
+            run = batch_conv(layer, batch, length, max_batch, shape)
             total = (flops["fft"] + flops["gemm"]) * batch
             run.update(samples_per_s=batch * length / run["seconds"],
                        gflops=total / run["seconds"] / 1e9,

@@ -26,7 +26,7 @@ def render_conv(r: dict, model: dict | None = None) -> list[str]:
     ceiling = r["ceilings"]
     lines = [
         "## Convolution view at batch scale", "",
-        f"Reference network (4 × 128, N=64), B={r['batch']} × L={r['length']}, "
+        f"Network {r['network']}, B={r['batch']} × L={r['length']}, "
         f"{r['threads']} torch thread, kernels cached; each run in a fresh process (peak RSS "
         "is its own). Measured ceilings in the same run: float32 GEMM "
         f"{ceiling['gemm_gflops']:.1f} GFLOP/s, rfft+irfft pairs at n={ceiling['fft_size']} "

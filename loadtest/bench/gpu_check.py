@@ -52,8 +52,8 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
 
 
 @torch.no_grad()
-def correctness(layer: str, device: torch.device, length: int) -> dict:
-    net = perturbed_network(layer)
+def correctness(layer: str, device: torch.device, length: int, shape: dict) -> dict:
+    net = perturbed_network(layer, **shape)
     u = torch.randn(2, length, 1)
     ref = reference_outputs(net, u)
     on_device = S4Network(net.config)
@@ -68,8 +68,9 @@ def correctness(layer: str, device: torch.device, length: int) -> dict:
 
 
 @torch.no_grad()
-def batch_speed(layer: str, device: torch.device, batch: int, length: int) -> dict:
-    net = perturbed_network(layer).to(device).eval()
+def batch_speed(layer: str, device: torch.device, batch: int, length: int, shape: dict
+                ) -> dict:
+    net = perturbed_network(layer, **shape).to(device).eval()
     host = torch.randn(batch, length, 1)
     if device.type == "cuda":
         host = host.pin_memory()
@@ -80,10 +81,10 @@ def batch_speed(layer: str, device: torch.device, batch: int, length: int) -> di
             "goal_s": GOAL_B64_S}
 
 
-def over_server(device: str, scratch: Path, batch: int, length: int) -> dict:
+def over_server(device: str, scratch: Path, batch: int, length: int, shape: dict) -> dict:
     from client import Client
 
-    net = perturbed_network("s4d", name="gpucheck", sample_rate=16000.0)
+    net = perturbed_network("s4d", name="gpucheck", sample_rate=16000.0, **shape)
     model_dir = save_model(net, scratch / "gpucheck")
     signal = np.random.default_rng(0).standard_normal((2000, 1)).astype(np.float32)
     big = np.random.default_rng(1).standard_normal((batch, length, 1)).astype(np.float32)
@@ -116,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     batch, length = (4, 1000) if args.quick else (64, 16_000)
     ref_length = 256 if args.quick else 2048
+    shape = dict(n_layers=2, d_model=16, d_state=16) if args.quick else {}  # quick: small net
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result: dict = {"device": name, "batch": batch, "length": length}
     for layer in ("s4d", "s4"):
-        result[layer] = {"correctness": correctness(layer, device, ref_length),
-                         "speed": batch_speed(layer, device, batch, length)}
+        result[layer] = {"correctness": correctness(layer, device, ref_length, shape),
+                         "speed": batch_speed(layer, device, batch, length, shape)}
     with tempfile.TemporaryDirectory(prefix="s4serve-gpucheck-") as tmp:
-        result["server"] = over_server(args.device, Path(tmp), batch, length)
+        result["server"] = over_server(args.device, Path(tmp), batch, length, shape)
     ok = result["server"]["ok"] and all(result[k]["correctness"]["ok"] for k in ("s4d", "s4"))
     print(f"## GPU check ({name}), {time.strftime('%Y-%m-%d')}\n")
     print("| layer | conv err | chunk err | goal | B×L conv (on device) | with host copy |")

@@ -65,3 +65,13 @@ def test_augment_is_seeded_and_within_its_ranges():
     assert abs(snr - 20) < 0.5
     untouched = augment(x, Augment(), 8000, np.random.default_rng(4))
     assert np.array_equal(untouched, x)
+
+
+def test_running_mean_blocks_match_float64():
+    from model.network import running_mean
+
+    for length in (1, 100, 256, 257, 5000):
+        x = torch.randn(2, length, 3) + 3.0  # an offset: the sums grow, float32 would drift
+        expected = x.double().cumsum(1) / torch.arange(1, length + 1)[:, None]
+        assert (running_mean(x).double() - expected).abs().max() < 1e-5
+        assert running_mean(x).dtype == torch.float32
