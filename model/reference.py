@@ -11,7 +11,7 @@ import torch
 
 from model.kernels import conj_extend
 from model.network import S4Network
-from model.ssm import S4DLayer, S4Layer, SSMLayer
+from model.ssm import S4DLayer, S4Layer, SSMLayer, widen
 
 
 def dense_system(layer: SSMLayer, rate: float = 1.0
@@ -49,7 +49,7 @@ def ssm_reference(layer: SSMLayer, u: torch.Tensor, rate: float = 1.0) -> torch.
     if layer.bidirectional:
         raise TypeError("the dense reference is causal; bidirectional layers have none")
     da, db, c = dense_system(layer, rate)
-    u = layer.widen(u.double())
+    u = widen(u.double(), layer.channels)
     x = torch.zeros(u.shape[0], *db.shape, dtype=torch.complex128)  # (B, H, N)
     ys = []
     for t in range(u.shape[1]):

@@ -65,9 +65,6 @@ class SSMLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self._kernels: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
-    def widen(self, u: torch.Tensor) -> torch.Tensor:
-        return widen(u, self.channels)
-
     # --- to be provided by the subclasses -------------------------------------------------
     def kernel(self, length: int, rate: float = 1.0) -> torch.Tensor:
         """The convolution kernel (H', L) in float64; (2H', L), forward rows then backward
@@ -125,7 +122,7 @@ class SSMLayer(nn.Module):
 
     def forward(self, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """u (B, L, H) -> (B, L, H) through the convolutional view."""
-        u = self.widen(u)  # (B, L, H')
+        u = widen(u, self.channels)  # (B, L, H')
         k_f, n_fft = self.kernel_fft(u.shape[1], rate)  # (H', F) or (2H', F)
         y = causal_conv(u, k_f[: self.h], n_fft)  # (B, L, H'), D u included
         if self.bidirectional:  # y_t += Σ_{s>t} K_back[s-t-1] u_s: causal in reversed time
