@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import http_api, mux_api, ws_api
+from server.checkpoints import Checkpointer
 from server.errors import ServeError
 from server.handoff import Handoff
 from server.logs import context_id
@@ -51,11 +52,16 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         # Load in the background so /healthz answers at once and /readyz says 503 until done.
         loader = asyncio.create_task(_load(runtime))
         janitor = asyncio.create_task(_purge_expired(runtime))
+        tasks = [loader, janitor]
+        if settings.checkpoint_interval:
+            checkpointer = Checkpointer(runtime.manager, settings.checkpoint_interval,
+                                        settings.checkpoint_samples)
+            tasks.append(asyncio.create_task(checkpointer.run()))
         try:
             yield
         finally:
-            loader.cancel()
-            janitor.cancel()
+            for task in tasks:
+                task.cancel()
             if runtime.manager.live:
                 await runtime.drain()
             runtime.mark_ready(False)

@@ -109,6 +109,15 @@ class Metrics:
             "s4serve_handoffs_total", "Live sessions taken over from another worker process.",
             registry=r,
         )
+        self.checkpoints = Counter(
+            "s4serve_checkpoints_total", "Live sessions' states written to the session store, "
+            "by result: written, or fenced (another process had taken the session over).",
+            ["result"], registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "s4serve_checkpoint_seconds", "Time of one checkpoint pass (read, encode, write).",
+            registry=r, buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+        )
         self.errors = Counter(
             "s4serve_errors_total", "Errors answered, by code.", ["code"], registry=r
         )

@@ -42,6 +42,10 @@ class Session:
     output: str
     stream: Stream
     owner: Owner | None = None
+    epoch: int = 0  # the store's epoch this process holds the session at
+    checkpointed: int = -1  # samples at its last checkpoint (-1: none yet)
+    stored: bool = False  # a checkpoint of it is in the store
+    lost: bool = False  # taken over by another process: nothing more goes to the store
 
     @property
     def name(self) -> str:
@@ -91,10 +95,13 @@ class SessionManager:
             record = decode_state(opts.state, self.secret)
             record.check(model.info.name, model.info.version, backend.state_spec)
             arrays, samples = record.tensors, record.samples
-        return self._place(
+        session = self._place(
             model, uuid.uuid4().hex, secrets.token_urlsafe(24), opts.dtype, sample_rate,
             opts.output, rate, arrays, samples, owner,
         )
+        if arrays is None:
+            session.checkpointed = 0  # nothing to keep until it advances
+        return session
 
     def resume(self, model: LoadedModel, token: str, owner: Owner) -> tuple[Session, int]:
         """Take over a live session or bring back a stored one; returns it and its samples."""
@@ -126,6 +133,7 @@ class SessionManager:
             model.backend.rate_for(record.sample_rate if model.info.sample_rate else None),
             state.tensors, state.samples, owner,
         )
+        session.epoch = record.epoch  # the take made this process its owner
         log.info("session %s resumed at sample %d", session.id, state.samples)
         return session, state.samples
 
@@ -153,6 +161,8 @@ class SessionManager:
     def end(self, session: Session) -> int:
         """Finish a session for good (its state is discarded); returns its sample count."""
         samples, _ = self._release(session)
+        if session.stored:
+            self.store.forget(session.token, session.epoch)
         return samples
 
     def detach(self, session: Session, owner: Owner) -> None:
@@ -161,12 +171,26 @@ class SessionManager:
         if session.owner is not owner:  # taken over: the session lives on elsewhere
             return
         samples, arrays = self._release(session)
+        if session.lost:
+            return
         record = SessionRecord(
             session.id, session.name, session.dtype, session.sample_rate, session.output,
             samples, self.blob(session, samples, arrays),
         )
-        self.store.put(session.token, record, self.resume_ttl)
-        log.info("session %s detached at sample %d, resumable", session.id, samples)
+        if self.store.put(session.token, record, self.resume_ttl, session.epoch):
+            log.info("session %s detached at sample %d, resumable", session.id, samples)
+        else:
+            log.warning("session %s detached but taken over elsewhere: state not kept",
+                        session.id)
+
+    def fenced(self, session: Session) -> None:
+        """The store says another process took this session over: close our connection and
+        forget it here, writing nothing more."""
+        session.lost = True
+        if session.owner is not None:
+            session.owner.kick(1008, "resumed_elsewhere")
+        else:
+            self._release(session)
 
     def _release(self, session: Session) -> tuple[int, list]:
         session.owner = None

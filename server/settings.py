@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     store: str | None = Field(
         None, description="where dropped sessions wait: None for the local directory "
         "(snapshot_dir), or redis://host:port/db, shared by every worker and replica")
+    checkpoint_interval: float = Field(
+        1.0, ge=0, description="every this many seconds the state of each live session that "
+        "advanced goes to the store, so a resume after a SIGKILL continues from there (0: off)")
+    checkpoint_samples: int = Field(
+        1, ge=1, description="a live session is checkpointed only once it advanced at least "
+        "this many samples since its last checkpoint")
     drain_seconds: float = Field(
         0.0, ge=0, description="after SIGTERM, answer readyz 503 this long before stopping"
     )

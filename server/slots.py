@@ -81,6 +81,14 @@ class SlotPool:
         self.flat32[slot].copy_(flat32[0])
         self.flat64[slot].copy_(flat64[0])
 
+    def read_many(self, slots: list[int]) -> list[list[np.ndarray]]:
+        """Copies of many sessions' state tensors, in one indexed copy per flat tensor."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.backend.device)
+        views = self.layout.split(self.flat32.index_select(0, index),
+                                  self.flat64.index_select(0, index))
+        arrays = [v.detach().to("cpu").numpy() for v in views]  # (B, ...) each
+        return [[np.ascontiguousarray(a[i]) for a in arrays] for i in range(len(slots))]
+
     def read(self, slot: int) -> list[np.ndarray]:
         views = self.layout.split(self.flat32[slot:slot + 1], self.flat64[slot:slot + 1])
         return [v[0].detach().to("cpu").numpy().copy() for v in views]

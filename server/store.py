@@ -1,20 +1,30 @@
-"""Where dropped sessions wait to be resumed.
+"""Where sessions wait to be resumed, and where live sessions keep their checkpoints.
 
 `SessionStore` is the interface; `LocalDirectoryStore` keeps one small JSON file per session
-(the default, survives a restart of this process). A shared store (Redis) implements the same
-three methods so that a session can resume on another replica.
+(the default, survives a restart or a SIGKILL of this process). A shared store (Redis)
+implements the same methods so that a session can resume on another replica.
+
+One owner per session: every token has an epoch in the store, moved on by each `take`. A
+write names the epoch its owner holds and is refused (False) once another process has taken
+the session since, so an owner that lost its session can neither advance it in the store nor
+bring back a stale copy: it learns from the refusal and closes its connection.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+_EPOCH_KEEP = 3600.0  # seconds an epoch outlives its record (live owners refresh it)
 
 
 @dataclass
@@ -28,17 +38,28 @@ class SessionRecord:
     output: str
     samples: int
     state: str  # state blob (server/state_blob.py)
+    live: bool = False  # a checkpoint of a session that was live when it was written
+    epoch: int = 0  # set by `take`: the epoch the new owner holds
 
 
 class SessionStore(ABC):
     @abstractmethod
-    def put(self, token: str, record: SessionRecord, ttl: float) -> None:
-        """Keep `record` under `token` for `ttl` seconds (replacing any older one)."""
+    def put(self, token: str, record: SessionRecord, ttl: float, epoch: int = 0) -> bool:
+        """Keep `record` under `token` for `ttl` seconds (replacing any older one), unless
+        the session was taken at a later epoch than `epoch` (then False, nothing written)."""
+
+    def put_many(self, items: list[tuple[str, SessionRecord, int]], ttl: float) -> list[bool]:
+        """`put` for many (token, record, epoch); stores override it with one round trip."""
+        return [self.put(token, record, ttl, epoch) for token, record, epoch in items]
 
     @abstractmethod
     def take(self, token: str) -> SessionRecord | None:
-        """Remove and return the record, or None when unknown or expired. Atomic: of two
-        concurrent callers at most one gets it."""
+        """Remove and return the record (its `epoch` is the new owner's), or None when
+        unknown or expired. Atomic: of two concurrent callers at most one gets it."""
+
+    @abstractmethod
+    def forget(self, token: str, epoch: int) -> None:
+        """The session ended: drop its record (unless taken at a later epoch)."""
 
     @abstractmethod
     def purge_expired(self) -> int:
@@ -46,34 +67,66 @@ class SessionStore(ABC):
 
 
 class LocalDirectoryStore(SessionStore):
+    """Files `<sha256>.json` (the record), `.epoch` and `.lock` per token; a put or take holds
+    the token's lock (flock), so the workers of one server sharing the directory agree."""
+
     def __init__(self, directory: Path, clock=time.time) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._clock = clock
 
-    def _path(self, token: str) -> Path:
+    def _base(self, token: str) -> Path:
         # Tokens are client-supplied: hash them so they can never name another path.
-        return self.directory / (hashlib.sha256(token.encode()).hexdigest() + ".json")
+        return self.directory / hashlib.sha256(token.encode()).hexdigest()
 
-    def put(self, token: str, record: SessionRecord, ttl: float) -> None:
-        data = {"expires_at": self._clock() + ttl, "record": asdict(record)}
-        tmp = self.directory / f".{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self._path(token))
+    @contextlib.contextmanager
+    def _locked(self, base: Path) -> Iterator[None]:
+        fd = os.open(f"{base}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _epoch(base: Path) -> int | None:
+        try:
+            return int(Path(f"{base}.epoch").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def put(self, token: str, record: SessionRecord, ttl: float, epoch: int = 0) -> bool:
+        base = self._base(token)
+        with self._locked(base):
+            current = self._epoch(base)
+            if current is not None and current != epoch:
+                return False
+            data = {"expires_at": self._clock() + ttl, "record": asdict(record)}
+            tmp = self.directory / f".{uuid.uuid4().hex}.tmp"
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, f"{base}.json")
+        return True
 
     def take(self, token: str) -> SessionRecord | None:
-        claimed = self.directory / f".{uuid.uuid4().hex}.claimed"
-        try:
-            os.replace(self._path(token), claimed)
-        except FileNotFoundError:
-            return None
-        try:
-            data = json.loads(claimed.read_text())
-        finally:
-            claimed.unlink(missing_ok=True)
-        if data["expires_at"] < self._clock():
-            return None
-        return SessionRecord(**data["record"])
+        base = self._base(token)
+        with self._locked(base):
+            try:
+                data = json.loads(Path(f"{base}.json").read_text())
+            except FileNotFoundError:
+                return None
+            Path(f"{base}.json").unlink()
+            if data["expires_at"] < self._clock():
+                return None
+            epoch = (self._epoch(base) or 0) + 1
+            Path(f"{base}.epoch").write_text(str(epoch))
+        return SessionRecord(**{**data["record"], "epoch": epoch})
+
+    def forget(self, token: str, epoch: int) -> None:
+        base = self._base(token)
+        with self._locked(base):
+            current = self._epoch(base)
+            if current is None or current == epoch:
+                Path(f"{base}.json").unlink(missing_ok=True)
 
     def purge_expired(self) -> int:
         removed = 0
@@ -84,6 +137,18 @@ class LocalDirectoryStore(SessionStore):
             except (OSError, ValueError, KeyError):
                 continue
             if expired:
-                path.unlink(missing_ok=True)
+                base = path.with_suffix("")
+                with self._locked(base):
+                    for suffix in (".json", ".epoch"):
+                        Path(f"{base}{suffix}").unlink(missing_ok=True)
+                Path(f"{base}.lock").unlink(missing_ok=True)
                 removed += 1
+        # the epoch of a session taken long ago and never checkpointed since (ended, or idle)
+        for path in self.directory.glob("*.epoch"):
+            base = path.with_suffix("")
+            with contextlib.suppress(OSError):
+                if (not Path(f"{base}.json").exists()
+                        and path.stat().st_mtime < time.time() - _EPOCH_KEEP):
+                    path.unlink()
+                    Path(f"{base}.lock").unlink(missing_ok=True)
         return removed

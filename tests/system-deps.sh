@@ -6,7 +6,7 @@ set -euo pipefail
 declare -A package=(
   [promtool]=prometheus [espeak-ng]=espeak-ng [sox]=sox [dockerd]=docker.io
   [debootstrap]=debootstrap [docker-compose]=docker-compose [chromium]=chromium [curl]=curl
-  [redis-server]=redis-server
+  [redis-server]=redis-server [nginx]=nginx
 )
 need=()
 for cmd in "${!package[@]}"; do

@@ -47,10 +47,32 @@ def record(samples: int = 5) -> SessionRecord:
     return SessionRecord("id", "seq", "float32", None, "every", samples, "blob")
 
 
+def taken(item: SessionRecord, epoch: int = 1) -> SessionRecord:
+    return SessionRecord(**{**item.__dict__, "epoch": epoch})
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_one_owner_per_session_by_epoch(redis_url, tmp_path, kind):
+    """A take moves the epoch on: writes of the previous owner are refused from then on, the
+    new owner's go through, and an end (forget) by the previous owner removes nothing."""
+    local = LocalDirectoryStore(tmp_path)
+    store = local if kind == "local" else RedisStore(redis_url, local)
+    assert store.put("own", record(1), ttl=30)  # a new session: epoch 0
+    assert store.take("own") == taken(record(1))
+    assert not store.put("own", record(2), ttl=30, epoch=0)  # the old owner is fenced
+    assert store.put_many([("own", record(3), 1), ("other", record(4), 0)], ttl=30) == [
+        True, True]
+    store.forget("own", 0)  # not the owner: nothing happens
+    assert store.take("own") == taken(record(3), 2)
+    assert store.put("own", record(5), ttl=30, epoch=2)
+    store.forget("own", 2)
+    assert store.take("own") is None
+
+
 def test_put_take_once_and_expire(redis_url, tmp_path):
     store = RedisStore(redis_url, LocalDirectoryStore(tmp_path))
     store.put("tok", record(), ttl=30)
-    assert store.take("tok") == record()
+    assert store.take("tok") == taken(record())
     assert store.take("tok") is None  # taken: gone
     store.put("short", record(), ttl=0.2)
     time.sleep(0.4)
@@ -81,14 +103,17 @@ def test_without_redis_sessions_go_to_the_local_store(tmp_path):
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", LocalDirectoryStore(tmp_path),
                        timeout=0.5)
     store.put("tok", record(7), ttl=30)
-    assert store.take("tok") == record(7)
+    assert store.take("tok") == taken(record(7))
 
 
 async def test_a_session_dropped_on_one_server_resumes_on_another(model_dirs, redis_url,
                                                                   tmp_path):
     u = np.random.default_rng(3).standard_normal((60, 2)).astype(np.float32)
-    settings_a = make_settings(model_dirs, tmp_path / "a", store=redis_url)
-    settings_b = make_settings(model_dirs, tmp_path / "b", store=redis_url)
+    # the detach path alone: with checkpoints, A's resume below would take B's over
+    settings_a = make_settings(model_dirs, tmp_path / "a", store=redis_url,
+                               checkpoint_interval=0)
+    settings_b = make_settings(model_dirs, tmp_path / "b", store=redis_url,
+                               checkpoint_interval=0)
     with ServerThread(settings_a) as a, ServerThread(settings_b) as b:
         expected = np.array(predict(a.url, "seq", u[None])["outputs"])[0]
         async with await connect(a.ws_url, "seq") as ws:

@@ -21,10 +21,13 @@ from tests.server.conftest import free_port
 S4SERVE = str(Path(sys.executable).with_name("s4serve"))
 
 
-def launch(model_dir: Path, port: int, snapshots: Path) -> subprocess.Popen:
-    env = dict(os.environ, S4SERVE_DRAIN_SECONDS="1.0", S4SERVE_SNAPSHOT_DIR=str(snapshots))
+def launch(model_dir: Path, port: int, snapshots: Path, *extra: str,
+           **env: str) -> subprocess.Popen:
+    """`s4serve serve` with S4SERVE_* variables from `env` (e.g. CHECKPOINT_INTERVAL="1")."""
+    env = dict(os.environ, S4SERVE_DRAIN_SECONDS="1.0", S4SERVE_SNAPSHOT_DIR=str(snapshots),
+               **{f"S4SERVE_{key}": value for key, value in env.items()})
     process = subprocess.Popen(
-        [S4SERVE, "serve", "--model", str(model_dir), "--port", str(port)],
+        [S4SERVE, "serve", "--model", str(model_dir), "--port", str(port), *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 60

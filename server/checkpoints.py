@@ -1,0 +1,108 @@
+"""Checkpoints of live sessions, so that a process killed without warning (SIGKILL, OOM, a lost
+node) loses at most `checkpoint_interval` seconds of each session, which the client replays.
+
+Every interval, each live session that advanced by at least `checkpoint_samples` has its state
+written to the session store, as the record a detach would write (marked live). The state is
+taken on a frame boundary (a frame computed over several ticks counts from its start), so that
+`samples` on resume is always where a frame began. A pass runs on the event loop between ticks,
+in slices of `SLICE` sessions (one indexed copy of their state rows, one store round trip), so
+a session's state is never read while a tick changes it and streams wait at most one slice. A
+write the store refuses means another process took the session over: this one lets it go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from server.scheduler import Frame
+from server.sessions import Session, SessionManager
+from server.store import SessionRecord
+
+log = logging.getLogger("s4serve.checkpoints")
+SLICE = 256
+
+
+def boundary(session: Session) -> tuple[int, tuple | None]:
+    """(samples, saved rows or None) at the last frame boundary: a frame in progress is
+    counted from its start, with the rows saved before it."""
+    stream = session.stream
+    head = stream.queue[0] if stream.queue else None
+    if type(head) is Frame and head.done and head.before is not None:
+        return stream.samples - head.done, head.before
+    return stream.samples, None
+
+
+class Checkpointer:
+    def __init__(self, manager: SessionManager, interval: float, min_samples: int = 1) -> None:
+        self.manager = manager
+        self.interval = interval
+        self.min_samples = min_samples
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.checkpoint()
+            except Exception:
+                log.exception("checkpoint pass failed")
+
+    def due(self) -> list[Session]:
+        return [s for s in self.manager.live.values()
+                if s.owner is not None and s.stream.sink is not None
+                and abs(boundary(s)[0] - s.checkpointed) >= self.min_samples]
+
+    async def checkpoint(self) -> int:
+        """One pass over every due session; returns how many were written."""
+        started, written = time.perf_counter(), 0
+        due = self.due()
+        for at in range(0, len(due), SLICE):
+            if at:
+                await asyncio.sleep(0)  # let ticks and reads run between slices
+            live = self.manager.live
+            sessions = [s for s in due[at:at + SLICE] if live.get(s.token) is s]
+            written += self._write(sessions)
+        self.manager.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        return written
+
+    def _write(self, sessions: list[Session]) -> int:
+        if not sessions:
+            return 0
+        manager = self.manager
+        points = [boundary(s) for s in sessions]
+        states: dict[int, list[np.ndarray]] = {}
+        by_pool: dict = {}
+        for i, (session, (_, rows)) in enumerate(zip(sessions, points, strict=True)):
+            if rows is None:
+                by_pool.setdefault(session.stream.pool, []).append(i)
+            else:
+                pool = session.stream.pool
+                views = pool.layout.split(rows[0][None], rows[1][None])
+                states[i] = [v[0].detach().to("cpu").numpy().copy() for v in views]
+        for pool, members in by_pool.items():
+            arrays = pool.read_many([sessions[i].stream.slot for i in members])
+            states.update(zip(members, arrays, strict=True))
+        items = []
+        for i, (session, (samples, _)) in enumerate(zip(sessions, points, strict=True)):
+            record = SessionRecord(
+                session.id, session.name, session.dtype, session.sample_rate, session.output,
+                samples, manager.blob(session, samples, states[i]), live=True,
+            )
+            items.append((session.token, record, session.epoch))
+        results = manager.store.put_many(items, manager.resume_ttl)
+        written = 0
+        for session, (samples, _), ok in zip(sessions, points, results, strict=True):
+            if ok:
+                session.checkpointed, session.stored = samples, True
+                written += 1
+            elif manager.live.get(session.token) is session:
+                log.warning("session %s was taken over elsewhere: letting it go", session.id)
+                manager.fenced(session)
+        counter = manager.metrics.checkpoints
+        counter.labels("written").inc(written)
+        counter.labels("fenced").inc(len(sessions) - written)
+        return written
+

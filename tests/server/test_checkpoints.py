@@ -1,0 +1,114 @@
+"""Checkpoints of live sessions: a SIGKILLed server loses at most the last checkpoint interval
+of each session, the client replays from `samples` and the outputs equal an uninterrupted
+stream; one owner across processes (a session taken over elsewhere is let go here); an ended
+session leaves nothing resumable. Real `s4serve serve` subprocesses and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import websockets
+
+from tests.server.client import connect, predict, send_json, start, stream_binary
+from tests.server.conftest import ServerThread, free_port, make_settings
+from tests.server.test_redis_store import redis_url  # noqa: F401 (fixture)
+from tests.server.test_shutdown import launch as launch_server
+
+FRAME = 5
+
+
+def launch(model_dir: Path, port: int, snapshots: Path, store: str | None = None):
+    env = dict(CHECKPOINT_INTERVAL="0.2", STEP_COMPILER="torchscript")
+    if store:
+        env["STORE"] = store
+    return launch_server(model_dir, port, snapshots, "--workers", "1", **env)
+
+
+async def stream_then_kill(ws_url: str, process, u: np.ndarray, frames: int) -> tuple:
+    """Stream `frames` frames, wait past a checkpoint, SIGKILL the server: (token, outputs
+    received, samples sent)."""
+    ws = await connect(ws_url, "seq")
+    token = (await start(ws))["resume_token"]
+    got = await stream_binary(ws, [u[i * FRAME:(i + 1) * FRAME] for i in range(frames)], 3)
+    await asyncio.sleep(0.6)  # a checkpoint covers these
+    for i in range(frames, frames + 3):  # sent, maybe answered, but not in a checkpoint
+        await ws.send(u[i * FRAME:(i + 1) * FRAME].tobytes())
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    with pytest.raises(websockets.ConnectionClosed):
+        while True:
+            got = np.concatenate([got, np.frombuffer(await ws.recv(), "<f4").reshape(-1, 3)])
+    return token, got, (frames + 3) * FRAME
+
+
+async def resume_and_replay(ws_url: str, token: str, u: np.ndarray, got: np.ndarray):
+    async with await connect(ws_url, "seq") as ws:
+        resumed = await start(ws, resume=token)
+        assert resumed["type"] == "started", resumed
+        samples = resumed["samples"]
+        assert 0 < samples <= len(got) and samples % FRAME == 0  # a frame boundary
+        rest = u[samples:]
+        tail = await stream_binary(ws, [rest[i:i + FRAME] for i in range(0, len(rest), FRAME)], 3)
+        assert (await send_json(ws, {"type": "end"}))["samples"] == len(u)
+    return np.concatenate([got[:samples], tail]), samples
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["local-restart", "redis-other-server"])
+async def test_a_sigkilled_server_loses_no_output(model_dirs, tmp_path, redis_url, shared):  # noqa: F811
+    u = np.random.default_rng(5).standard_normal((80, 2)).astype(np.float32)
+    port = free_port()
+    store = redis_url if shared else None
+    process = launch(model_dirs["seq"], port, tmp_path / "a", store)
+    try:
+        expected = np.array(predict(f"http://127.0.0.1:{port}", "seq", u[None])["outputs"])[0]
+        token, got, _ = await stream_then_kill(f"ws://127.0.0.1:{port}", process, u, 6)
+    finally:
+        process.kill()
+    # the same directory after a restart, or another replica sharing Redis
+    port = free_port()
+    process = launch(model_dirs["seq"], port, tmp_path / ("b" if shared else "a"), store)
+    try:
+        outputs, samples = await resume_and_replay(f"ws://127.0.0.1:{port}", token, u, got)
+        async with await connect(f"ws://127.0.0.1:{port}", "seq") as ws:  # ended: gone
+            assert (await start(ws, resume=token))["code"] == "resume_not_found"
+    finally:
+        process.kill()
+    assert samples >= 6 * FRAME  # the checkpoint after the first frames was kept
+    np.testing.assert_allclose(outputs, expected, atol=1e-4)
+
+
+async def test_a_session_taken_over_elsewhere_is_let_go(model_dirs, tmp_path,
+                                                       redis_url):  # noqa: F811
+    """A live session on A is resumed on B from A's checkpoint (as after a partition): A's next
+    checkpoint is refused, A closes its connection 1008 resumed_elsewhere and writes nothing
+    more; B's session goes on and its outputs equal predict."""
+    u = np.random.default_rng(6).standard_normal((40, 2)).astype(np.float32)
+    settings = dict(store=redis_url, checkpoint_interval=0.1)
+    with (ServerThread(make_settings(model_dirs, tmp_path / "a", **settings)) as a,
+          ServerThread(make_settings(model_dirs, tmp_path / "b", **settings)) as b):
+        expected = np.array(predict(a.url, "seq", u[None])["outputs"])[0]
+        on_a = await connect(a.ws_url, "seq")
+        token = (await start(on_a))["resume_token"]
+        head = await stream_binary(on_a, [u[:10], u[10:20]], 3)
+        await asyncio.sleep(0.4)
+        async with await connect(b.ws_url, "seq") as on_b:
+            resumed = await start(on_b, resume=token)
+            assert resumed["samples"] == 20
+            await on_a.send(u[20:25].tobytes())  # A still advances its copy...
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(on_a.recv(), 5)
+            assert (on_a.close_code, on_a.close_reason) == (1008, "resumed_elsewhere")
+            tail = await stream_binary(on_b, [u[20:30], u[30:]], 3)
+            await asyncio.sleep(0.3)  # B's checkpoints are written, A's were refused
+            fenced = a.runtime.metrics.checkpoints.labels("fenced")._value.get()
+            assert fenced >= 1
+            assert b.runtime.metrics.checkpoints.labels("fenced")._value.get() == 0
+        await asyncio.sleep(0.3)
+        async with await connect(b.ws_url, "seq") as again:  # B's state, not A's stale one
+            assert (await start(again, resume=token))["samples"] == 40
+    np.testing.assert_allclose(np.concatenate([head, tail]), expected, atol=1e-4)
