@@ -4,8 +4,10 @@ The client numbers every frame by the session index of its first sample and keep
 needs to rebuild the state: a recovery point (the starting state, then a `snapshot` taken every
 `checkpoint_s` seconds) and every frame sent since. When the connection drops it reconnects
 with backoff and resumes with the token. If the server's state covers exactly the outputs
-received, the frames still unanswered are sent again. If it covers more (outputs were lost in
-flight), the session is restarted from the recovery point and the frames since are replayed;
+received, the frames still unanswered are sent again; if it covers fewer (the server was killed
+and the session came back from its last checkpoint), the frames since are replayed. If it
+covers more (outputs were lost in flight), the session is restarted from the recovery point
+and the frames since are replayed;
 outputs the caller already has are not delivered twice. Either way the caller sees every
 frame's outputs exactly once, in order.
 """
@@ -333,6 +335,16 @@ class AsyncStream:
                           else json.dumps({"type": entry.kind}))
         self._up.set()
 
+    def _can_replay_from(self, start: int) -> bool:
+        """The server's state is at `start`: fine when it ends where our outputs do, or, when
+        it is behind them (it came back from a checkpoint after the server was killed), when
+        we still hold every frame since `start` and one of them begins there."""
+        if start == self._received:
+            return True
+        base = self._base[0]
+        return base <= start < self._received and (
+            start == base or any(f.t == start for f in self._kept))
+
     async def _reconnect_once(self) -> tuple[ClientConnection, dict]:
         try:
             ws, info = await self._connect(resume=self.info["resume_token"])
@@ -340,8 +352,8 @@ class AsyncStream:
             if exc.code != "resume_not_found":
                 raise
             ws, info = None, None
-        if info is not None and info["samples"] == self._received:
-            return ws, info  # the state ends where our outputs do: resend the rest
+        if info is not None and self._can_replay_from(info["samples"]):
+            return ws, info  # resend the rest, or replay from where the state is
         if ws is not None:  # outputs were lost in flight: start over from the recovery point
             await ws.send(json.dumps({"type": "end"}))
             with contextlib.suppress(ConnectionClosed):

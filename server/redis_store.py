@@ -14,11 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict
 
 import redis
 
-from server.store import LocalDirectoryStore, SessionRecord, SessionStore
+from server.store import LocalDirectoryStore, SessionRecord, SessionStore, record_json
 
 log = logging.getLogger("s4serve.store")
 PREFIX = "s4serve:session:"
@@ -79,7 +78,7 @@ class RedisStore(SessionStore):
             pipe = self.client.pipeline(transaction=False)
             for token, record, epoch in items:
                 self._put(keys=self._keys(token), client=pipe,
-                          args=[epoch, json.dumps(asdict(record)), ttl_ms, EPOCH_KEEP_MS])
+                          args=[epoch, record_json(record), ttl_ms, EPOCH_KEEP_MS])
             return [bool(ok) for ok in pipe.execute()]
         except redis.RedisError as exc:
             log.error("redis store unavailable (%s): %d sessions kept in the local store",

@@ -179,3 +179,43 @@ async def test_mux_survives_a_cut_line(server, lose_replies):
     await cutter.stop()
     for i in range(4):
         np.testing.assert_allclose(np.concatenate(got[i]), expected[i], atol=1e-4)
+
+
+async def test_stream_replays_from_a_checkpoint_after_the_server_is_killed(model_dirs, tmp_path):
+    """SIGKILL of the server (a real `s4serve serve`), restarted on the same port and session
+    directory: the stream resumes from the last checkpoint by itself, replays the frames since,
+    and the caller gets every output once, equal to predict."""
+    import signal as signals
+
+    from tests.server.conftest import free_port
+    from tests.server.test_shutdown import launch
+
+    u = signal(200, seed=7)
+    port, sessions = free_port(), tmp_path / "sessions"
+    options = dict(CHECKPOINT_INTERVAL="0.2", STEP_COMPILER="torchscript")
+    process = launch(model_dirs["seq"], port, sessions, "--workers", "1", **options)
+    got = []
+    try:
+        async with AsyncClient(f"http://127.0.0.1:{port}") as c:
+            expected = (await c.predict("seq", u[None])).outputs[0]
+            async with c.stream("seq", checkpoint_s=60) as s:  # no snapshots of its own
+                first = s.info["session"]
+                for i in range(0, 100, 5):
+                    got.append(await s.send(u[i:i + 5]))
+                await asyncio.sleep(0.6)  # checkpointed at 100
+                for i in range(100, 130, 5):
+                    got.append(await s.send(u[i:i + 5]))  # answered, not checkpointed
+                process.send_signal(signals.SIGKILL)
+                process.wait(10)
+                process = launch(model_dirs["seq"], port, sessions, "--workers", "1",
+                                 **options)
+                for i in range(130, 200, 5):
+                    await s.feed(u[i:i + 5])
+                while len(got) < 40:
+                    got.append(await asyncio.wait_for(s.recv(), 60))
+                assert s.reconnects == 1
+                # resumed (same session) from a checkpoint behind the outputs received
+                assert s.info["session"] == first and 100 <= s.info["samples"] <= 130
+    finally:
+        process.kill()
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
