@@ -151,17 +151,14 @@ class MuxConnection(Link):
         handle = _Handle(self, self._next_sid, ref=ref)
         manager = self.rt.manager
         if opts.resume is not None:
-            try:
-                session, samples = manager.resume(self.model, opts.resume, handle)
-            except ServeError as err:
-                if err.code != "resume_not_found" or self.rt.handoff is None:
-                    raise
+            if manager.maybe_elsewhere(opts.resume, self.rt.handoff):
                 # maybe live on another worker; "opened" (or the error) comes when it answers
                 self._next_sid += 1
                 task = asyncio.ensure_future(self._resume_elsewhere(handle, opts.resume))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return
+            session, samples = manager.resume(self.model, opts.resume, handle)
         else:
             if self.rt.scheduler.overloaded(self.model.pool):
                 raise ServeError("overloaded", "the server is past capacity: retry later")
@@ -181,11 +178,10 @@ class MuxConnection(Link):
         released = await self.rt.handoff.take_over(token)
         if self.finished.done():
             return
-        try:
-            if not released:
-                raise ServeError("resume_not_found", "unknown or expired resume token")
+        try:  # released: its final state is in the store; else maybe a checkpoint is
             session, samples = self.rt.manager.resume(self.model, token, handle)
-            self.rt.metrics.handoffs.inc()
+            if released:
+                self.rt.metrics.handoffs.inc()
         except ServeError as err:
             self.rt.error(err.code)
             self.peer.send_text(json.dumps({**err.ws_message(), "ref": handle.ref}))

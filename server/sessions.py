@@ -103,6 +103,11 @@ class SessionManager:
             session.checkpointed = 0  # nothing to keep until it advances
         return session
 
+    def maybe_elsewhere(self, token: str, handoff: object | None) -> bool:
+        """Ask the other workers first: a session live on one of them has a checkpoint in the
+        store that may be behind its live state, which its owner hands over when asked."""
+        return handoff is not None and token not in self.live
+
     def resume(self, model: LoadedModel, token: str, owner: Owner) -> tuple[Session, int]:
         """Take over a live session or bring back a stored one; returns it and its samples."""
         refuse_unstreamable(model.info)

@@ -82,15 +82,12 @@ class Connection(Link):
             opts = parse_start(parsed)
             manager = self.rt.manager
             if opts.resume is not None:
-                try:
-                    session, samples = manager.resume(self.model, opts.resume, self)
-                except ServeError as err:
-                    if err.code != "resume_not_found" or self.rt.handoff is None:
-                        raise
+                if manager.maybe_elsewhere(opts.resume, self.rt.handoff):
                     # maybe live on another worker: ask, reading paused meanwhile
                     self.peer.pause_reading()
                     self._handoff = asyncio.ensure_future(self._resume_elsewhere(opts.resume))
                     return
+                session, samples = manager.resume(self.model, opts.resume, self)
             else:
                 if self.rt.scheduler.overloaded(self.model.pool):
                     raise ServeError("overloaded", "the server is past capacity: retry later")
@@ -105,11 +102,10 @@ class Connection(Link):
         released = await self.rt.handoff.take_over(token)
         if self.finished.done():  # the client left meanwhile
             return
-        try:
-            if not released:
-                raise ServeError("resume_not_found", "unknown or expired resume token")
+        try:  # released: its final state is in the store; else maybe a checkpoint is
             session, samples = self.rt.manager.resume(self.model, token, self)
-            self.rt.metrics.handoffs.inc()
+            if released:
+                self.rt.metrics.handoffs.inc()
         except ServeError as err:
             self._start_failed(err)
         else:
