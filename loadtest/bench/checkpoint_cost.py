@@ -42,12 +42,13 @@ async def measure(store, label, n=1000):
     blob = len(rt.manager.blob(sessions[0], 1, pool.read(sessions[0].stream.slot)))
     print(f"{label}: {n} sessions, pass median {statistics.median(times)*1e3:.1f} ms (min {min(times)*1e3:.1f}), blob {blob} chars; one batched step of all {n}: {statistics.median(st)*1e3:.2f} ms")
 
-d = tempfile.mkdtemp()
-asyncio.run(measure(LocalDirectoryStore(d), "local"))
-port = 6391
-p = subprocess.Popen(["redis-server","--port",str(port),"--save","","--appendonly","no"],stdout=subprocess.DEVNULL)
-time.sleep(0.5)
-try:
-    asyncio.run(measure(RedisStore(f"redis://127.0.0.1:{port}/0", LocalDirectoryStore(d)), "redis"))
-finally:
-    p.terminate()
+if __name__ == "__main__":
+    d = tempfile.mkdtemp()
+    asyncio.run(measure(LocalDirectoryStore(d), "local"))
+    port = 6391
+    p = subprocess.Popen(["redis-server","--port",str(port),"--save","","--appendonly","no"],stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        asyncio.run(measure(RedisStore(f"redis://127.0.0.1:{port}/0", LocalDirectoryStore(d)), "redis"))
+    finally:
+        p.terminate()
