@@ -20,7 +20,6 @@ import numpy as np
 
 from server.scheduler import Frame
 from server.sessions import Session, SessionManager
-from server.store import SessionRecord
 
 log = logging.getLogger("s4serve.checkpoints")
 SLICE = 256
@@ -87,10 +86,7 @@ class Checkpointer:
             states.update(zip(members, arrays, strict=True))
         items = []
         for i, (session, (samples, _)) in enumerate(zip(sessions, points, strict=True)):
-            record = SessionRecord(
-                session.id, session.name, session.dtype, session.sample_rate, session.output,
-                samples, manager.blob(session, samples, states[i]), live=True,
-            )
+            record = manager.record(session, samples, states[i], live=True)
             items.append((session.token, record, session.epoch))
         results = manager.store.put_many(items, manager.resume_ttl)
         written = 0

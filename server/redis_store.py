@@ -60,12 +60,8 @@ class RedisStore(SessionStore):
         self._forget = self.client.register_script(_FORGET)
 
     @staticmethod
-    def key(token: str) -> str:
-        # tokens are client-supplied: hashed, they can never reach another key
-        return PREFIX + hashlib.sha256(token.encode()).hexdigest()
-
-    @staticmethod
     def _keys(token: str) -> list[str]:
+        # tokens are client-supplied: hashed, they can never reach another key
         digest = hashlib.sha256(token.encode()).hexdigest()
         return [PREFIX + digest, EPOCH_PREFIX + digest]
 

@@ -163,6 +163,14 @@ class SessionManager:
             self.secret,
         )
 
+    def record(self, session: Session, samples: int, arrays, live: bool = False
+               ) -> SessionRecord:
+        """What the store keeps of a session: its options and its state at `samples`."""
+        return SessionRecord(
+            session.id, session.name, session.dtype, session.sample_rate, session.output,
+            samples, self.blob(session, samples, arrays), live=live,
+        )
+
     def end(self, session: Session) -> int:
         """Finish a session for good (its state is discarded); returns its sample count."""
         samples, _ = self._release(session)
@@ -178,10 +186,7 @@ class SessionManager:
         samples, arrays = self._release(session)
         if session.lost:
             return
-        record = SessionRecord(
-            session.id, session.name, session.dtype, session.sample_rate, session.output,
-            samples, self.blob(session, samples, arrays),
-        )
+        record = self.record(session, samples, arrays)
         if self.store.put(session.token, record, self.resume_ttl, session.epoch):
             log.info("session %s detached at sample %d, resumable", session.id, samples)
         else:

@@ -57,11 +57,11 @@ async def resume_and_replay(ws_url: str, token: str, u: np.ndarray, got: np.ndar
     return np.concatenate([got[:samples], tail]), samples
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["local-restart", "redis-other-server"])
-async def test_a_sigkilled_server_loses_no_output(model_dirs, tmp_path, redis_url, shared):  # noqa: F811
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["local-restart", "redis-other-server"])
+async def test_a_sigkilled_server_loses_no_output(model_dirs, tmp_path, redis_url, elsewhere):  # noqa: F811
     u = np.random.default_rng(5).standard_normal((80, 2)).astype(np.float32)
     port = free_port()
-    store = redis_url if shared else None
+    store = redis_url if elsewhere else None
     process = launch(model_dirs["seq"], port, tmp_path / "a", store)
     try:
         expected = np.array(predict(f"http://127.0.0.1:{port}", "seq", u[None])["outputs"])[0]
@@ -70,7 +70,7 @@ async def test_a_sigkilled_server_loses_no_output(model_dirs, tmp_path, redis_ur
         process.kill()
     # the same directory after a restart, or another replica sharing Redis
     port = free_port()
-    process = launch(model_dirs["seq"], port, tmp_path / ("b" if shared else "a"), store)
+    process = launch(model_dirs["seq"], port, tmp_path / ("b" if elsewhere else "a"), store)
     try:
         outputs, samples = await resume_and_replay(f"ws://127.0.0.1:{port}", token, u, got)
         async with await connect(f"ws://127.0.0.1:{port}", "seq") as ws:  # ended: gone
