@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+from loadtest.processes import READY_TIMEOUT_S
 from model.checkpoint import save_model
 from model.config import ModelConfig
 from model.network import S4Network
@@ -57,7 +58,8 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + 60
+        # a cold start compiles each model's step (tens of seconds on a loaded 2-core box)
+        deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import websockets
 
+from loadtest.processes import wait_ready
 from tests.server.client import connect, predict, start, stream_binary
 from tests.server.conftest import free_port
 
@@ -30,15 +31,12 @@ def launch(model_dir: Path, port: int, snapshots: Path, *extra: str,
         [S4SERVE, "serve", "--model", str(model_dir), "--port", str(port), *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(process.communicate()[0])
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc=process)
+    except (RuntimeError, TimeoutError):
+        process.kill()
+        raise RuntimeError(process.communicate()[0]) from None
+    return process
 
 
 async def test_sigterm_drains_snapshots_and_resumes_after_restart(model_dirs, tmp_path):
