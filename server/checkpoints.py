@@ -4,10 +4,11 @@ node) loses at most `checkpoint_interval` seconds of each session, which the cli
 Every interval, each live session that advanced by at least `checkpoint_samples` has its state
 written to the session store, as the record a detach would write (marked live). The state is
 taken on a frame boundary (a frame computed over several ticks counts from its start), so that
-`samples` on resume is always where a frame began. A pass runs on the event loop between ticks,
-in slices of `SLICE` sessions (one indexed copy of their state rows, one store round trip), so
-a session's state is never read while a tick changes it and streams wait at most one slice. A
-write the store refuses means another process took the session over: this one lets it go.
+`samples` on resume is always where a frame began. A pass runs on the event loop between
+ticks, in slices of `SLICE` sessions (one indexed copy of their state rows, their blobs cut
+from those rows at once, one store round trip), so a session's state is never read while a
+tick changes it and streams wait at most one slice. A write the store refuses means another
+process took the session over: this one lets it go.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import asyncio
 import logging
 import time
 
-import numpy as np
+import torch
 
 from server.scheduler import Frame
 from server.sessions import Session, SessionManager
+from server.state_blob import BlobWriter
 
 log = logging.getLogger("s4serve.checkpoints")
 SLICE = 256
@@ -40,6 +42,7 @@ class Checkpointer:
         self.manager = manager
         self.interval = interval
         self.min_samples = min_samples
+        self._writers: dict[tuple[str, str], BlobWriter] = {}
 
     async def run(self) -> None:
         while True:
@@ -67,27 +70,40 @@ class Checkpointer:
         self.manager.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         return written
 
+    def _writer(self, session: Session) -> BlobWriter:
+        info = session.model.info
+        key = (info.name, info.version)
+        if key not in self._writers:
+            self._writers[key] = BlobWriter(info.name, info.version, session.stream.pool.layout,
+                                            self.manager.secret)
+        return self._writers[key]
+
     def _write(self, sessions: list[Session]) -> int:
         if not sessions:
             return 0
         manager = self.manager
         points = [boundary(s) for s in sessions]
-        states: dict[int, list[np.ndarray]] = {}
         by_pool: dict = {}
-        for i, (session, (_, rows)) in enumerate(zip(sessions, points, strict=True)):
-            if rows is None:
-                by_pool.setdefault(session.stream.pool, []).append(i)
-            else:
-                pool = session.stream.pool
-                views = pool.layout.split(rows[0][None], rows[1][None])
-                states[i] = [v[0].detach().to("cpu").numpy().copy() for v in views]
+        for i, session in enumerate(sessions):
+            by_pool.setdefault(session.stream.pool, []).append(i)
+        blobs: list[bytes] = [b""] * len(sessions)
         for pool, members in by_pool.items():
-            arrays = pool.read_many([sessions[i].stream.slot for i in members])
-            states.update(zip(members, arrays, strict=True))
-        items = []
-        for i, (session, (samples, _)) in enumerate(zip(sessions, points, strict=True)):
-            record = manager.record(session, samples, states[i], live=True)
-            items.append((session.token, record, session.epoch))
+            index = torch.tensor([sessions[i].stream.slot for i in members], dtype=torch.long,
+                                 device=pool.flat32.device)
+            flat32 = pool.flat32.index_select(0, index)  # (B, W32)
+            flat64 = pool.flat64.index_select(0, index)  # (B, W64)
+            for row, i in enumerate(members):
+                saved = points[i][1]
+                if saved is not None:  # mid-frame: the rows from before the frame
+                    flat32[row].copy_(saved[0])
+                    flat64[row].copy_(saved[1])
+            made = self._writer(sessions[members[0]]).blobs(
+                [points[i][0] for i in members], [sessions[i].sample_rate for i in members],
+                flat32.cpu().numpy(), flat64.cpu().numpy())
+            for i, blob in zip(members, made, strict=True):
+                blobs[i] = blob
+        items = [(s.token, manager.record(s, samples, live=True, blob=blob), s.epoch)
+                 for s, (samples, _), blob in zip(sessions, points, blobs, strict=True)]
         results = manager.store.put_many(items, manager.resume_ttl)
         written = 0
         for session, (samples, _), ok in zip(sessions, points, results, strict=True):
@@ -101,4 +117,3 @@ class Checkpointer:
         counter.labels("written").inc(written)
         counter.labels("fenced").inc(len(sessions) - written)
         return written
-

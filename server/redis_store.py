@@ -1,52 +1,44 @@
 """A session store in Redis (`S4SERVE_STORE=redis://host:port/db`), shared by every worker and
 replica, so that a session dropped on one resumes on any other.
 
-Records are JSON under `s4serve:session:<sha256(token)>` with a TTL, the owner's epoch under
-`s4serve:epoch:<sha256(token)>`. Each operation is one Lua script, so it is atomic: `take` reads
-and deletes the record and moves the epoch on; `put` writes only while the epoch is the
-writer's. Checkpoints of many sessions go in one pipelined round trip. When Redis cannot be
-reached, records go to the local directory store instead (logged) and `take` looks there too,
-so a Redis outage costs resumability across replicas, never the session itself.
+Records (server/store.py `pack_record`) live under `s4serve:session:<sha256(token)>:<epoch>`
+with a TTL, the owner's epoch under `s4serve:epoch:<sha256(token)>`, as the local store lays
+them out in files. A write of many records is one pipelined round trip of plain SETs followed
+by one MGET of their epochs (Redis runs a connection's commands in order, so the MGET sees
+every take that could have missed a SET). `take` is one Lua script, hence atomic. When Redis
+cannot be reached, records go to the local directory store instead (logged) and `take` looks
+there too, so a Redis outage costs resumability across replicas, never the session itself.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 
 import redis
 
-from server.store import LocalDirectoryStore, SessionRecord, SessionStore, record_json
+from server.store import (
+    LocalDirectoryStore,
+    SessionRecord,
+    SessionStore,
+    pack_record,
+    token_hash,
+    unpack_record,
+)
 
 log = logging.getLogger("s4serve.store")
 PREFIX = "s4serve:session:"
 EPOCH_PREFIX = "s4serve:epoch:"
-EPOCH_KEEP_MS = 3_600_000  # an epoch outlives its record; each put refreshes it
+EPOCH_KEEP_MS = 3_600_000  # an epoch outlives its records; each write refreshes it
 
-# KEYS: record, epoch. ARGV: writer's epoch, record JSON, ttl ms, epoch ttl ms
-_PUT = """
-local current = redis.call('GET', KEYS[2])
-if current and tonumber(current) ~= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-if current then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
-return 1
-"""
-# KEYS: record, epoch. ARGV: epoch ttl ms. Returns {epoch, record} or nil
+# KEYS: epoch. ARGV: record key prefix, epoch ttl ms. Returns {new epoch, record} or nil
 _TAKE = """
-local record = redis.call('GET', KEYS[1])
+local epoch = tonumber(redis.call('GET', KEYS[1]) or '0')
+local key = ARGV[1] .. epoch
+local record = redis.call('GET', key)
 if not record then return nil end
-redis.call('DEL', KEYS[1])
-local epoch = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return {epoch, record}
-"""
-# KEYS: record, epoch. ARGV: owner's epoch
-_FORGET = """
-local current = redis.call('GET', KEYS[2])
-if current and tonumber(current) ~= tonumber(ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
+redis.call('DEL', key)
+redis.call('SET', KEYS[1], epoch + 1, 'PX', ARGV[2])
+return {epoch + 1, record}
 """
 
 
@@ -55,46 +47,46 @@ class RedisStore(SessionStore):
         self.client = redis.Redis.from_url(url, socket_timeout=timeout,
                                            socket_connect_timeout=timeout)
         self.fallback = fallback
-        self._put = self.client.register_script(_PUT)
         self._take = self.client.register_script(_TAKE)
-        self._forget = self.client.register_script(_FORGET)
-
-    @staticmethod
-    def _keys(token: str) -> list[str]:
-        # tokens are client-supplied: hashed, they can never reach another key
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        return [PREFIX + digest, EPOCH_PREFIX + digest]
-
-    def put(self, token: str, record: SessionRecord, ttl: float, epoch: int = 0) -> bool:
-        return self.put_many([(token, record, epoch)], ttl)[0]
 
     def put_many(self, items: list[tuple[str, SessionRecord, int]], ttl: float) -> list[bool]:
+        if not items:
+            return []
         ttl_ms = max(1, int(ttl * 1000))
         try:
             pipe = self.client.pipeline(transaction=False)
+            epochs = []
             for token, record, epoch in items:
-                self._put(keys=self._keys(token), client=pipe,
-                          args=[epoch, record_json(record), ttl_ms, EPOCH_KEEP_MS])
-            return [bool(ok) for ok in pipe.execute()]
+                digest = token_hash(token)
+                pipe.set(f"{PREFIX}{digest}:{epoch}", pack_record(record), px=ttl_ms)
+                if epoch:
+                    pipe.pexpire(EPOCH_PREFIX + digest, EPOCH_KEEP_MS)
+                epochs.append(EPOCH_PREFIX + digest)
+            pipe.mget(epochs)
+            now = pipe.execute()[-1]
         except redis.RedisError as exc:
             log.error("redis store unavailable (%s): %d sessions kept in the local store",
                       exc, len(items))
             return self.fallback.put_many(items, ttl)
+        return [int(current or 0) == epoch
+                for current, (_, _, epoch) in zip(now, items, strict=True)]
 
     def take(self, token: str) -> SessionRecord | None:
+        digest = token_hash(token)
         try:
-            got = self._take(keys=self._keys(token), args=[EPOCH_KEEP_MS])
+            got = self._take(keys=[EPOCH_PREFIX + digest],
+                             args=[f"{PREFIX}{digest}:", EPOCH_KEEP_MS])
         except redis.RedisError as exc:
             log.error("redis store unavailable (%s): looking in the local store", exc)
             got = None
         if got is None:
             return self.fallback.take(token)
         epoch, raw = got
-        return SessionRecord(**{**json.loads(raw), "epoch": int(epoch)})
+        return unpack_record(raw, int(epoch))[0]
 
     def forget(self, token: str, epoch: int) -> None:
         try:
-            self._forget(keys=self._keys(token), args=[epoch])
+            self.client.delete(f"{PREFIX}{token_hash(token)}:{epoch}")
         except redis.RedisError as exc:
             log.error("redis store unavailable (%s): an ended session's checkpoint stays "
                       "until it expires", exc)

@@ -8,6 +8,7 @@ still owns the session takes the session over and the older connection is closed
 
 from __future__ import annotations
 
+import base64
 import logging
 import secrets
 import uuid
@@ -20,7 +21,7 @@ from server.metrics import Metrics
 from server.models import LoadedModel
 from server.protocol import StartOptions
 from server.scheduler import Scheduler, Sink, Stream
-from server.state_blob import StateRecord, decode_state, encode_state
+from server.state_blob import StateRecord, decode_state, decode_state_raw, encode_state_raw
 from server.store import SessionRecord, SessionStore
 
 log = logging.getLogger("s4serve.sessions")
@@ -131,7 +132,7 @@ class SessionManager:
         if record.model != model.info.name:
             self.store.put(token, record, self.resume_ttl)
             raise ServeError("bad_request", "this resume token belongs to another model")
-        state = decode_state(record.state, self.secret)
+        state = decode_state_raw(record.state, self.secret)
         state.check(model.info.name, model.info.version, model.backend.state_spec)
         session = self._place(
             model, record.session_id, token, record.dtype, record.sample_rate, record.output,
@@ -155,20 +156,26 @@ class SessionManager:
         return session
 
     def blob(self, session: Session, samples: int, arrays) -> str:
+        """A session's state at `samples`, as clients carry it (base64 text)."""
+        return base64.b64encode(self.raw_blob(session, samples, arrays)).decode("ascii")
+
+    def raw_blob(self, session: Session, samples: int, arrays) -> bytes:
         info = session.model.info
         names = [spec.name for spec in session.model.backend.state_spec]
-        return encode_state(
+        return encode_state_raw(
             StateRecord(info.name, info.version, samples, list(arrays), names,
                         session.sample_rate),
             self.secret,
         )
 
-    def record(self, session: Session, samples: int, arrays, live: bool = False
-               ) -> SessionRecord:
-        """What the store keeps of a session: its options and its state at `samples`."""
+    def record(self, session: Session, samples: int, arrays=None, live: bool = False,
+               blob: bytes | None = None) -> SessionRecord:
+        """What the store keeps of a session: its options and its state at `samples` (the
+        tensors `arrays`, or a blob already made)."""
         return SessionRecord(
             session.id, session.name, session.dtype, session.sample_rate, session.output,
-            samples, self.blob(session, samples, arrays), live=live,
+            samples, blob if blob is not None else self.raw_blob(session, samples, arrays),
+            live=live,
         )
 
     def end(self, session: Session) -> int:

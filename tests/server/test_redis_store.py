@@ -44,7 +44,7 @@ def redis_url(tmp_path_factory):
 
 
 def record(samples: int = 5) -> SessionRecord:
-    return SessionRecord("id", "seq", "float32", None, "every", samples, "blob")
+    return SessionRecord("id", "seq", "float32", None, "every", samples, b"blob")
 
 
 def taken(item: SessionRecord, epoch: int = 1) -> SessionRecord:

@@ -63,7 +63,7 @@ async def test_sigterm_drains_snapshots_and_resumes_after_restart(model_dirs, tm
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
     finally:
         process.kill()
-    assert len(list(snapshots.glob("*.json"))) == 1
+    assert len({p.name.split("-")[0] for p in snapshots.glob("*.rec")}) == 1
 
     process = launch(model_dirs["seq"], port, snapshots)
     try:

@@ -10,11 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.fused import StateLayout
 from server.auth import Guard
 from server.errors import ServeError
 from server.settings import Settings
-from server.state_blob import StateRecord, TensorSpec, decode_state, encode_state
-from server.store import LocalDirectoryStore, SessionRecord
+from server.state_blob import (
+    BlobWriter,
+    StateRecord,
+    TensorSpec,
+    decode_state,
+    encode_state,
+    encode_state_raw,
+)
+from server.store import LocalDirectoryStore, SessionRecord, pack_record, unpack_record
 
 SPEC = [TensorSpec("layer0.re", (4, 2), "float32"), TensorSpec("pool.count", (1,), "float64")]
 
@@ -38,6 +46,49 @@ def test_state_blob_round_trip_and_checks():
         back.check("m", "2", [SPEC[0], TensorSpec("pool.count", (2,), "float64")])
 
 
+@pytest.mark.parametrize("secret", [None, "s3cret"])
+def test_blob_writer_writes_what_encode_state_writes(secret):
+    """Blobs cut from flat rows for many sessions at once equal the one-by-one encoding, with
+    float32 and float64 tensors interleaved, two sample rates and a signature."""
+    spec = [("a", (2, 3), "float32"), ("n", (2,), "float64"), ("b", (4,), "float32")]
+    layout = StateLayout.of(spec)
+    rng = np.random.default_rng(0)
+    flat32 = rng.standard_normal((3, layout.width32)).astype(np.float32)
+    flat64 = rng.standard_normal((3, layout.width64))
+    samples, rates = [0, 17, 123456789], [100.0, None, 100.0]
+    made = BlobWriter("m", "2", layout, secret).blobs(samples, rates, flat32, flat64)
+    for i in range(3):
+        a, n, b = flat32[i, :6].reshape(2, 3), flat64[i], flat32[i, 6:]
+        expected = encode_state_raw(StateRecord("m", "2", samples[i], [a, n, b], ["a", "n", "b"],
+                                                rates[i]), secret)
+        assert made[i] == expected
+        back = decode_state(base64.b64encode(made[i]).decode(), secret)
+        assert back.samples == samples[i]
+        np.testing.assert_array_equal(back.tensors[1], n)
+
+
+def test_session_records_pack_and_unpack():
+    item = SessionRecord("id", "m", "float32", 8000.0, "last", 9, b"\0raw\xff", live=True)
+    raw = pack_record(item, 12.5, seq=4)
+    back, expires_at, seq = unpack_record(raw + b"old bytes", epoch=3)
+    assert back == SessionRecord(**{**item.__dict__, "epoch": 3}) and (expires_at, seq) == (12.5, 4)
+    for bad in (raw[:-1], raw[:40] + b"X" + raw[41:], b"S4SB" + bytes(40)):
+        with pytest.raises(ValueError):
+            unpack_record(bad)
+
+
+def test_local_store_survives_a_write_cut_short(tmp_path):
+    """A record whose write was cut (a SIGKILL mid-write, or read while it lands) fails its
+    checksum: take returns the previous whole record from the other file."""
+    store = LocalDirectoryStore(tmp_path)
+    for samples in (1, 2):
+        store.put("t", SessionRecord("id", "m", "float32", None, "every", samples, b"x" * 99),
+                  ttl=30)
+    newest = max(tmp_path.glob("*.rec"), key=lambda p: unpack_record(p.read_bytes())[2])
+    newest.write_bytes(newest.read_bytes()[:60])
+    assert store.take("t").samples == 1
+
+
 @pytest.mark.parametrize("blob", [
     "!!", base64.b64encode(b"XXXX").decode(), encode_state(record())[:-8], 42,
     base64.b64encode(base64.b64decode(encode_state(record())) + b"\0").decode(),
@@ -51,7 +102,7 @@ def test_malformed_blobs_are_bad_state(blob):
 def test_local_store_take_once_and_expiry(tmp_path):
     now = [1000.0]
     store = LocalDirectoryStore(tmp_path, clock=lambda: now[0])
-    item = SessionRecord("id", "m", "float32", None, "every", 3, "blob")
+    item = SessionRecord("id", "m", "float32", None, "every", 3, b"blob")
     store.put("../../etc/passwd", item, ttl=10)
     assert all(p.parent == tmp_path for p in tmp_path.iterdir())  # tokens never name paths
     assert store.take("../../etc/passwd") == SessionRecord(**{**item.__dict__, "epoch": 1})
@@ -59,6 +110,11 @@ def test_local_store_take_once_and_expiry(tmp_path):
     store.put("t", item, ttl=10)
     now[0] += 11
     assert store.purge_expired() == 1 and store.take("t") is None
+    store.put("u", item, ttl=10)
+    assert store.take("u") is not None
+    assert not store.put("u", item, ttl=10, epoch=0)  # an owner that lost the session
+    assert store.purge_expired() == 1  # its write went where nobody reads: removed
+    assert not list(tmp_path.glob("*.rec"))
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
