@@ -3,7 +3,10 @@
 
 A block that cannot run in a test (it builds images, retrains models, starts a foreground
 server) says so on the line before it: `<!-- example: skip: <reason> -->`; the reason is
-required. A line `s4serve serve &` in an example is the server this test already runs. Python
+required. A load test sized to the machine's capacity says `<!-- example: scaled: <reason> -->`:
+it runs with its load knobs (sessions, gateways, hold time) turned down, since whether a box
+keeps up with the full load is a benchmark figure (`make bench`), not a test; its commands and
+flags still run. A line `s4serve serve &` in an example is the server this test already runs. Python
 blocks of one file run in order in one interpreter (later blocks use earlier names); each bash
 block runs with `bash -e` and its background jobs are stopped when it ends. Examples run in a
 scratch directory that links the repository's top-level entries, so what they write
@@ -27,6 +30,12 @@ from loadtest.processes import ServerProcess
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SKIP = re.compile(r"<!-- example: skip: (.+?) -->")
+SCALED = re.compile(r"<!-- example: scaled: (.+?) -->")
+# a load knob and the value a scaled example runs it at
+KNOBS = [(re.compile(r"(--sessions |-e SESSIONS=)\d+"), "4"),
+         (re.compile(r"(--gateways )\d+"), "2"),
+         (re.compile(r"(--sessions-per-gateway )\d+"), "4"),
+         (re.compile(r"(--hold |-e DURATION=)\d+"), "3")]
 SERVER_LINE = re.compile(r"^\s*(\.venv/bin/)?s4serve serve &")
 
 
@@ -37,6 +46,7 @@ class Example:
     lang: str
     code: str
     skip: str | None
+    scaled: bool = False
 
     @property
     def name(self) -> str:
@@ -54,9 +64,11 @@ def examples() -> list[Example]:
                 end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
                 if fence.group(1) in ("bash", "python"):
                     marker = SKIP.search(lines[i - 1]) if i else None
+                    scaled = SCALED.search(lines[i - 1]) if i else None
+                    assert not scaled or len(scaled.group(1).strip()) > 10, "give the reason"
                     found.append(Example(doc, i + 1, fence.group(1),
                                          "\n".join(lines[i + 1:end]),
-                                         marker.group(1) if marker else None))
+                                         marker.group(1) if marker else None, bool(scaled)))
                 i = end
             i += 1
     return found
@@ -68,6 +80,15 @@ def test_every_example_runs_or_says_why_not():
     for ex in found:
         assert ex.skip is None or len(ex.skip.strip()) > 10, f"{ex.name}: give the reason"
     assert sum(ex.skip is None for ex in found) >= 20
+
+
+def test_scaled_examples_turn_every_load_knob_down():
+    scaled = [ex for ex in examples() if ex.scaled]
+    assert scaled
+    for ex in scaled:
+        down = scale_down(ex.code)
+        assert down != ex.code, f"{ex.name}: marked scaled but has no load knob"
+        assert not re.search(r"--sessions (\d{2,})|SESSIONS=(\d{2,})", down), ex.name
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +120,12 @@ def served(tmp_path_factory):
         yield server.url
 
 
+def scale_down(code: str) -> str:
+    for knob, value in KNOBS:
+        code = knob.sub(lambda m, value=value: m.group(1) + value, code)
+    return code
+
+
 def _bash(code: str) -> str:
     kept = [": # the test's server" if SERVER_LINE.match(line) else line
             for line in code.splitlines()]
@@ -115,7 +142,8 @@ PY_DOCS = sorted({ex.doc for ex in RUNNABLE if ex.lang == "python"})
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("ex", BASH, ids=[ex.name for ex in BASH])
 def test_bash_example(ex: Example, served: str, scratch: Path):
-    result = subprocess.run(["bash", "-c", _bash(ex.code)], cwd=scratch, env=_env(),
+    code = scale_down(ex.code) if ex.scaled else ex.code
+    result = subprocess.run(["bash", "-c", _bash(code)], cwd=scratch, env=_env(),
                             capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, f"{ex.name}:\n{ex.code}\n---\n{result.stdout[-3000:]}\n" \
                                    f"{result.stderr[-3000:]}"
