@@ -107,11 +107,13 @@ class AsyncClient:
     def stream(self, model: str, *, dtype: str = "float32", sample_rate: float | None = None,
                output: str = "every", state: str | None = None, resume: str | None = None,
                reconnect: bool = True, checkpoint_s: float = 2.0,
-               max_reconnect_s: float = 60.0, frames: str = "binary") -> AsyncStream:
+               max_reconnect_s: float = 60.0, frames: str = "binary",
+               affinity: str | None = None) -> AsyncStream:
         """A streaming session (`async with`). With `reconnect`, a dropped connection is
-        resumed with backoff and the frames the server has not applied are replayed."""
+        resumed with backoff and the frames the server has not applied are replayed.
+        `affinity` is the key a proxy in front of replicas hashes on (default: random)."""
         options = StreamOptions(dtype, sample_rate, output, state, resume, reconnect,
-                                checkpoint_s, max_reconnect_s, frames)
+                                checkpoint_s, max_reconnect_s, frames, affinity=affinity)
         return AsyncStream(self.url, model, options, self.token)
 
 
@@ -179,6 +181,11 @@ class Stream:
     @property
     def reconnects(self) -> int:
         return self._inner.reconnects
+
+    @property
+    def replayed(self) -> int:
+        """Samples sent again after resuming from a state behind the outputs received."""
+        return self._inner.replayed
 
     def __enter__(self) -> Stream:
         self._run(self._inner.open())

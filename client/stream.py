@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection
@@ -45,6 +47,9 @@ class StreamOptions:
     frames: str = "binary"  # or "json": `samples` text frames, answered with JSON outputs
     open_timeout: float = 30.0
     ping_interval: float | None = 20.0  # websockets' keepalive; None turns it off
+    # the key a proxy hashes on (`?session=` on the stream URL, deploy/nginx/nginx.conf), so
+    # that reconnects reach the replica holding the session; None: a random key per stream
+    affinity: str | None = None
 
 
 @dataclass(eq=False)
@@ -69,11 +74,14 @@ class AsyncStream:
     def __init__(self, url: str, model: str, options: StreamOptions,
                  token: str | None = None,
                  on_output: Callable[[np.ndarray | StreamError], None] | None = None) -> None:
-        self.ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/v1/models/{model}/stream"
+        key = options.affinity or secrets.token_urlsafe(12)
+        self.ws_url = (url.replace("http", "ws", 1).rstrip("/") + f"/v1/models/{model}/stream"
+                       f"?session={quote(key, safe='')}")
         self.options = options
         self.token = token
         self.info: dict[str, Any] = {}
         self.reconnects = 0
+        self.replayed = 0  # samples sent again after a resume from an earlier state
         self.stray_replies = 0  # messages that answered nothing we sent (a server bug)
         self._ws: ClientConnection | None = None
         self._pending: deque[_Frame | _Control] = deque()  # sent, reply not yet received
@@ -319,6 +327,7 @@ class AsyncStream:
         self.reconnects += 1
         start = info["samples"]
         replay = [f for f in self._kept if f.t >= start]
+        self.replayed += sum(f.rows for f in replay)
         pending, self._pending = list(self._pending), deque()
         self._kept = deque(f for f in self._kept if f.t < start)
         self._seq = 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from loadtest.bench.conv_report import render_conv
 from loadtest.bench.model_bench import OFFICIAL_STEP_B1024_S
+from loadtest.bench.sessions_bench import render_sessions
+from loadtest.bench.sessions_bench import targets as sessions_targets
 
 
 def _t(entry: dict | None) -> str:
@@ -358,6 +360,8 @@ def _targets(result: dict) -> list[str]:
                      "0 lost, none closed, RSS ≤ +5%",
                      f"{soak['run']['throughput']['lost']} lost, RSS "
                      f"{'-' if growth is None else f'{growth:+.1%}'}", good))
+    if (result.get("sessions") or {}).get("checkpoints"):
+        rows += sessions_targets(result["sessions"])
     audio = server.get("audio")
     if audio:
         n = audio["max_streams"]
@@ -377,6 +381,7 @@ def render(result: dict, command: str) -> str:
         ("model", _model),
         ("backends", _backends),
         ("server", _server),
+        ("sessions", render_sessions),
         ("soak", _soak),
         ("conv", lambda r: render_conv(r, result.get("model"))),
         ("gpu", _gpu),

@@ -12,7 +12,7 @@ from pathlib import Path
 from loadtest.bench.machine import machine_info
 from loadtest.bench.report import render
 
-SECTIONS = ("model", "backends", "server", "soak", "conv", "gpu")
+SECTIONS = ("model", "backends", "server", "sessions", "soak", "conv", "gpu")
 
 
 def run_suite(
@@ -29,6 +29,7 @@ def run_suite(
     from loadtest.bench.gpu_bench import run_gpu_bench
     from loadtest.bench.model_bench import run_model_benches
     from loadtest.bench.server_bench import run_server_benches, run_soak
+    from loadtest.bench.sessions_bench import run_sessions_benches
 
     start = time.monotonic()
     result: dict = {"quick": quick, "machine": machine_info()}
@@ -38,6 +39,7 @@ def run_suite(
             "model": lambda: run_model_benches(quick, log),
             "backends": lambda: run_backend_benches(scratch, quick, log),
             "server": lambda: run_server_benches(scratch, quick, log),
+            "sessions": lambda: run_sessions_benches(scratch, quick, log),
             "soak": lambda: run_soak(scratch, quick, log),
             "conv": lambda: run_conv_benches(scratch, quick, log),
             "gpu": lambda: run_gpu_bench(quick, log),

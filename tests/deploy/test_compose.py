@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -44,7 +45,8 @@ def test_compose_file_is_valid():
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
     spec = compose()
-    assert set(spec) <= {"services", "volumes", "networks", "configs", "secrets"}
+    assert {k for k in spec if not k.startswith("x-")} <= {
+        "services", "volumes", "networks", "configs", "secrets"}
     for name, service in spec["services"].items():
         assert set(service) <= SERVICE_FIELDS, (name, set(service) - SERVICE_FIELDS)
     named_volumes = {
@@ -54,17 +56,21 @@ def test_compose_file_is_valid():
     assert named_volumes <= set(spec.get("volumes") or {})
 
 
+def replicas(services: dict) -> list[str]:
+    return sorted(name for name in services if name.startswith("s4serve-"))
+
+
 def test_compose_builds_the_repository_dockerfile_and_scrapes_it():
     services = compose()["services"]
-    build = services["s4serve"]["build"]
+    assert len(replicas(services)) == 3
+    build = services["s4serve-1"]["build"]
     assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == (
         REPO / "Dockerfile"
     )
     prometheus_config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (job,) = prometheus_config["scrape_configs"]
     assert job["job_name"] == "s4serve"  # the alerts select job="s4serve"
-    assert job["static_configs"][0]["targets"] == ["s4serve:8000"]
-    assert "8000:8000" in services["s4serve"]["ports"]
+    assert job["static_configs"][0]["targets"] == [f"{r}:8000" for r in replicas(services)]
 
     mounts = mount_targets(services["prometheus"])
     for rule_file in prometheus_config["rule_files"]:
@@ -102,7 +108,20 @@ def test_grafana_provisioning_matches_the_dashboard():
 
 def test_sessions_wait_in_the_compose_redis():
     services = compose()["services"]
-    server = services["s4serve"]
-    assert "redis" in services and "redis" in server["depends_on"]
-    assert server["environment"]["S4SERVE_STORE"] == "redis://redis:6379/0"
+    for name in replicas(services):
+        server = services[name]
+        assert "redis" in services and "redis" in server["depends_on"]
+        assert server["environment"]["S4SERVE_STORE"] == "redis://redis:6379/0"
+
+
+def test_nginx_fronts_every_replica_with_the_shipped_config():
+    services = compose()["services"]
+    proxy = services["nginx"]
+    assert "8000:8080" in proxy["ports"]
+    assert set(proxy["depends_on"]) == set(replicas(services))
+    mounts = mount_targets(proxy)
+    assert mounts["/etc/nginx/s4serve/nginx.conf"] == "./nginx/nginx.conf"
+    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    assert sorted(re.findall(r"server (s4serve-\d+):8000", conf)) == replicas(services)
+    assert "listen 8080;" in conf
 

@@ -45,6 +45,11 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path):
     assert "### Served step" in text and "Disconnect:" in text and "## Soak" in text
     assert data["soak"]["run"]["ok"], data["soak"]["run"]["failures"]
     assert data["soak"]["rss_growth"] is not None
+    sessions = data["sessions"]
+    assert sessions["checkpoints"]["ok"] and sessions["checkpoints"]["cpu_s"]["1.0"] > 0
+    failover = sessions["failover"]
+    assert failover["exact"] and failover["moved"] >= failover["victim_sessions"] > 0
+    assert "## Sessions: checkpoint overhead and a lost replica" in text
     conv = data["conv"]
     assert "## Convolution view at batch scale" in text
     for layer in ("s4d", "s4"):

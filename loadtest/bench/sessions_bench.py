@@ -1,0 +1,145 @@
+"""`make bench`, section "sessions" (#11): what checkpoints cost a loaded server, and what a
+lost replica costs its sessions.
+
+- Checkpoint overhead: `s4serve serve` (shipped `motion`) under one mux load (1000 sessions at
+  100 Hz; quick: 40), checkpoints off and on (1 s), alternating; the server's CPU seconds per
+  second of load (all its processes, /proc) and the load test's answered samples/s.
+- Failover: loadtest/failover.py through nginx in front of 3 replicas sharing Redis, 30
+  sessions (quick: 6) of `motion` at 20 frames/s; the replica holding the most is SIGKILLed.
+  Per moved session: the longest wait between two outputs (SIGKILL to streaming again,
+  including the client's backoff) and the samples replayed from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from loadtest.cluster import Cluster
+from loadtest.failover import run_failover
+from loadtest.processes import ServerProcess
+
+MOTION = Path(__file__).resolve().parents[2] / "model" / "zoo" / "motion"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live descendants."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+# quick mode (a smoke test): TorchScript steps, which start in a second instead of compiling
+QUICK_ENV = {"STEP_COMPILER": "torchscript"}
+
+
+def _mux_under(interval: str, scratch: Path, gateways: int, per: int, hold: float,
+               quick: bool) -> dict:
+    env = {"S4SERVE_CHECKPOINT_INTERVAL": interval,
+           "S4SERVE_SNAPSHOT_DIR": str(scratch / f"ck-{interval}"),
+           **({f"S4SERVE_{k}": v for k, v in QUICK_ENV.items()} if quick else {})}
+    with ServerProcess.s4serve([MOTION], env=env) as server:
+        out = scratch / f"mux-{interval}.json"
+        before = cpu_seconds(server.pid)
+        subprocess.run([sys.executable, "-m", "loadtest", "mux", "--url", server.url,
+                        "--gateways", str(gateways), "--sessions-per-gateway", str(per),
+                        "--rate", "100", "--hold", str(hold), "--drain", "5",
+                        "--json-out", str(out)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+        cpu = cpu_seconds(server.pid) - before
+    report = json.loads(out.read_text())
+    return {"interval": interval, "cpu_s": cpu, "report": report}
+
+
+def checkpoint_overhead(scratch: Path, quick: bool, log=print) -> dict:
+    gateways, per, hold, rounds = (2, 20, 2.0, 1) if quick else (10, 100, 15.0, 2)
+    runs: dict[str, list[dict]] = {"0": [], "1.0": []}
+    for _ in range(rounds):
+        for interval in runs:
+            got = _mux_under(interval, scratch, gateways, per, hold, quick)
+            log(f"checkpoints {interval}: server {got['cpu_s']:.1f} CPU s, "
+                f"ok {got['report'].get('ok')}")
+            runs[interval].append(got)
+    cpu = {k: float(np.median([r["cpu_s"] for r in v])) for k, v in runs.items()}
+    return {"sessions": gateways * per, "hold_s": hold, "rounds": rounds, "cpu_s": cpu,
+            "overhead": cpu["1.0"] / cpu["0"] - 1 if cpu["0"] else None,
+            "ok": all(r["report"].get("ok") for v in runs.values() for r in v),
+            "runs": runs}
+
+
+def failover(scratch: Path, quick: bool, log=print) -> dict:
+    sessions, frames, frame, pace = (6, 60, 5, 0.05) if quick else (30, 100, 5, 0.05)
+    inputs = np.random.default_rng(0).standard_normal(
+        (sessions, frames * frame, 6)).astype(np.float32)
+    with Cluster(MOTION, replicas=3, scratch=scratch / "cluster",
+                 env=QUICK_ENV if quick else None) as cluster:
+        run = asyncio.run(run_failover(cluster, "motion", inputs, frame, pace,
+                                       stop=signal.SIGKILL))
+    moved = [s for s in run.sessions if s.reconnects]
+    exact = all(s.outputs.shape == e.shape and np.allclose(s.outputs, e, atol=1e-4)
+                for s, e in zip(run.sessions, run.expected, strict=True))
+    gaps = [s.longest_gap_s for s in moved]
+    replayed = [s.replayed for s in moved]
+    log(f"failover: {len(moved)} sessions moved, exact {exact}")
+    return {"sessions": sessions, "victim_sessions": run.victim_sessions, "moved": len(moved),
+            "exact": exact, "frame": frame, "pace_s": pace,
+            "recovery_s": {"p50": float(np.percentile(gaps, 50)) if gaps else None,
+                           "p99": float(np.percentile(gaps, 99)) if gaps else None},
+            "replayed_samples": {"mean": float(np.mean(replayed)) if replayed else None,
+                                 "max": int(max(replayed)) if replayed else None}}
+
+
+def run_sessions_benches(scratch: Path, quick: bool, log=print) -> dict:
+    return {"checkpoints": checkpoint_overhead(scratch, quick, log),
+            "failover": failover(scratch, quick, log)}
+
+
+def render_sessions(r: dict) -> list[str]:
+    ck, fo = r["checkpoints"], r["failover"]
+    overhead = "-" if ck["overhead"] is None else f"{ck['overhead']:+.1%}"
+    rec, rep = fo["recovery_s"], fo["replayed_samples"]
+    f = lambda v, fmt=".2f": "-" if v is None else format(v, fmt)  # noqa: E731
+    return [
+        "## Sessions: checkpoint overhead and a lost replica", "",
+        f"Checkpoints: {ck['sessions']} `motion` sessions at 100 Hz through the mux, "
+        f"{ck['hold_s']:.0f} s, {ck['rounds']} round(s), alternating: server CPU "
+        f"{ck['cpu_s']['0']:.1f} s with checkpoints off, {ck['cpu_s']['1.0']:.1f} s with a 1 s "
+        f"interval (local directory store): {overhead}; every reply checked: "
+        f"{'yes' if ck['ok'] else 'no'}.", "",
+        f"Failover: {fo['sessions']} sessions through nginx in front of 3 replicas sharing "
+        f"Redis, {fo['frame']}-sample frames every {fo['pace_s'] * 1e3:.0f} ms; the replica "
+        f"holding {fo['victim_sessions']} of them SIGKILLed mid-stream; {fo['moved']} sessions "
+        f"reconnected, outputs equal predict for every session: "
+        f"{'yes' if fo['exact'] else 'no'}. SIGKILL to streaming again (the longest wait "
+        f"between two outputs of a moved session, client backoff included): p50 "
+        f"{f(rec['p50'])} s, p99 {f(rec['p99'])} s; samples replayed per moved session: mean "
+        f"{f(rep['mean'], '.0f')}, max {f(rep['max'], 'd')}.", ""]
+
+
+def targets(r: dict) -> list[tuple[str, str, str, bool]]:
+    ck, fo = r["checkpoints"], r["failover"]
+    rows = []
+    if ck["overhead"] is not None:
+        rows.append((f"checkpoint overhead, {ck['sessions']} sessions (server CPU)", "≤ 5%",
+                     f"{ck['overhead']:+.1%}", ck["overhead"] <= 0.05 and ck["ok"]))
+    p99 = fo["recovery_s"]["p99"]
+    if p99 is not None:
+        rows.append(("SIGKILL to streaming again, p99", "≤ 2 s + backoff", f"{p99:.2f} s",
+                     p99 <= 2.0 + 2.0 and fo["exact"]))
+    return rows
