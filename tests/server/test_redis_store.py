@@ -5,15 +5,13 @@ another that shares the store."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import threading
 import time
 
 import numpy as np
 import pytest
-import redis
 
+from loadtest.cluster import redis_server
 from server.redis_store import RedisStore
 from server.store import LocalDirectoryStore, SessionRecord
 from tests.server.client import connect, predict, start, stream_binary
@@ -22,25 +20,9 @@ from tests.server.conftest import ServerThread, free_port, make_settings
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    exe = shutil.which("redis-server")
-    assert exe, "redis-server is missing: tests/system-deps.sh (make test) installs it"
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("r"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    """A real redis-server (tests/system-deps.sh installs it), one per test module."""
+    with redis_server(tmp_path_factory.mktemp("r")) as url:
+        yield url
 
 
 def record(samples: int = 5) -> SessionRecord:
