@@ -1,5 +1,6 @@
 """What every WebSocket endpoint connection shares: admission (auth, origin, readiness,
-limits), the idle watchdog, closing, and the end of the ASGI handler."""
+limits), resuming a session that is not here yet, the idle watchdog, closing, and the end of
+the ASGI handler."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ import logging
 
 from fastapi import WebSocket
 
-from server.errors import CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN
+from server.errors import (
+    CLOSE_INTERNAL,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN,
+    ServeError,
+)
 from server.models import LoadedModel
 from server.runtime import Runtime
+from server.sessions import Owner, Session
 from server.transport import EXTENSION, AsgiPeer, Peer
 
 log = logging.getLogger("s4serve.ws")
+RESUME_POLL_S = 0.05  # how often a waiting resume looks in the store again
 
 
 def peer_for(websocket: WebSocket) -> Peer:
@@ -45,6 +54,36 @@ class Link:
             self.peer.attach(self)
         await self.finished
         await self.peer.flushed()
+
+    def resume_now(self, token: str, owner: Owner) -> tuple[Session, int] | None:
+        """The session, if here or in the store; None when it is worth waiting for."""
+        try:
+            return self.rt.manager.resume(self.model, token, owner)
+        except ServeError as err:
+            if err.code == "resume_not_found" and self.settings.resume_wait:
+                return None
+            raise
+
+    async def resume_later(self, token: str, owner: Owner,
+                           elsewhere: bool) -> tuple[Session, int] | None:
+        """Ask the other workers first when `elsewhere` (a live owner's state is ahead of its
+        checkpoint), then take the session from the store, waiting up to `resume_wait` for a
+        record that is not there yet (a detach racing this resume). None: the client left
+        meanwhile. Raises the resume's ServeError."""
+        released = await self.rt.handoff.take_over(token) if elsewhere else False
+        deadline = self.loop.time() + self.settings.resume_wait
+        while not self.finished.done():
+            try:  # released: its final state is in the store; else maybe a checkpoint is
+                session, samples = self.rt.manager.resume(self.model, token, owner)
+            except ServeError as err:
+                if err.code != "resume_not_found" or self.loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(RESUME_POLL_S)
+                continue
+            if released:
+                self.rt.metrics.handoffs.inc()
+            return session, samples
+        return None
 
     def admit(self, name: str) -> bool:
         headers, guard, rt = self.ws.headers, self.rt.guard, self.rt

@@ -151,14 +151,17 @@ class MuxConnection(Link):
         handle = _Handle(self, self._next_sid, ref=ref)
         manager = self.rt.manager
         if opts.resume is not None:
-            if manager.maybe_elsewhere(opts.resume, self.rt.handoff):
-                # maybe live on another worker; "opened" (or the error) comes when it answers
+            elsewhere = manager.maybe_elsewhere(opts.resume, self.rt.handoff)
+            resumed = None if elsewhere else self.resume_now(opts.resume, handle)
+            if resumed is None:
+                # live on another worker (ask it), or not stored yet (wait for it):
+                # "opened" (or the error) comes when it answers
                 self._next_sid += 1
-                task = asyncio.ensure_future(self._resume_elsewhere(handle, opts.resume))
+                task = asyncio.ensure_future(self._resume_later(handle, opts.resume, elsewhere))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return
-            session, samples = manager.resume(self.model, opts.resume, handle)
+            session, samples = resumed
         else:
             if self.rt.scheduler.overloaded(self.model.pool):
                 raise ServeError("overloaded", "the server is past capacity: retry later")
@@ -174,19 +177,15 @@ class MuxConnection(Link):
         opened.update(type="opened", sid=handle.sid, ref=handle.ref)
         self.peer.send_text(json.dumps(opened))
 
-    async def _resume_elsewhere(self, handle: _Handle, token: str) -> None:
-        released = await self.rt.handoff.take_over(token)
-        if self.finished.done():
-            return
-        try:  # released: its final state is in the store; else maybe a checkpoint is
-            session, samples = self.rt.manager.resume(self.model, token, handle)
-            if released:
-                self.rt.metrics.handoffs.inc()
+    async def _resume_later(self, handle: _Handle, token: str, elsewhere: bool) -> None:
+        try:
+            resumed = await self.resume_later(token, handle, elsewhere)
         except ServeError as err:
             self.rt.error(err.code)
             self.peer.send_text(json.dumps({**err.ws_message(), "ref": handle.ref}))
             return
-        self._opened(handle, session, samples)
+        if resumed is not None:
+            self._opened(handle, *resumed)
 
     def _data(self, data: bytes) -> None:
         if len(data) < HEADER.size:

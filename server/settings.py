@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(1 << 20, ge=64, description="largest WebSocket message")
     idle_timeout: float = Field(300.0, gt=0, description="close a silent session after this")
     resume_ttl: float = Field(60.0, ge=0, description="keep a dropped session this long")
+    resume_wait: float = Field(
+        1.0, ge=0, description="a resume whose token is not (yet) stored waits this long for "
+        "it, e.g. for the detach of a connection that dropped a moment ago, before "
+        "`resume_not_found`"
+    )
     session_queue: int = Field(64, ge=1, description="frames in flight per session")
     mux_max_sessions: int = Field(1024, ge=1, description="sessions per mux connection")
     mux_max_entries: int = Field(4096, ge=1, description="entries per mux data message")

@@ -82,12 +82,16 @@ class Connection(Link):
             opts = parse_start(parsed)
             manager = self.rt.manager
             if opts.resume is not None:
-                if manager.maybe_elsewhere(opts.resume, self.rt.handoff):
-                    # maybe live on another worker: ask, reading paused meanwhile
+                elsewhere = manager.maybe_elsewhere(opts.resume, self.rt.handoff)
+                resumed = None if elsewhere else self.resume_now(opts.resume, self)
+                if resumed is None:
+                    # live on another worker (ask it), or not stored yet (wait for it),
+                    # reading paused meanwhile
                     self.peer.pause_reading()
-                    self._handoff = asyncio.ensure_future(self._resume_elsewhere(opts.resume))
+                    self._handoff = asyncio.ensure_future(
+                        self._resume_later(opts.resume, elsewhere))
                     return
-                session, samples = manager.resume(self.model, opts.resume, self)
+                session, samples = resumed
             else:
                 if self.rt.scheduler.overloaded(self.model.pool):
                     raise ServeError("overloaded", "the server is past capacity: retry later")
@@ -98,18 +102,14 @@ class Connection(Link):
             return
         self._started(session, samples)
 
-    async def _resume_elsewhere(self, token: str) -> None:
-        released = await self.rt.handoff.take_over(token)
-        if self.finished.done():  # the client left meanwhile
-            return
-        try:  # released: its final state is in the store; else maybe a checkpoint is
-            session, samples = self.rt.manager.resume(self.model, token, self)
-            if released:
-                self.rt.metrics.handoffs.inc()
+    async def _resume_later(self, token: str, elsewhere: bool) -> None:
+        try:
+            resumed = await self.resume_later(token, self, elsewhere)
         except ServeError as err:
             self._start_failed(err)
         else:
-            self._started(session, samples)
+            if resumed is not None:
+                self._started(*resumed)
         finally:
             self.peer.resume_reading()
 

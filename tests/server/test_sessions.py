@@ -81,3 +81,38 @@ async def test_ended_session_cannot_be_resumed(server):
     async with await connect(server.ws_url, "seq") as ws:
         reply = await send_json(ws, {"type": "start", "resume": token})
         assert reply["code"] == "resume_not_found"
+
+
+async def test_a_resume_racing_its_detach_waits_for_it(server):
+    """A resume whose record is not in the store yet (another worker's or replica's detach
+    still on its way) waits up to `resume_wait` for it instead of failing; an unknown token
+    is refused once that time is up."""
+    ws = await connect(server.ws_url, "seq")
+    token = (await start(ws))["resume_token"]
+    await stream_binary(ws, [U[:10]], 3)
+    ws.transport.abort()
+    store = server.runtime.store
+    for _ in range(100):  # the detach has landed: take the record out, as if still on its way
+        record = store.take(token)
+        if record is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert record is not None and record.samples == 10
+
+    async def lands_late() -> None:
+        await asyncio.sleep(0.3)
+        assert store.put(token, record, ttl=30, epoch=record.epoch)
+
+    late = asyncio.create_task(lands_late())
+    async with await connect(server.ws_url, "seq") as ws2:
+        resumed = await start(ws2, resume=token)
+        assert resumed["type"] == "started" and resumed["samples"] == 10, resumed
+        got = await stream_binary(ws2, [U[10:]], 3)
+    await late
+    np.testing.assert_allclose(got, expected(server)[10:], atol=1e-4)
+
+    async with await connect(server.ws_url, "seq") as ws3:
+        began = asyncio.get_running_loop().time()
+        reply = await send_json(ws3, {"type": "start", "resume": "no-such-token"})
+        assert reply["code"] == "resume_not_found"
+        assert asyncio.get_running_loop().time() - began >= server.runtime.settings.resume_wait
