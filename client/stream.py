@@ -3,13 +3,14 @@
 The client numbers every frame by the session index of its first sample and keeps what it
 needs to rebuild the state: a recovery point (the starting state, then a `snapshot` taken every
 `checkpoint_s` seconds) and every frame sent since. When the connection drops it reconnects
-with backoff and resumes with the token. If the server's state covers exactly the outputs
-received, the frames still unanswered are sent again; if it covers fewer (the server was killed
-and the session came back from its last checkpoint), the frames since are replayed. If it
-covers more (outputs were lost in flight), the session is restarted from the recovery point
-and the frames since are replayed;
-outputs the caller already has are not delivered twice. Either way the caller sees every
-frame's outputs exactly once, in order.
+with backoff and resumes with the token, saying how many replies it received: replies the
+server sent that never arrived are sent again first (from the session's reply ring). If the
+server's state covers exactly the outputs received, the frames still unanswered are sent
+again; if it covers fewer (the server was killed and the session came back from its last
+checkpoint), the frames since are replayed. If it covers more and the server no longer holds
+the replies (outputs lost in flight beyond its ring), the session is restarted from the
+recovery point and the frames since are replayed; outputs the caller already has are not
+delivered twice. Either way the caller sees every frame's outputs exactly once, in order.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class AsyncStream:
         self._base: tuple[int, str | None] = (0, options.state)  # recovery point
         self._sent = 0  # session index of the next frame's first sample
         self._received = 0  # samples whose outputs have arrived
+        self._replies = 0  # replies received in this session (the server counts them too)
         self._outputs: asyncio.Queue[np.ndarray | StreamError] = asyncio.Queue()
         # with on_output, each frame's outputs (or StreamError) go to it from the reader, in
         # order, instead of to recv(): no queue and no task switch per frame
@@ -207,12 +209,13 @@ class AsyncStream:
         with contextlib.suppress(ConnectionClosed):
             await self._ws.send(payload)
 
-    async def _connect(self, state: str | None = None,
-                       resume: str | None = None) -> tuple[ClientConnection, dict]:
+    async def _connect(self, state: str | None = None, resume: str | None = None,
+                       received: int | None = None) -> tuple[ClientConnection, dict]:
         opts = self.options
         ws = await open_ws(self.ws_url, self.token, open_timeout=opts.open_timeout,
                            ping_interval=opts.ping_interval, close_timeout=2)
-        await ws.send(start_message(opts.dtype, opts.output, opts.sample_rate, state, resume))
+        await ws.send(start_message(opts.dtype, opts.output, opts.sample_rate, state, resume,
+                                    received))
         try:
             async with asyncio.timeout(opts.open_timeout):
                 reply = json.loads(await ws.recv())
@@ -258,6 +261,7 @@ class AsyncStream:
             self.stray_replies += 1
             return
         entry = self._pending.popleft()
+        self._replies += 1
         if isinstance(message, bytes):
             values = np.frombuffer(message, "<f4", len(message) // 4)  # a torn float is wrong
             self._answered(entry, values if len(message) % 4 == 0 else values[:0])
@@ -328,7 +332,12 @@ class AsyncStream:
         start = info["samples"]
         replay = [f for f in self._kept if f.t >= start]
         self.replayed += sum(f.rows for f in replay)
-        pending, self._pending = list(self._pending), deque()
+        resent = info.get("resent", 0)
+        if "replies" in info:  # count as the server does from here on
+            self._replies = info["replies"] - resent
+        # the replies the server sends again answer our first entries, in order
+        head, pending = list(self._pending)[:resent], list(self._pending)[resent:]
+        self._pending = deque(head)
         self._kept = deque(f for f in self._kept if f.t < start)
         self._seq = 0
         for frame in replay:
@@ -344,6 +353,16 @@ class AsyncStream:
                           else json.dumps({"type": entry.kind}))
         self._up.set()
 
+    def _resume_fits(self, info: dict) -> bool:
+        """Can we go on from this resumed state? Yes when the server sends again every reply
+        we missed, or its state ends where our outputs do, or is behind them (replay)."""
+        replies, resent = info.get("replies"), info.get("resent", 0)
+        if replies is not None and resent and replies == self._replies + resent:
+            return resent <= len(self._pending)
+        if replies is not None and replies > self._replies + resent:
+            return False  # replies lost beyond what the server keeps: start over
+        return self._can_replay_from(info["samples"])
+
     def _can_replay_from(self, start: int) -> bool:
         """The server's state is at `start`: fine when it ends where our outputs do, or, when
         it is behind them (it came back from a checkpoint after the server was killed), when
@@ -356,13 +375,14 @@ class AsyncStream:
 
     async def _reconnect_once(self) -> tuple[ClientConnection, dict]:
         try:
-            ws, info = await self._connect(resume=self.info["resume_token"])
+            ws, info = await self._connect(resume=self.info["resume_token"],
+                                           received=self._replies)
         except StreamError as exc:
             if exc.code != "resume_not_found":
                 raise
             ws, info = None, None
-        if info is not None and self._can_replay_from(info["samples"]):
-            return ws, info  # resend the rest, or replay from where the state is
+        if info is not None and self._resume_fits(info):
+            return ws, info  # missed replies come again, or resend the rest, or replay
         if ws is not None:  # outputs were lost in flight: start over from the recovery point
             await ws.send(json.dumps({"type": "end"}))
             with contextlib.suppress(ConnectionClosed):
@@ -370,6 +390,7 @@ class AsyncStream:
             await ws.close()
         base_samples, base_state = self._base
         ws, info = await self._connect(state=base_state)
+        self._replies = 0  # a new session
         if info["samples"] != base_samples:
             await ws.close()
             raise StreamError("bad_state", "the recovery point did not restore")

@@ -52,13 +52,16 @@ def json_frame(block: np.ndarray) -> str:
 
 def start_message(dtype: str = "float32", output: str = "every",
                   sample_rate: float | None = None, state: str | None = None,
-                  resume: str | None = None) -> str:
-    """The `start` text message that opens (or resumes) a stream session."""
+                  resume: str | None = None, received: int | None = None) -> str:
+    """The `start` text message that opens (or resumes) a stream session; `received`: the
+    replies a resuming client got, so that the server sends again those it missed."""
     message: dict[str, Any] = {"type": "start", "dtype": dtype, "output": output}
     if sample_rate is not None:
         message["sample_rate"] = sample_rate
     if resume is not None:
         message["resume"] = resume
+        if received is not None:
+            message["received"] = received
     elif state is not None:
         message["state"] = state
     return json.dumps(message)

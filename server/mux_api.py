@@ -148,6 +148,9 @@ class MuxConnection(Link):
             raise ServeError("too_many_sessions", f"at most {self.settings.mux_max_sessions} "
                              "sessions per connection")
         opts = parse_start({k: v for k, v in message.items() if k != "ref"} | {"type": "start"})
+        if opts.received is not None:
+            raise ServeError("bad_request", "received is for streams: a mux resumes its "
+                             "sessions from `samples`")
         handle = _Handle(self, self._next_sid, ref=ref)
         manager = self.rt.manager
         if opts.resume is not None:

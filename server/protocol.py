@@ -11,7 +11,7 @@ import numpy as np
 from client.wire import OUTPUT_MODES, WIRE_DTYPES, from_int16
 from server.errors import ServeError
 
-_START_FIELDS = {"type", "dtype", "sample_rate", "output", "state", "resume"}
+_START_FIELDS = {"type", "dtype", "sample_rate", "output", "state", "resume", "received"}
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class StartOptions:
     output: str = "every"
     state: str | None = None
     resume: str | None = None
+    received: int | None = None  # with resume: replies the client got (server/replies.py)
 
 
 def parse_text(text: str) -> dict[str, Any]:
@@ -51,12 +52,19 @@ def parse_start(message: dict[str, Any]) -> StartOptions:
             raise ServeError("bad_request", f"{key} must be a string or null")
     if message.get("state") is not None and message.get("resume") is not None:
         raise ServeError("bad_request", "give either state or resume, not both")
+    received = message.get("received")
+    if received is not None:
+        if type(received) is not int or not 0 <= received < 1 << 62:
+            raise ServeError("bad_request", "received must be a non-negative integer")
+        if message.get("resume") is None:
+            raise ServeError("bad_request", "received goes with resume")
     return StartOptions(
         dtype=dtype,
         sample_rate=message.get("sample_rate"),
         output=output,
         state=message.get("state"),
         resume=message.get("resume"),
+        received=received,
     )
 
 

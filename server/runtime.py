@@ -63,7 +63,8 @@ class Runtime:
             settings.tick_samples, settings.max_queued_frames, settings.max_lag,
         )
         store = store or make_store(settings)
-        manager = SessionManager(scheduler, store, metrics, settings.resume_ttl, settings.secret)
+        manager = SessionManager(scheduler, store, metrics, settings.resume_ttl, settings.secret,
+                                 settings.reply_ring_bytes)
         guard = Guard(settings.api_keys, settings.allowed_origins)
         return cls(settings, metrics, guard, scheduler, store, manager)
 

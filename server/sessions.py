@@ -12,7 +12,7 @@ import base64
 import logging
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.backends.base import refuse_unstreamable
@@ -20,6 +20,7 @@ from server.errors import ServeError
 from server.metrics import Metrics
 from server.models import LoadedModel
 from server.protocol import StartOptions
+from server.replies import ReplyRing
 from server.scheduler import Scheduler, Sink, Stream
 from server.state_blob import StateRecord, decode_state, decode_state_raw, encode_state_raw
 from server.store import SessionRecord, SessionStore
@@ -47,6 +48,7 @@ class Session:
     checkpointed: int = -1  # samples at its last checkpoint (-1: none yet)
     stored: bool = False  # a checkpoint of it is in the store
     lost: bool = False  # taken over by another process: nothing more goes to the store
+    ring: ReplyRing = field(default_factory=lambda: ReplyRing(0))  # replies sent, the last kept
 
     @property
     def name(self) -> str:
@@ -76,13 +78,14 @@ class SessionManager:
 
     def __init__(
         self, scheduler: Scheduler, store: SessionStore, metrics: Metrics, resume_ttl: float,
-        secret: str | None = None,
+        secret: str | None = None, ring_bytes: int = 32768,
     ) -> None:
         self.scheduler = scheduler
         self.store = store
         self.metrics = metrics
         self.resume_ttl = resume_ttl
         self.secret = secret  # signs the state blobs it issues, checks the ones it gets
+        self.ring_bytes = ring_bytes
         self.live: dict[str, Session] = {}
 
     def open(self, model: LoadedModel, opts: StartOptions, owner: Owner) -> Session:
@@ -140,6 +143,7 @@ class SessionManager:
             state.tensors, state.samples, owner,
         )
         session.epoch = record.epoch  # the take made this process its owner
+        session.ring = ReplyRing(self.ring_bytes, record.replies, ReplyRing.unpack(record.ring))
         log.info("session %s resumed at sample %d", session.id, state.samples)
         return session, state.samples
 
@@ -149,7 +153,8 @@ class SessionManager:
         if stream is None:
             raise ServeError("overloaded", "no free session slot for this model")
         stream.sink = owner
-        session = Session(session_id, token, model, dtype, sample_rate, output, stream, owner)
+        session = Session(session_id, token, model, dtype, sample_rate, output, stream, owner,
+                          ring=ReplyRing(self.ring_bytes))
         self.live[token] = session
         self.metrics.sessions_active.labels(session.name).inc()
         self.metrics.sessions_opened.labels(session.name).inc()
@@ -175,7 +180,7 @@ class SessionManager:
         return SessionRecord(
             session.id, session.name, session.dtype, session.sample_rate, session.output,
             samples, blob if blob is not None else self.raw_blob(session, samples, arrays),
-            live=live,
+            live=live, replies=session.ring.count, ring=session.ring.pack(),
         )
 
     def end(self, session: Session) -> int:

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(1 << 20, ge=64, description="largest WebSocket message")
     idle_timeout: float = Field(300.0, gt=0, description="close a silent session after this")
     resume_ttl: float = Field(60.0, ge=0, description="keep a dropped session this long")
+    reply_ring_bytes: int = Field(
+        32768, ge=0, description="a session's last replies kept (bytes) and sent again to a "
+        "client that resumes with `received` below what was sent; 0: none kept"
+    )
     resume_wait: float = Field(
         1.0, ge=0, description="a resume whose token is not (yet) stored waits this long for "
         "it, e.g. for the detach of a connection that dropped a moment ago, before "

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _EPOCH_KEEP = 3600.0  # seconds an epoch outlives its records (each write refreshes it)
-# magic, expires_at (local store; 0 in Redis), write sequence, meta length, state length
-_RECORD = struct.Struct("<4sdQII")
+# magic, expires_at (local store; 0 in Redis), write sequence, meta, state and ring lengths
+_RECORD = struct.Struct("<4sdQIII")
 _CRC = struct.Struct("<I")
 _MAGIC = b"S4SR"
 
@@ -49,17 +49,19 @@ class SessionRecord:
     state: bytes  # raw state blob (server/state_blob.py)
     live: bool = False  # a checkpoint of a session that was live when it was written
     epoch: int = 0  # set by `take`: the epoch the new owner holds
+    replies: int = 0  # replies sent up to this state (server/replies.py)
+    ring: bytes = b""  # the last of them, packed (ReplyRing.pack)
 
 
 def pack_record(record: SessionRecord, expires_at: float = 0.0, seq: int = 0) -> bytes:
     """Binary: a fixed prefix, the options as JSON, the state blob as it is (no base64 or
     escaping: a checkpoint pass writes hundreds of them at once), a CRC-32 of it all."""
     meta = json.dumps([record.session_id, record.model, record.dtype, record.sample_rate,
-                       record.output, record.samples, record.live],
+                       record.output, record.samples, record.live, record.replies],
                       separators=(",", ":")).encode()
-    head = _RECORD.pack(_MAGIC, expires_at, seq, len(meta), len(record.state))
-    crc = zlib.crc32(record.state, zlib.crc32(meta, zlib.crc32(head)))
-    return b"".join((head, meta, record.state, _CRC.pack(crc)))
+    head = _RECORD.pack(_MAGIC, expires_at, seq, len(meta), len(record.state), len(record.ring))
+    crc = zlib.crc32(record.ring, zlib.crc32(record.state, zlib.crc32(meta, zlib.crc32(head))))
+    return b"".join((head, meta, record.state, record.ring, _CRC.pack(crc)))
 
 
 def unpack_record(raw: bytes, epoch: int = 0) -> tuple[SessionRecord, float, int]:
@@ -67,16 +69,18 @@ def unpack_record(raw: bytes, epoch: int = 0) -> tuple[SessionRecord, float, int
     (bytes after it are ignored: the local store overwrites files in place)."""
     if len(raw) < _RECORD.size:
         raise ValueError("truncated session record")
-    magic, expires_at, seq, meta_len, state_len = _RECORD.unpack_from(raw)
-    end = _RECORD.size + meta_len + state_len
+    magic, expires_at, seq, meta_len, state_len, ring_len = _RECORD.unpack_from(raw)
+    state_at = _RECORD.size + meta_len
+    end = state_at + state_len + ring_len
     if magic != _MAGIC or len(raw) < end + _CRC.size:
         raise ValueError("not a whole session record")
     view = memoryview(raw)
     if zlib.crc32(view[:end]) != _CRC.unpack_from(raw, end)[0]:
         raise ValueError("session record fails its checksum (cut short by a crash)")
-    meta = json.loads(bytes(view[_RECORD.size:_RECORD.size + meta_len]))
-    state = bytes(view[_RECORD.size + meta_len:end])
-    return SessionRecord(*meta[:6], state, meta[6], epoch), expires_at, seq
+    meta = json.loads(bytes(view[_RECORD.size:state_at]))
+    state = bytes(view[state_at:state_at + state_len])
+    ring = bytes(view[state_at + state_len:end])
+    return SessionRecord(*meta[:6], state, meta[6], epoch, meta[7], ring), expires_at, seq
 
 
 def token_hash(token: str) -> str:

@@ -89,9 +89,10 @@ class Connection(Link):
                     # reading paused meanwhile
                     self.peer.pause_reading()
                     self._handoff = asyncio.ensure_future(
-                        self._resume_later(opts.resume, elsewhere))
+                        self._resume_later(opts.resume, elsewhere, opts.received))
                     return
-                session, samples = resumed
+                self._started(*resumed, opts.received)
+                return
             else:
                 if self.rt.scheduler.overloaded(self.model.pool):
                     raise ServeError("overloaded", "the server is past capacity: retry later")
@@ -102,20 +103,31 @@ class Connection(Link):
             return
         self._started(session, samples)
 
-    async def _resume_later(self, token: str, elsewhere: bool) -> None:
+    async def _resume_later(self, token: str, elsewhere: bool, received: int | None) -> None:
         try:
             resumed = await self.resume_later(token, self, elsewhere)
         except ServeError as err:
             self._start_failed(err)
         else:
             if resumed is not None:
-                self._started(*resumed)
+                self._started(*resumed, received)
         finally:
             self.peer.resume_reading()
 
-    def _started(self, session: Session, samples: int) -> None:
+    def _started(self, session: Session, samples: int, received: int | None = None) -> None:
+        """`started`; on a resume with `received`, then the replies the client missed."""
         self.session = session
-        self.peer.send_text(json.dumps(session.started_message(samples)))
+        message = session.started_message(samples)
+        missed: list[bytes | str] = []
+        if received is not None:
+            missed = session.ring.since(received) or []
+            message.update(replies=session.ring.count, resent=len(missed))
+        self.peer.send_text(json.dumps(message))
+        for payload in missed:  # as first sent: counted once
+            if type(payload) is bytes:
+                self.peer.send_bytes(payload)
+            else:
+                self.peer.send_text(payload)
 
     def _start_failed(self, err: ServeError) -> None:
         self.rt.error(err.code)
@@ -166,7 +178,7 @@ class Connection(Link):
             # the common case past capacity: answered at once, and cheaply (no JSON encoding)
             self.rt.error("overloaded")
             self.rt.metrics.frames.labels(self.session.name, "error").inc()
-            self.peer.send_text(OVERLOADED_REPLY % self.seq)
+            self._text_reply(OVERLOADED_REPLY % self.seq)
             self.seq += 1
             return
         self._queue(Frame(samples, self.seq, time.perf_counter(), text))
@@ -190,12 +202,19 @@ class Connection(Link):
             self._pause()
 
     # ----- replies (scheduler sink) ------------------------------------------------------
+    # every reply after `started` is counted and kept in the session's ring (server/replies.py)
+    def _text_reply(self, payload: str) -> None:
+        self.session.ring.add(payload)
+        self.peer.send_text(payload)
+
     def frame_done(self, frame: Frame, outputs: np.ndarray) -> None:
         if frame.text:
-            self.peer.send_text(json.dumps({"type": "outputs", "seq": frame.seq, "t": frame.t,
-                                            "data": outputs.tolist()}))
+            self._text_reply(json.dumps({"type": "outputs", "seq": frame.seq, "t": frame.t,
+                                         "data": outputs.tolist()}))
         else:
-            self.peer.send_bytes(outputs.tobytes())
+            payload = outputs.tobytes()
+            self.session.ring.add(payload)
+            self.peer.send_bytes(payload)
         self._flow()
 
     def _flow(self) -> None:
@@ -219,12 +238,12 @@ class Connection(Link):
             if item.seq is not None:
                 self.rt.metrics.frames.labels(session.name, "error").inc()
         elif item.kind == "reset":
-            self.peer.send_text(json.dumps({"type": "reset", "samples": 0}))
+            self._text_reply(json.dumps({"type": "reset", "samples": 0}))
         elif item.kind == "snapshot":
             samples, arrays = value
             blob = self.rt.manager.blob(session, samples, arrays)
-            self.peer.send_text(json.dumps({"type": "snapshot", "samples": samples,
-                                            "state": blob}))
+            self._text_reply(json.dumps({"type": "snapshot", "samples": samples,
+                                         "state": blob}))
         elif item.kind == "end":
             self.session = None
             samples = self.rt.manager.end(session)
@@ -238,7 +257,7 @@ class Connection(Link):
         message = err.ws_message()
         if seq is not None:
             message["seq"] = seq
-        self.peer.send_text(json.dumps(message))
+        self._text_reply(json.dumps(message))
 
     def on_writable(self) -> None:
         """Resume reading once the session's queue is half drained and the socket writable."""

@@ -21,6 +21,15 @@ def server(model_dirs, tmp_path_factory):
         yield running
 
 
+@pytest.fixture(scope="module")
+def ringless(model_dirs, tmp_path_factory):
+    """A server that keeps no replies to send again (reply_ring_bytes 0)."""
+    settings = make_settings(model_dirs, tmp_path_factory.mktemp("ringless"),
+                             reply_ring_bytes=0, step_compiler="torchscript")
+    with ServerThread(settings) as running:
+        yield running
+
+
 def signal(length: int, seed: int = 0, channels: int = 2) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((length, channels)).astype(np.float32)
 
@@ -104,8 +113,13 @@ class Cutter:
         self.server.close()
 
 
-@pytest.mark.parametrize("lose_replies", [False, True])
-async def test_stream_survives_a_cut_line(server, lose_replies):
+@pytest.mark.parametrize("lose_replies,ring", [(False, True), (True, True), (True, False)],
+                         ids=["cut", "replies-lost", "replies-lost-no-ring"])
+async def test_stream_survives_a_cut_line(request, lose_replies, ring):
+    """Replies the network swallowed come again from the server's reply ring (same session,
+    nothing replayed); a server without one makes the client start over from its recovery
+    point and replay. The caller gets every output once either way."""
+    server = request.getfixturevalue("server" if ring else "ringless")
     u = signal(300, seed=2)
     async with AsyncClient(server.url) as plain:
         expected = (await plain.predict("seq", u[None])).outputs[0]
@@ -115,6 +129,7 @@ async def test_stream_survives_a_cut_line(server, lose_replies):
     async with AsyncClient(url) as c, c.stream("seq", checkpoint_s=0.05) as s:
         for i in range(0, 150, 5):
             got.append(await s.send(u[i:i + 5]))
+        first = s.info["session"]
         await asyncio.sleep(0.06)  # a checkpoint is due with the next frame
         cutter.swallow = lose_replies
         for i in range(150, 200, 5):  # sent, computed, replies swallowed (or not)
@@ -126,6 +141,10 @@ async def test_stream_survives_a_cut_line(server, lose_replies):
         while len(got) < 60:
             got.append(await asyncio.wait_for(s.recv(), 30))
         assert s.reconnects >= 1
+        if ring:
+            assert s.info["session"] == first and s.replayed == 0
+        else:
+            assert s.info["session"] != first and s.replayed > 0  # started over
     await cutter.stop()
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
 

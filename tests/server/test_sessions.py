@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -116,3 +117,37 @@ async def test_a_resume_racing_its_detach_waits_for_it(server):
         reply = await send_json(ws3, {"type": "start", "resume": "no-such-token"})
         assert reply["code"] == "resume_not_found"
         assert asyncio.get_running_loop().time() - began >= server.runtime.settings.resume_wait
+
+
+def outputs_of(reply: bytes) -> np.ndarray:
+    return np.frombuffer(reply, "<f4").reshape(-1, 3)
+
+
+async def test_replies_lost_with_the_connection_are_sent_again_on_resume(server):
+    """The server answered 6 frames and a snapshot that the client never read before its
+    connection died. Resuming with `received` (the replies it did read) gets them again, in
+    their order, before anything else; the outputs then equal predict, none lost or doubled."""
+    ws = await connect(server.ws_url, "seq")
+    token = (await start(ws))["resume_token"]
+    for t in range(0, 15, 3):
+        await ws.send(U[t:t + 3].tobytes())
+    await ws.send('{"type": "snapshot"}')
+    for t in range(15, 24, 3):
+        await ws.send(U[t:t + 3].tobytes())
+    read = [outputs_of(await ws.recv()) for _ in range(2)]
+    await asyncio.sleep(0.3)  # all answered by now, the rest unread
+    ws.transport.abort()
+    await asyncio.sleep(0.2)
+
+    async with await connect(server.ws_url, "seq") as ws2:
+        resumed = await start(ws2, resume=token, received=2)
+        assert (resumed["samples"], resumed["replies"], resumed["resent"]) == (24, 9, 7)
+        missed = [await ws2.recv() for _ in range(7)]
+        assert json.loads(missed[3])["type"] == "snapshot"  # in its place
+        read += [outputs_of(r) for r in missed[:3] + missed[4:]]
+        read.append(await stream_binary(ws2, [U[24:]], 3))
+    np.testing.assert_allclose(np.concatenate(read), expected(server), atol=1e-4)
+
+    async with await connect(server.ws_url, "seq") as ws3:
+        reply = await send_json(ws3, {"type": "start", "received": 2})
+        assert reply["code"] == "bad_request"  # received goes with resume

@@ -13,6 +13,7 @@ import pytest
 from model.fused import StateLayout
 from server.auth import Guard
 from server.errors import ServeError
+from server.replies import ReplyRing
 from server.settings import Settings
 from server.state_blob import (
     BlobWriter,
@@ -67,8 +68,25 @@ def test_blob_writer_writes_what_encode_state_writes(secret):
         np.testing.assert_array_equal(back.tensors[1], n)
 
 
+def test_reply_ring_keeps_the_last_replies_within_its_bytes():
+    ring = ReplyRing(limit=10)
+    for payload in (b"aaaa", "bbbb", b"cccc"):
+        ring.add(payload)
+    assert ring.count == 3
+    assert ring.since(3) == [] and ring.since(2) == [b"cccc"] and ring.since(1) == ["bbbb", b"cccc"]
+    assert ring.since(0) is None  # "aaaa" fell out (12 bytes > 10)
+    assert ring.since(4) is None  # more than were sent
+    again = ReplyRing(10, ring.count, ReplyRing.unpack(ring.pack()))
+    assert again.since(1) == ["bbbb", b"cccc"]
+    off = ReplyRing(limit=0)
+    off.add(b"x")
+    assert off.count == 1 and off.since(0) is None and off.since(1) == []
+
+
 def test_session_records_pack_and_unpack():
-    item = SessionRecord("id", "m", "float32", 8000.0, "last", 9, b"\0raw\xff", live=True)
+    ring = ReplyRing(1000, 7, [b"\x01\x02", '{"type": "reset", "samples": 0}']).pack()
+    item = SessionRecord("id", "m", "float32", 8000.0, "last", 9, b"\0raw\xff", live=True,
+                         replies=7, ring=ring)
     raw = pack_record(item, 12.5, seq=4)
     back, expires_at, seq = unpack_record(raw + b"old bytes", epoch=3)
     assert back == SessionRecord(**{**item.__dict__, "epoch": 3}) and (expires_at, seq) == (12.5, 4)
