@@ -28,6 +28,8 @@ from server.logs import context_id
 from server.models import load_models
 from server.predict_job import Limits
 from server.predict_worker import PredictPool
+from server.redis_store import RedisStore
+from server.replica_handoff import ReplicaHandoff
 from server.runtime import Runtime
 from server.settings import Settings
 from server.store import SessionStore
@@ -49,6 +51,10 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
             runtime.handoff = Handoff(settings.run_dir / "handoff", settings.worker_id,
                                       settings.workers, runtime.manager.let_go)
             await runtime.handoff.start()
+        if isinstance(runtime.store, RedisStore):
+            runtime.replicas = ReplicaHandoff(settings.store, runtime.manager.let_go_hashed,
+                                              settings.replica_handoff_wait)
+            await runtime.replicas.start()
         # Load in the background so /healthz answers at once and /readyz says 503 until done.
         loader = asyncio.create_task(_load(runtime))
         janitor = asyncio.create_task(_purge_expired(runtime))
@@ -67,6 +73,8 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
             runtime.mark_ready(False)
             if runtime.handoff is not None:
                 await runtime.handoff.stop()
+            if runtime.replicas is not None:
+                await runtime.replicas.stop()
             runtime.scheduler.stop()
             runtime.predict_executor.shutdown(wait=False, cancel_futures=True)
             if runtime.predict_pool is not None:

@@ -70,7 +70,11 @@ class Link:
         checkpoint), then take the session from the store, waiting up to `resume_wait` for a
         record that is not there yet (a detach racing this resume). None: the client left
         meanwhile. Raises the resume's ServeError."""
-        released = await self.rt.handoff.take_over(token) if elsewhere else False
+        released = False
+        if elsewhere and self.rt.handoff is not None:
+            released = await self.rt.handoff.take_over(token)
+        if elsewhere and not released and self.rt.replicas is not None:
+            released = await self.rt.replicas.take_over(token)
         deadline = self.loop.time() + self.settings.resume_wait
         while not self.finished.done():
             try:  # released: its final state is in the store; else maybe a checkpoint is

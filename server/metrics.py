@@ -106,7 +106,7 @@ class Metrics:
             ["model", "path"], registry=r,
         )
         self.handoffs = Counter(
-            "s4serve_handoffs_total", "Live sessions taken over from another worker process.",
+            "s4serve_handoffs_total", "Live sessions taken over from another worker or replica.",
             registry=r,
         )
         self.checkpoints = Counter(

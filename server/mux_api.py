@@ -154,7 +154,7 @@ class MuxConnection(Link):
         handle = _Handle(self, self._next_sid, ref=ref)
         manager = self.rt.manager
         if opts.resume is not None:
-            elsewhere = manager.maybe_elsewhere(opts.resume, self.rt.handoff)
+            elsewhere = manager.maybe_elsewhere(opts.resume, self.rt.handoff or self.rt.replicas)
             resumed = None if elsewhere else self.resume_now(opts.resume, handle)
             if resumed is None:
                 # live on another worker (ask it), or not stored yet (wait for it):

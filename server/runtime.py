@@ -14,6 +14,7 @@ from server.handoff import Handoff
 from server.metrics import Metrics
 from server.models import LoadedModel
 from server.predict_worker import PredictPool
+from server.replica_handoff import ReplicaHandoff
 from server.scheduler import Scheduler
 from server.sessions import SessionManager
 from server.settings import Settings
@@ -46,7 +47,8 @@ class Runtime:
     draining: bool = False
     load_error: str | None = None
     connections: int = 0
-    handoff: Handoff | None = None
+    handoff: Handoff | None = None  # the other workers of this server
+    replicas: ReplicaHandoff | None = None  # every server sharing the Redis store
     pending_requests: int = 0
     # One worker: predict requests queue instead of running side by side and exhausting memory.
     predict_pool: PredictPool | None = None  # predict worker processes, when configured

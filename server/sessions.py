@@ -23,7 +23,7 @@ from server.protocol import StartOptions
 from server.replies import ReplyRing
 from server.scheduler import Scheduler, Sink, Stream
 from server.state_blob import StateRecord, decode_state, decode_state_raw, encode_state_raw
-from server.store import SessionRecord, SessionStore
+from server.store import SessionRecord, SessionStore, token_hash
 
 log = logging.getLogger("s4serve.sessions")
 
@@ -232,6 +232,14 @@ class SessionManager:
         else:
             self.detach(session, None)
         return True
+
+    def let_go_hashed(self, digest: str) -> bool:
+        """`let_go` for the live session whose token hashes to `digest` (another replica
+        asks by hash: tokens never travel between replicas)."""
+        for token in list(self.live):
+            if token_hash(token) == digest:
+                return self.let_go(token)
+        return False
 
     def owners(self) -> list[Owner]:
         return [s.owner for s in self.live.values() if s.owner is not None]

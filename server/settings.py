@@ -59,6 +59,10 @@ class Settings(BaseSettings):
         32768, ge=0, description="a session's last replies kept (bytes) and sent again to a "
         "client that resumes with `received` below what was sent; 0: none kept"
     )
+    replica_handoff_wait: float = Field(
+        0.5, ge=0, description="with a Redis store: how long a resume of a session live on "
+        "another replica waits for that replica to let go of it"
+    )
     resume_wait: float = Field(
         1.0, ge=0, description="a resume whose token is not (yet) stored waits this long for "
         "it, e.g. for the detach of a connection that dropped a moment ago, before "

@@ -82,7 +82,8 @@ class Connection(Link):
             opts = parse_start(parsed)
             manager = self.rt.manager
             if opts.resume is not None:
-                elsewhere = manager.maybe_elsewhere(opts.resume, self.rt.handoff)
+                elsewhere = manager.maybe_elsewhere(opts.resume,
+                                                    self.rt.handoff or self.rt.replicas)
                 resumed = None if elsewhere else self.resume_now(opts.resume, self)
                 if resumed is None:
                     # live on another worker (ask it), or not stored yet (wait for it),

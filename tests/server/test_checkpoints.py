@@ -83,14 +83,16 @@ async def test_a_sigkilled_server_loses_no_output(model_dirs, tmp_path, redis_ur
 
 async def test_a_session_taken_over_elsewhere_is_let_go(model_dirs, tmp_path,
                                                        redis_url):  # noqa: F811
-    """A live session on A is resumed on B from A's checkpoint (as after a partition): A's next
-    checkpoint is refused, A closes its connection 1008 resumed_elsewhere and writes nothing
-    more; B's session goes on and its outputs equal predict."""
+    """A live session on A is resumed on B from A's checkpoint, A not hearing B's release
+    request (as in a partition): A's next checkpoint is refused, A closes its connection 1008
+    resumed_elsewhere and writes nothing more; B's session goes on and its outputs equal
+    predict."""
     u = np.random.default_rng(6).standard_normal((40, 2)).astype(np.float32)
     settings = dict(store=redis_url, checkpoint_interval=0.1)
     with (ServerThread(make_settings(model_dirs, tmp_path / "a", **settings)) as a,
           ServerThread(make_settings(model_dirs, tmp_path / "b", **settings)) as b):
         expected = np.array(predict(a.url, "seq", u[None])["outputs"])[0]
+        a.runtime.replicas.release = lambda digest: False  # the partition
         on_a = await connect(a.ws_url, "seq")
         token = (await start(on_a))["resume_token"]
         head = await stream_binary(on_a, [u[:10], u[10:20]], 3)

@@ -5,11 +5,14 @@ another that shares the store."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
+import websockets
 
 from loadtest.cluster import redis_server
 from server.redis_store import RedisStore
@@ -90,8 +93,10 @@ def test_without_redis_sessions_go_to_the_local_store(tmp_path):
 
 async def test_a_session_dropped_on_one_server_resumes_on_another(model_dirs, redis_url,
                                                                   tmp_path):
+    """Dropped on A, resumed on B from Redis; then presented on A again while B holds it
+    live: B lets go at once (1008 `resumed_elsewhere`) and hands over its exact state, with
+    no checkpoint to fall back on (checkpoints off)."""
     u = np.random.default_rng(3).standard_normal((60, 2)).astype(np.float32)
-    # the detach path alone: with checkpoints, A's resume below would take B's over
     settings_a = make_settings(model_dirs, tmp_path / "a", store=redis_url,
                                checkpoint_interval=0)
     settings_b = make_settings(model_dirs, tmp_path / "b", store=redis_url,
@@ -105,7 +110,18 @@ async def test_a_session_dropped_on_one_server_resumes_on_another(model_dirs, re
         async with await connect(b.ws_url, "seq") as ws:
             resumed = await start(ws, resume=token)
             assert resumed["type"] == "started" and resumed["samples"] == 30
-            tail = await stream_binary(ws, [u[30:]], 3)
-            async with await connect(a.ws_url, "seq") as other:  # one owner: A has nothing
-                assert (await start(other, resume=token))["code"] == "resume_not_found"
-    np.testing.assert_allclose(np.concatenate([head, tail]), expected, atol=1e-4)
+            tail = await stream_binary(ws, [u[30:45]], 3)
+            async with await connect(a.ws_url, "seq") as again:
+                back = await start(again, resume=token)
+                assert back["type"] == "started" and back["samples"] == 45, back
+                with pytest.raises(websockets.ConnectionClosed):
+                    await ws.recv()
+                assert (ws.close_code, ws.close_reason) == (1008, "resumed_elsewhere")
+                rest = await stream_binary(again, [u[45:]], 3)
+        assert metric_value(a.url, "s4serve_handoffs_total") == 1
+    np.testing.assert_allclose(np.concatenate([head, tail, rest]), expected, atol=1e-4)
+
+
+def metric_value(url: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)", httpx.get(url + "/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
