@@ -135,7 +135,11 @@ async def test_replies_lost_with_the_connection_are_sent_again_on_resume(server)
     for t in range(15, 24, 3):
         await ws.send(U[t:t + 3].tobytes())
     read = [outputs_of(await ws.recv()) for _ in range(2)]
-    await asyncio.sleep(0.3)  # all answered by now, the rest unread
+    session = server.runtime.manager.live[token]
+    for _ in range(500):  # until all is answered (the rest stays unread)
+        if session.stream.samples == 24 and session.ring.count == 9:
+            break
+        await asyncio.sleep(0.02)
     ws.transport.abort()
     await asyncio.sleep(0.2)
 
