@@ -53,9 +53,13 @@ class Checkpointer:
                 log.exception("checkpoint pass failed")
 
     def due(self) -> list[Session]:
+        """Live sessions that advanced, and those whose checkpoint would expire in the store
+        within the next passes (a quiet session must stay resumable after a SIGKILL too)."""
+        stale = time.monotonic() - self.manager.resume_ttl / 2
         return [s for s in self.manager.live.values()
                 if s.owner is not None and s.stream.sink is not None
-                and abs(boundary(s)[0] - s.checkpointed) >= self.min_samples]
+                and (abs(boundary(s)[0] - s.checkpointed) >= self.min_samples
+                     or (s.stored and s.written_at < stale))]
 
     async def checkpoint(self) -> int:
         """One pass over every due session; returns how many were written."""
@@ -109,6 +113,7 @@ class Checkpointer:
         for session, (samples, _), ok in zip(sessions, points, results, strict=True):
             if ok:
                 session.checkpointed, session.stored = samples, True
+                session.written_at = time.monotonic()
                 written += 1
             elif manager.live.get(session.token) is session:
                 log.warning("session %s was taken over elsewhere: letting it go", session.id)

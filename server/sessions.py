@@ -47,6 +47,7 @@ class Session:
     epoch: int = 0  # the store's epoch this process holds the session at
     checkpointed: int = -1  # samples at its last checkpoint (-1: none yet)
     stored: bool = False  # a checkpoint of it is in the store
+    written_at: float = 0.0  # time.monotonic() of that checkpoint
     lost: bool = False  # taken over by another process: nothing more goes to the store
     ring: ReplyRing = field(default_factory=lambda: ReplyRing(0))  # replies sent, the last kept
 

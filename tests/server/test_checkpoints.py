@@ -81,6 +81,19 @@ async def test_a_sigkilled_server_loses_no_output(model_dirs, tmp_path, redis_ur
     np.testing.assert_allclose(outputs, expected, atol=1e-4)
 
 
+async def test_a_quiet_session_stays_resumable_past_resume_ttl(model_dirs, tmp_path):
+    """A live session that sends nothing for longer than resume_ttl keeps a checkpoint in the
+    store (rewritten before it expires), so a SIGKILL then would lose nothing."""
+    settings = make_settings(model_dirs, tmp_path, resume_ttl=1.0, checkpoint_interval=0.2)
+    with ServerThread(settings) as server:
+        async with await connect(server.ws_url, "seq") as ws:
+            token = (await start(ws))["resume_token"]
+            await stream_binary(ws, [np.ones((10, 2), np.float32)], 3)
+            await asyncio.sleep(2.5)  # quiet, live, past two TTLs of its first checkpoint
+            record = server.runtime.store.take(token)
+            assert record is not None and record.samples == 10 and record.live
+
+
 async def test_a_session_taken_over_elsewhere_is_let_go(model_dirs, tmp_path,
                                                        redis_url):  # noqa: F811
     """A live session on A is resumed on B from A's checkpoint, A not hearing B's release
