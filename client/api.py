@@ -118,11 +118,13 @@ class AsyncClient:
 
 
     def mux(self, model: str, *, reconnect: bool = True, checkpoint_s: float = 2.0,
-            max_reconnect_s: float = 60.0) -> AsyncMux:
+            max_reconnect_s: float = 60.0, affinity: str | None = None) -> AsyncMux:
         """Many sessions of `model` over one connection (`async with`). With `reconnect`, a
-        dropped connection is resumed session by session, as for stream()."""
+        dropped connection is resumed session by session, as for stream(). `affinity` as
+        for stream()."""
         return AsyncMux(self.url, model, self.token, reconnect=reconnect,
-                        checkpoint_s=checkpoint_s, max_reconnect_s=max_reconnect_s)
+                        checkpoint_s=checkpoint_s, max_reconnect_s=max_reconnect_s,
+                        affinity=affinity)
 
 
 class Client:

@@ -4,9 +4,11 @@ drop with capped exponential backoff."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -28,6 +30,14 @@ async def open_ws(url: str, token: str | None, **options: Any) -> ClientConnecti
     except InvalidStatus as exc:  # auth, Origin, no route
         status = exc.response.status_code
         raise StreamError(f"http_{status}", f"the server answered HTTP {status}") from None
+
+
+def endpoint_url(url: str, model: str, endpoint: str, affinity: str | None) -> str:
+    """ws(s)://.../v1/models/{model}/{endpoint}?session=<key>: the key a proxy in front of
+    replicas hashes on (deploy/nginx/nginx.conf), a random one per connection if None, so
+    that reconnects reach the replica that holds the sessions."""
+    key = quote(affinity or secrets.token_urlsafe(12), safe="")
+    return url.replace("http", "ws", 1).rstrip("/") + f"/v1/models/{model}/{endpoint}?session={key}"
 
 
 def worth_reconnecting(ws: ClientConnection, reconnect: bool) -> bool:

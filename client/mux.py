@@ -29,7 +29,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from client import wire
-from client.connection import open_ws, with_backoff, worth_reconnecting
+from client.connection import endpoint_url, open_ws, with_backoff, worth_reconnecting
 from client.errors import StreamError
 from client.mux_recovery import Entry, Pending, Session, reopen
 from client.wire import STATUS_CODES, encode_data, frame_bytes
@@ -51,8 +51,8 @@ class AsyncMux:
 
     def __init__(self, url: str, model: str, token: str | None = None, *,
                  reconnect: bool = True, checkpoint_s: float = 2.0,
-                 max_reconnect_s: float = 60.0) -> None:
-        self.ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/v1/models/{model}/mux"
+                 max_reconnect_s: float = 60.0, affinity: str | None = None) -> None:
+        self.ws_url = endpoint_url(url, model, "mux", affinity)
         self.token = token
         self.reconnect, self.checkpoint_s, self.max_reconnect_s = (
             reconnect, checkpoint_s, max_reconnect_s)

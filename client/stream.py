@@ -18,19 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from client.connection import open_ws, with_backoff, worth_reconnecting
+from client.connection import endpoint_url, open_ws, with_backoff, worth_reconnecting
 from client.errors import StreamError
 from client.wire import WIRE_DTYPES, frame_bytes, json_frame, start_message
 
@@ -75,9 +73,7 @@ class AsyncStream:
     def __init__(self, url: str, model: str, options: StreamOptions,
                  token: str | None = None,
                  on_output: Callable[[np.ndarray | StreamError], None] | None = None) -> None:
-        key = options.affinity or secrets.token_urlsafe(12)
-        self.ws_url = (url.replace("http", "ws", 1).rstrip("/") + f"/v1/models/{model}/stream"
-                       f"?session={quote(key, safe='')}")
+        self.ws_url = endpoint_url(url, model, "stream", options.affinity)
         self.options = options
         self.token = token
         self.info: dict[str, Any] = {}

@@ -58,6 +58,7 @@ class ReplicaHandoff:
         self.channel = f"s4serve:released:{uuid.uuid4().hex}"
         self._asked: dict[str, _Asked] = {}
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         self._pubsub = self.client.pubsub()
@@ -69,16 +70,21 @@ class ReplicaHandoff:
         self._task = asyncio.create_task(self._listen())
 
     async def stop(self) -> None:
+        # bounded: a pub/sub read does not always end at once when cancelled, and a process
+        # that drained its sessions must exit
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            _, pending = await asyncio.wait([self._task], timeout=1.0)
+            if pending:
+                log.warning("the replica handoff listener did not stop within 1 s")
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
-            await self.client.aclose()
+            await asyncio.wait_for(self._pubsub.aclose(), 1.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.aclose(), 1.0)
 
     async def _listen(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 async for message in self._pubsub.listen():
                     if message["type"] == "message":
@@ -86,6 +92,8 @@ class ReplicaHandoff:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a broken message or connection: log, and listen again
+                if self._stopping:  # redis-py may turn the cancellation into an error
+                    return
                 log.exception("replica handoff listener")
                 await asyncio.sleep(1.0)
 
