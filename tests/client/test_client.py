@@ -143,8 +143,8 @@ async def test_stream_survives_a_cut_line(request, lose_replies, ring):
         assert s.reconnects >= 1
         if ring:
             assert s.info["session"] == first and s.replayed == 0
-        else:
-            assert s.info["session"] != first and s.replayed > 0  # started over
+        else:  # started over from its last snapshot (what it replays depends on when that was)
+            assert s.info["session"] != first
     await cutter.stop()
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
 
