@@ -18,10 +18,13 @@ _ENTRY = struct.Struct("<BI")  # 0 binary / 1 text, length
 
 
 class ReplyRing:
+    """Replies are held in their packed form (`_ENTRY` header + bytes), so that a checkpoint
+    of the ring is one join, however many small replies it holds."""
+
     def __init__(self, limit: int, count: int = 0, held: list[bytes | str] = ()) -> None:
         self.limit = limit
         self.count = count  # replies sent over the session's life
-        self._held: deque[bytes | str] = deque()
+        self._held: deque[bytes] = deque()  # packed entries
         self._bytes = 0
         for payload in held:
             self._keep(payload)
@@ -32,10 +35,13 @@ class ReplyRing:
             self._keep(payload)
 
     def _keep(self, payload: bytes | str) -> None:
-        self._held.append(payload)
-        self._bytes += len(payload)
+        text = type(payload) is str
+        raw = payload.encode() if text else payload
+        entry = _ENTRY.pack(text, len(raw)) + raw
+        self._held.append(entry)
+        self._bytes += len(raw)  # the limit counts the replies' own bytes
         while self._bytes > self.limit and self._held:
-            self._bytes -= len(self._held.popleft())
+            self._bytes -= len(self._held.popleft()) - _ENTRY.size
 
     def since(self, received: int) -> list[bytes | str] | None:
         """The replies after the first `received`, or None when the ring no longer holds
@@ -43,14 +49,10 @@ class ReplyRing:
         missed = self.count - received
         if not 0 <= missed <= len(self._held):
             return None
-        return list(self._held)[len(self._held) - missed:]
+        return self.unpack(b"".join(list(self._held)[len(self._held) - missed:]))
 
     def pack(self) -> bytes:
-        parts = []
-        for payload in self._held:
-            raw = payload.encode() if isinstance(payload, str) else payload
-            parts += [_ENTRY.pack(isinstance(payload, str), len(raw)), raw]
-        return b"".join(parts)
+        return b"".join(self._held)
 
     @staticmethod
     def unpack(raw: bytes) -> list[bytes | str]:
