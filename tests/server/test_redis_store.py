@@ -5,16 +5,14 @@ another that shares the store."""
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 import websockets
 
-from loadtest.cluster import redis_server
+from loadtest.cluster import metric, redis_server
 from server.redis_store import RedisStore
 from server.store import LocalDirectoryStore, SessionRecord
 from tests.server.client import connect, predict, start, stream_binary
@@ -118,10 +116,6 @@ async def test_a_session_dropped_on_one_server_resumes_on_another(model_dirs, re
                     await ws.recv()
                 assert (ws.close_code, ws.close_reason) == (1008, "resumed_elsewhere")
                 rest = await stream_binary(again, [u[45:]], 3)
-        assert metric_value(a.url, "s4serve_handoffs_total") == 1
+        assert metric(a.url, "s4serve_handoffs_total") == 1
     np.testing.assert_allclose(np.concatenate([head, tail, rest]), expected, atol=1e-4)
 
-
-def metric_value(url: str, name: str) -> float:
-    found = re.search(rf"^{name} (\S+)", httpx.get(url + "/metrics").text, re.M)
-    return float(found.group(1)) if found else 0.0
