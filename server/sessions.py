@@ -175,7 +175,7 @@ class SessionManager:
         )
 
     def record(self, session: Session, samples: int, arrays=None, live: bool = False,
-               blob: bytes | None = None) -> SessionRecord:
+               blob: bytes | tuple | None = None) -> SessionRecord:
         """What the store keeps of a session: its options and its state at `samples` (the
         tensors `arrays`, or a blob already made)."""
         return SessionRecord(

@@ -135,26 +135,40 @@ class BlobWriter:
             self._heads[sample_rate] = ((before + '"samples":').encode(), after.encode())
         return self._heads[sample_rate]
 
-    def blobs(self, samples: Sequence[int], rates: Sequence[float | None],
-              flat32: np.ndarray, flat64: np.ndarray) -> list[bytes]:
-        """Blobs of sessions whose rows are flat32 (B, W32) and flat64 (B, W64)."""
+    def blob_parts(self, samples: Sequence[int], rates: Sequence[float | None],
+                   flat32: np.ndarray, flat64: np.ndarray) -> list[tuple]:
+        """The blobs of sessions whose rows are flat32 (B, W32) and flat64 (B, W64), each as
+        the pieces that make it up (header, tensor bytes, tag): joined, they are the blob
+        `encode_state_raw` writes. The tensor bytes are views into one array cut for all."""
         if not _NATIVE_LE:  # the template writes native bytes: keep the general path
-            return [encode_state_raw(StateRecord(
+            return [(encode_state_raw(StateRecord(
                 self.model, self.version, n, [v[0] for v in self.layout.split(
                     flat32[i:i + 1], flat64[i:i + 1])], list(self.layout.names), rate),
-                self.secret) for i, (n, rate) in enumerate(zip(samples, rates, strict=True))]
+                self.secret),) for i, (n, rate) in enumerate(zip(samples, rates, strict=True))]
         parts = [(flat64 if wide else flat32)[:, start:start + size].view(np.uint8)
                  for wide, start, size, _ in self._segments]
         body = (np.concatenate(parts, axis=1) if parts
                 else np.zeros((len(samples), 0), np.uint8))  # (B, body bytes)
+        width = body.shape[1]
+        rows = memoryview(body.reshape(-1))  # slicing a memoryview is cheaper than body[i]
         version = SIGNED_VERSION if self.secret else FORMAT_VERSION
         out = []
         for i, (n, rate) in enumerate(zip(samples, rates, strict=True)):
             before, after = self._head(rate)
             head = before + str(int(n)).encode() + after
-            raw = b"".join((_PREFIX.pack(MAGIC, version, len(head)), head, body[i].data))
-            out.append(raw + _tag(self.secret, raw) if self.secret else raw)
+            pieces = (_PREFIX.pack(MAGIC, version, len(head)) + head,
+                      rows[i * width:(i + 1) * width])
+            if self.secret:
+                tag = hmac.new(self.secret.encode(), pieces[0], hashlib.sha256)
+                tag.update(pieces[1])
+                pieces += (tag.digest(),)
+            out.append(pieces)
         return out
+
+    def blobs(self, samples: Sequence[int], rates: Sequence[float | None],
+              flat32: np.ndarray, flat64: np.ndarray) -> list[bytes]:
+        """The same blobs, each joined into one bytes object."""
+        return [b"".join(pieces) for pieces in self.blob_parts(samples, rates, flat32, flat64)]
 
 
 def decode_state(blob: object, secret: str | None = None) -> StateRecord:

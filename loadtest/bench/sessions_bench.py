@@ -2,8 +2,11 @@
 lost replica costs its sessions.
 
 - Checkpoint overhead: `s4serve serve` (shipped `motion`) under one mux load (1000 sessions at
-  100 Hz; quick: 40), checkpoints off and on (1 s), alternating; the server's CPU seconds per
-  second of load (all its processes, /proc) and the load test's answered samples/s.
+  100 Hz; quick: 40), checkpoints off and on (1 s), alternating, 3 rounds; the server's CPU
+  seconds over the load (all its processes, /proc), median per setting. The difference is
+  within this VM's run-to-run noise (a few %), so the runs with checkpoints also read the
+  server's own `s4serve_checkpoint_seconds` (the passes' working time, all workers): their
+  share of the server's CPU is the cost measured directly.
 - Failover: loadtest/failover.py through nginx in front of 3 replicas sharing Redis, 30
   sessions (quick: 6) of `motion` at 20 frames/s; the replica holding the most is SIGKILLed.
   Per moved session: the longest wait between two outputs (SIGKILL to streaming again,
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.cluster import Cluster
+from loadtest.cluster import Cluster, metric
 from loadtest.failover import run_failover
 from loadtest.processes import ServerProcess
 
@@ -63,12 +66,15 @@ def _mux_under(interval: str, scratch: Path, gateways: int, per: int, hold: floa
                         "--json-out", str(out)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
         cpu = cpu_seconds(server.pid) - before
+        passes = metric(server.url, "s4serve_checkpoint_seconds_sum")
+        count = metric(server.url, "s4serve_checkpoint_seconds_count")
     report = json.loads(out.read_text())
-    return {"interval": interval, "cpu_s": cpu, "report": report}
+    return {"interval": interval, "cpu_s": cpu, "report": report, "pass_s": passes,
+            "passes": count}
 
 
 def checkpoint_overhead(scratch: Path, quick: bool, log=print) -> dict:
-    gateways, per, hold, rounds = (2, 20, 2.0, 1) if quick else (10, 100, 15.0, 2)
+    gateways, per, hold, rounds = (2, 20, 2.0, 1) if quick else (10, 100, 15.0, 3)
     runs: dict[str, list[dict]] = {"0": [], "1.0": []}
     for _ in range(rounds):
         for interval in runs:
@@ -77,8 +83,13 @@ def checkpoint_overhead(scratch: Path, quick: bool, log=print) -> dict:
                 f"ok {got['report'].get('ok')}")
             runs[interval].append(got)
     cpu = {k: float(np.median([r["cpu_s"] for r in v])) for k, v in runs.items()}
+    on = runs["1.0"]
+    share = float(np.median([r["pass_s"] / r["cpu_s"] for r in on])) if on[0]["cpu_s"] else None
+    per_pass = [r["pass_s"] / r["passes"] for r in on if r["passes"]]
     return {"sessions": gateways * per, "hold_s": hold, "rounds": rounds, "cpu_s": cpu,
             "overhead": cpu["1.0"] / cpu["0"] - 1 if cpu["0"] else None,
+            "pass_share": share, "pass_ms": float(np.median(per_pass)) * 1e3 if per_pass
+            else None, "passes": float(np.median([r["passes"] for r in on])),
             "ok": all(r["report"].get("ok") for v in runs.values() for r in v),
             "runs": runs}
 
@@ -121,7 +132,10 @@ def render_sessions(r: dict) -> list[str]:
         f"{ck['hold_s']:.0f} s, {ck['rounds']} round(s), alternating: server CPU "
         f"{ck['cpu_s']['0']:.1f} s with checkpoints off, {ck['cpu_s']['1.0']:.1f} s with a 1 s "
         f"interval (local directory store): {overhead}; every reply checked: "
-        f"{'yes' if ck['ok'] else 'no'}.", "",
+        f"{'yes' if ck['ok'] else 'no'}. Measured in the server (its "
+        f"`s4serve_checkpoint_seconds`): {f(ck.get('passes'), '.0f')} passes per run (all "
+        f"workers), {f(ck.get('pass_ms'), '.1f')} ms of work each, "
+        f"{f(ck.get('pass_share'), '.1%')} of the server's CPU.", "",
         f"Failover: {fo['sessions']} sessions through nginx in front of 3 replicas sharing "
         f"Redis, {fo['frame']}-sample frames every {fo['pace_s'] * 1e3:.0f} ms; the replica "
         f"holding {fo['victim_sessions']} of them SIGKILLed mid-stream; {fo['moved']} sessions "
@@ -136,8 +150,11 @@ def targets(r: dict) -> list[tuple[str, str, str, bool]]:
     ck, fo = r["checkpoints"], r["failover"]
     rows = []
     if ck["overhead"] is not None:
-        rows.append((f"checkpoint overhead, {ck['sessions']} sessions (server CPU)", "≤ 5%",
-                     f"{ck['overhead']:+.1%}", ck["overhead"] <= 0.05 and ck["ok"]))
+        rows.append((f"checkpoint overhead, {ck['sessions']} sessions (server CPU, on vs off)",
+                     "≤ 5%", f"{ck['overhead']:+.1%}", ck["overhead"] <= 0.05 and ck["ok"]))
+    if ck.get("pass_share") is not None:
+        rows.append((f"checkpoint passes' share of server CPU, {ck['sessions']} sessions",
+                     "≤ 5%", f"{ck['pass_share']:.1%}", ck["pass_share"] <= 0.05 and ck["ok"]))
     p99 = fo["recovery_s"]["p99"]
     if p99 is not None:
         rows.append(("SIGKILL to streaming again, p99", "≤ 2 s + backoff", f"{p99:.2f} s",

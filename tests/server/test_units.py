@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +95,23 @@ def test_session_records_pack_and_unpack():
     for bad in (raw[:-1], raw[:40] + b"X" + raw[41:], b"S4SB" + bytes(40)):
         with pytest.raises(ValueError):
             unpack_record(bad)
+
+
+def test_a_record_in_pieces_is_the_same_record():
+    """A checkpoint hands the store the state blob in pieces (written without joining): the
+    bytes are those of the joined record, and its options are the JSON list they always were
+    (records written before the meta template still read back)."""
+    whole = SessionRecord("id-\u00e9", "m", "float64", 16000.0, "all", 123, b"headbody+tag",
+                          live=False, replies=2, ring=b"ring")
+    pieces = SessionRecord(**{**whole.__dict__, "state": (b"head", memoryview(b"body"), b"+tag")})
+    assert pack_record(pieces, 1.0, 2) == pack_record(whole, 1.0, 2)
+    raw = pack_record(whole)
+    meta_at = 32  # after magic, expires_at, seq and three lengths; the first is the meta's
+    meta_len = struct.unpack_from("<4sdQI", raw)[3]
+    fields = ["id-\u00e9", "m", "float64", 16000.0, "all", 123, False, 2]
+    meta = raw[meta_at:meta_at + meta_len]
+    assert json.loads(meta) == fields
+    assert meta == json.dumps(fields, separators=(",", ":")).encode()
 
 
 def test_local_store_survives_a_write_cut_short(tmp_path):
