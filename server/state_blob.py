@@ -72,8 +72,12 @@ class StateRecord:
             raise ServeError("bad_state", "state tensors do not match this model's state layout")
 
 
-def _tag(secret: str, raw: bytes) -> bytes:
-    return hmac.new(secret.encode(), raw, hashlib.sha256).digest()
+def _tag(secret: str, *pieces: bytes | memoryview) -> bytes:
+    """HMAC-SHA256 of the pieces, as of their concatenation."""
+    mac = hmac.new(secret.encode(), digestmod=hashlib.sha256)
+    for piece in pieces:
+        mac.update(piece)
+    return mac.digest()
 
 
 @functools.cache
@@ -158,17 +162,8 @@ class BlobWriter:
             head = before + str(int(n)).encode() + after
             pieces = (_PREFIX.pack(MAGIC, version, len(head)) + head,
                       rows[i * width:(i + 1) * width])
-            if self.secret:
-                tag = hmac.new(self.secret.encode(), pieces[0], hashlib.sha256)
-                tag.update(pieces[1])
-                pieces += (tag.digest(),)
-            out.append(pieces)
+            out.append((*pieces, _tag(self.secret, *pieces)) if self.secret else pieces)
         return out
-
-    def blobs(self, samples: Sequence[int], rates: Sequence[float | None],
-              flat32: np.ndarray, flat64: np.ndarray) -> list[bytes]:
-        """The same blobs, each joined into one bytes object."""
-        return [b"".join(pieces) for pieces in self.blob_parts(samples, rates, flat32, flat64)]
 
 
 def decode_state(blob: object, secret: str | None = None) -> StateRecord:

@@ -84,12 +84,13 @@ def checkpoint_overhead(scratch: Path, quick: bool, log=print) -> dict:
             runs[interval].append(got)
     cpu = {k: float(np.median([r["cpu_s"] for r in v])) for k, v in runs.items()}
     on = runs["1.0"]
-    share = float(np.median([r["pass_s"] / r["cpu_s"] for r in on])) if on[0]["cpu_s"] else None
+    shares = [r["pass_s"] / r["cpu_s"] for r in on if r["cpu_s"]]
     per_pass = [r["pass_s"] / r["passes"] for r in on if r["passes"]]
     return {"sessions": gateways * per, "hold_s": hold, "rounds": rounds, "cpu_s": cpu,
             "overhead": cpu["1.0"] / cpu["0"] - 1 if cpu["0"] else None,
-            "pass_share": share, "pass_ms": float(np.median(per_pass)) * 1e3 if per_pass
-            else None, "passes": float(np.median([r["passes"] for r in on])),
+            "pass_share": float(np.median(shares)) if shares else None,
+            "pass_ms": float(np.median(per_pass)) * 1e3 if per_pass else None,
+            "passes": float(np.median([r["passes"] for r in on])),
             "ok": all(r["report"].get("ok") for v in runs.values() for r in v),
             "runs": runs}
 

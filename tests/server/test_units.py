@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from server.state_blob import (
     encode_state,
     encode_state_raw,
 )
-from server.store import LocalDirectoryStore, SessionRecord, pack_record, unpack_record
+from server.store import _RECORD, LocalDirectoryStore, SessionRecord, pack_record, unpack_record
 
 SPEC = [TensorSpec("layer0.re", (4, 2), "float32"), TensorSpec("pool.count", (1,), "float64")]
 
@@ -59,7 +58,8 @@ def test_blob_writer_writes_what_encode_state_writes(secret):
     flat32 = rng.standard_normal((3, layout.width32)).astype(np.float32)
     flat64 = rng.standard_normal((3, layout.width64))
     samples, rates = [0, 17, 123456789], [100.0, None, 100.0]
-    made = BlobWriter("m", "2", layout, secret).blobs(samples, rates, flat32, flat64)
+    made = [b"".join(pieces) for pieces in
+            BlobWriter("m", "2", layout, secret).blob_parts(samples, rates, flat32, flat64)]
     for i in range(3):
         a, n, b = flat32[i, :6].reshape(2, 3), flat64[i], flat32[i, 6:]
         expected = encode_state_raw(StateRecord("m", "2", samples[i], [a, n, b], ["a", "n", "b"],
@@ -106,10 +106,9 @@ def test_a_record_in_pieces_is_the_same_record():
     pieces = SessionRecord(**{**whole.__dict__, "state": (b"head", memoryview(b"body"), b"+tag")})
     assert pack_record(pieces, 1.0, 2) == pack_record(whole, 1.0, 2)
     raw = pack_record(whole)
-    meta_at = 32  # after magic, expires_at, seq and three lengths; the first is the meta's
-    meta_len = struct.unpack_from("<4sdQI", raw)[3]
+    meta_len = _RECORD.unpack_from(raw)[3]  # magic, expires_at, seq, then the meta's length
     fields = ["id-\u00e9", "m", "float64", 16000.0, "all", 123, False, 2]
-    meta = raw[meta_at:meta_at + meta_len]
+    meta = raw[_RECORD.size:_RECORD.size + meta_len]
     assert json.loads(meta) == fields
     assert meta == json.dumps(fields, separators=(",", ":")).encode()
 
