@@ -45,10 +45,15 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     backend: str = Field("torch", description="default backend for every model")
     backends: dict[str, str] = Field(default_factory=dict, description="per-model overrides")
-    step_compiler: Literal["auto", "inductor", "torchscript"] = Field(
-        "auto", description="torch backend: the streaming step as one torch.compile (inductor) "
-        "graph for every rate, compiled when the model loads (auto: when a C++ compiler is "
-        "installed), or a TorchScript graph per rate"
+    step_compiler: Literal["auto", "aoti", "inductor", "torchscript"] = Field(
+        "auto", description="torch backend: the streaming step as one compiled step for every "
+        "rate: an AOTInductor package built once and kept in compile_cache (aoti), or a "
+        "torch.compile graph compiled when the model loads (inductor); or a TorchScript graph "
+        "per rate. auto: aoti when a C++ compiler is installed"
+    )
+    compile_cache: Path = Field(
+        Path("var/compiled"), description="where compiled step packages are kept, named by a "
+        "fingerprint of the model, the code and the machine (built when missing)"
     )
 
     max_sessions: int = Field(1000, ge=1, description="concurrent streaming sessions")

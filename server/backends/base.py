@@ -177,16 +177,19 @@ class ModelBackend(ABC):
 
 
 def load_backend(kind: str, model_dir: Path, device: str, max_rates: int = 8,
-                 step_compiler: str = "auto") -> ModelBackend:
+                 step_compiler: str = "auto", compile_cache: Path | None = None) -> ModelBackend:
     """Instantiate the backend registered under `kind` for one model directory;
-    `step_compiler` applies to the torch backend (auto, inductor or torchscript)."""
+    `step_compiler` applies to the torch backend (auto, aoti, inductor or torchscript),
+    `compile_cache` to the torch backends (where compiled step packages are kept)."""
     try:
         target = _REGISTRY[kind]
     except KeyError:
         raise ValueError(f"unknown backend {kind!r}; known: {sorted(_REGISTRY)}") from None
     module_name, class_name = target.split(":")
     backend_class = getattr(importlib.import_module(module_name), class_name)
-    options = {"step_compiler": step_compiler} if kind == "torch" else {}
+    options: dict = {"step_compiler": step_compiler} if kind == "torch" else {}
+    if kind in ("torch", "torch-inductor"):
+        options["compile_cache"] = compile_cache
     return backend_class(Path(model_dir), device=device, max_rates=max_rates, **options)
 
 

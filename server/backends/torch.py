@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+from cachetools import LRUCache
 
 from model.card import read_card
 from model.checkpoint import load_model
@@ -16,21 +17,29 @@ from server.state_blob import TensorSpec
 log = logging.getLogger("s4serve.backends.torch")
 
 
+STEP_COMPILERS = ("auto", "aoti", "inductor", "torchscript")
+
+
 class TorchBackend(ModelBackend):
-    """Steps of many sessions run as one fused, compiled graph for every rate (inductor) when
-    a C++ compiler is there, else as a TorchScript graph per rate."""
+    """Steps of many sessions run as one compiled step for every rate when a C++ compiler is
+    there (an AOTInductor package cached on disk, else a torch.compile graph), else as a
+    TorchScript graph per rate."""
 
     kind = "torch"
 
     def __init__(self, model_dir: Path, device: str = "auto", max_rates: int = 8,
-                 step_compiler: str = "auto") -> None:
+                 step_compiler: str = "auto", compile_cache: Path | None = None) -> None:
         self._device = resolve_device(device)
+        self._compile_cache = Path(compile_cache or "var/compiled")
         self.net = load_model(model_dir).to(self._device).eval()
         self._max_rates = max_rates
         # Discretising for a rate is costly, so the network caches its recurrent forms, a few
         # rates at most (clients choose rates: an unbounded cache would let them grow memory).
         # Streams and predict-with-state share that one cache.
         self.net.recurrent_cache_size = max_rates
+        # the step path looks its rate up here first: the network's own cache checks every
+        # parameter's version on each call (~55 us), and served weights never change
+        self._recs: LRUCache = LRUCache(maxsize=max_rates)
         cfg = self.net.config
         rec = self._recurrence(1.0) if cfg.streamable else None
         self._spec = [
@@ -55,26 +64,39 @@ class TorchBackend(ModelBackend):
             streamable=cfg.streamable,
             card=card.model_dump() if (card := read_card(model_dir)) else None,
         )
-        if step_compiler not in ("auto", "inductor", "torchscript"):
-            raise ValueError(f"unknown step compiler {step_compiler!r}: expected auto, "
-                             "inductor or torchscript")
+        if step_compiler not in STEP_COMPILERS:
+            raise ValueError(f"unknown step compiler {step_compiler!r}: expected one of "
+                             f"{', '.join(STEP_COMPILERS)}")
         if step_compiler == "auto":
-            step_compiler = "inductor" if inductor_available() else "torchscript"
-        self.step_compiler = step_compiler
-        self._fused = (FusedStep(rec, self.layout)
-                       if step_compiler == "inductor" and rec is not None else None)
+            step_compiler = "aoti" if inductor_available() else "torchscript"
+        self.step_compiler = step_compiler if rec is not None else "torchscript"
+        self._fused = None  # built by warmup (an AOTInductor build can take a minute)
+
+    def _build_step(self) -> None:
+        """The compiled flat step, falling back down aoti -> inductor -> torchscript when a
+        compiler fails here (no compiler headers, say), and saying so."""
+        from model.aot_step import AotStep
+
+        rec = self._recurrence(1.0)
+        order = ["aoti", "inductor"]
+        for compiler in order[order.index(self.step_compiler):]:
+            try:
+                if compiler == "aoti":
+                    step = AotStep(rec, self.layout, self._compile_cache)
+                else:
+                    step = FusedStep(rec, self.layout)
+                self._fused, self.step_compiler = step, compiler
+                super().warmup()  # a torch.compile graph compiles on its first calls
+                return
+            except Exception:  # the next compiler serves
+                log.warning("model %s: the %s step did not build", self.info.name, compiler,
+                            exc_info=True)
+        self._fused, self.step_compiler = None, "torchscript"
 
     def warmup(self) -> None:
-        """Also compiles the fused step; if that fails (no compiler headers, say), the
-        TorchScript step serves instead, and says so."""
-        try:
-            super().warmup()
-        except Exception:
-            if self._fused is None:
-                raise
-            log.warning("model %s: the inductor step did not compile; serving the TorchScript "
-                        "step", self.info.name, exc_info=True)
-            self._fused, self.step_compiler = None, "torchscript"
+        if self.step_compiler in ("aoti", "inductor"):
+            self._build_step()
+        if self._fused is None:
             super().warmup()
         log.info("model %s: streaming step compiled with %s", self.info.name,
                  self.step_compiler)
@@ -92,8 +114,11 @@ class TorchBackend(ModelBackend):
         return self._spec
 
     def _recurrence(self, rate: float):
-        with torch.inference_mode():
-            return self.net.recurrent(rate)
+        rec = self._recs.get(rate)
+        if rec is None:
+            with torch.inference_mode():
+                rec = self._recs[rate] = self.net.recurrent(rate)
+        return rec
 
     @torch.inference_mode()
     def step(self, u, state, rate):
@@ -123,5 +148,7 @@ class InductorTorchBackend(TorchBackend):
     """The torch backend with the inductor step required (`--backend torch-inductor`);
     ModelInfo still says "torch"."""
 
-    def __init__(self, model_dir: Path, device: str = "auto", max_rates: int = 8) -> None:
-        super().__init__(model_dir, device, max_rates, step_compiler="inductor")
+    def __init__(self, model_dir: Path, device: str = "auto", max_rates: int = 8,
+                 compile_cache: Path | None = None) -> None:
+        super().__init__(model_dir, device, max_rates, step_compiler="inductor",
+                         compile_cache=compile_cache)

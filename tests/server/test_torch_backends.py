@@ -22,3 +22,22 @@ def test_torchscript_and_inductor_backends_match_eager(tmp_path):
         assert torch.allclose(y, expected, atol=1e-5)
         for a, b in zip(new_state, expected_state, strict=True):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_every_step_compiler_serves_the_eager_numbers_on_flat_rows(tmp_path):
+    net = perturbed_network(layer="s4d", task="classification", labels=list("abcde"))
+    save_model(net, tmp_path / "m")
+    rec = net.to_recurrent(rate=0.5)
+    u = torch.randn(3, 3)
+    state = [torch.randn_like(s) * 0.1 for s in rec.initial_state(3)]
+    expected, expected_state = rec.step(u, state)
+    for compiler in ("aoti", "inductor", "torchscript"):
+        backend = load_backend("torch", tmp_path / "m", "cpu", step_compiler=compiler,
+                               compile_cache=tmp_path / "cache")
+        backend.warmup()
+        assert backend.step_compiler == compiler
+        y, flat32, flat64 = backend.step_flat(u, *backend.layout.join(state), 0.5)
+        assert torch.allclose(y, expected, atol=1e-5)
+        for got, want in zip(backend.layout.split(flat32, flat64), expected_state, strict=True):
+            assert torch.allclose(got, want, atol=1e-5)
+    assert len(list((tmp_path / "cache").glob("*.pt2"))) == 1
