@@ -55,6 +55,7 @@ class Runtime:
     predict_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="s4serve-predict")
     )
+    _errors: dict = field(default_factory=dict)  # s4serve_errors_total children by code
 
     @classmethod
     def create(cls, settings: Settings, store: SessionStore | None = None) -> Runtime:
@@ -103,7 +104,10 @@ class Runtime:
             raise ServeError("model_not_found", f"no model named {name!r}") from None
 
     def error(self, code: str) -> None:
-        self.metrics.errors.labels(code).inc()
+        child = self._errors.get(code)
+        if child is None:  # a label lookup takes a lock: resolved once per code
+            child = self._errors[code] = self.metrics.errors.labels(code)
+        child.inc()
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Refuse new work, close every session (its state goes to the store), wait for them."""

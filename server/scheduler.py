@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from server.errors import ServeError
-from server.metrics import Metrics, ModelMetrics, observe_many
+from server.metrics import Metrics, ModelMetrics
 from server.slots import SlotPool
 from server.work import (
     BATCH_FAILED,
@@ -51,6 +51,10 @@ log = logging.getLogger("s4serve.scheduler")
 STEPPED_FRAMES = 4
 
 
+def _slot(stream: Stream) -> int:
+    return stream.slot
+
+
 class Scheduler:
     def __init__(self, metrics: Metrics, max_batch: int = 1024, tick: float = 0.0,
                  piece: int = 256, max_queued: int = 1 << 16, max_lag: float = 1.0,
@@ -69,6 +73,7 @@ class Scheduler:
         self._models: dict[SlotPool, ModelMetrics] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     # ----- lifecycle ---------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -76,6 +81,9 @@ class Scheduler:
 
     def stop(self) -> None:
         self._ready.clear()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush()
 
     @property
     def idle(self) -> bool:
@@ -186,14 +194,21 @@ class Scheduler:
             self._round(started)
         done = time.perf_counter()
         for model in self._models.values():
-            if model.latencies:
-                observe_many(model.latency, done - np.asarray(model.latencies))
-                model.frames_ok.inc(len(model.latencies))
-                model.latencies.clear()
-            model.queue.set(model.queued)
+            model.answered(done)
+            if done - model.flushed >= model.FLUSH_S:
+                model.flush(done)
         if (self._ready or self._batches) and not self._pending:
             self._pending = True
             self._loop.call_soon(self._tick)
+        elif not self._flush_timer and any(m.pending for m in self._models.values()):
+            self._flush_timer = self._loop.call_later(ModelMetrics.FLUSH_S, self._flush)
+
+    def _flush(self) -> None:
+        """Metrics observed by the last ticks before the scheduler went quiet."""
+        self._flush_timer = None
+        now = time.perf_counter()
+        for model in self._models.values():
+            model.flush(now)
 
     def _round(self, now: float) -> float:
         """One batched call per group over the ready streams; returns the age of the oldest
@@ -223,7 +238,10 @@ class Scheduler:
             groups.setdefault((stream.pool, stream.rate, length), []).append(stream)
             taken.append(stream)
         for (pool, rate, length), members in groups.items():
-            self._advance(pool, rate, length, members)
+            if length == 1:
+                self._step_frames(pool, rate, members)
+            else:
+                self._advance(pool, rate, length, members)
         for stream in taken:
             if stream.queue and stream.sink is not None:
                 ready[stream] = None
@@ -239,6 +257,60 @@ class Scheduler:
             value = self.snapshot(stream)
         if stream.sink is not None:
             stream.sink.control_done(item, value)
+
+    def _step_frames(self, pool: SlotPool, rate: float, members: list[Stream]) -> None:
+        """The per-sample path: one sample of each member's head frame in one batched step.
+        What `_advance` does for a piece of length 1, with the least work per frame."""
+        backend, model = pool.backend, self._models[pool]
+        members.sort(key=_slot)  # consecutive rows gather as a view
+        frames = [s.queue[0] for s in members]
+        u = np.stack([f.samples[f.done] for f in frames])  # (B, d_input)
+        index = pool.index([s.slot for s in members])
+        for stream, frame in zip(members, frames, strict=True):
+            if frame.done == 0 and len(frame.samples) > 1:  # a short frame spans a few rounds
+                frame.before = pool.rows(stream.slot)
+        cpu = pool.on_cpu
+        started = time.perf_counter()
+        try:
+            flat32, flat64 = pool.gather(index)
+            x = torch.from_numpy(u) if cpu else torch.from_numpy(u).to(backend.device)
+            y, flat32, flat64 = backend.step_flat(x, flat32, flat64, rate)
+            y = y.numpy() if cpu else y.to("cpu", torch.float32).numpy()  # (B, d_output)
+        except Exception as exc:  # the states were not written back: nothing is lost
+            log.exception("batched call failed")
+            for stream, frame in zip(members, frames, strict=True):
+                self._finish(stream)
+                stream.sink.frame_failed(frame, exc)
+            return
+        elapsed = time.perf_counter() - started
+        rows = len(members)
+        if np.isfinite(y).all() and np.isfinite(u).all():  # the usual case: one check each
+            pool.scatter(index, flat32, flat64)
+            fine = None
+            model.call("step", elapsed, rows, rows)
+        else:  # rows with a non-finite input or output are not written back
+            fine = np.isfinite(y).all(1) & np.isfinite(u).all(1)
+            keep = torch.from_numpy(np.flatnonzero(fine)).to(backend.device)
+            slots = torch.tensor([s.slot for s in members], device=backend.device)[keep]
+            pool.scatter(slots, flat32[keep], flat64[keep])
+            model.call("step", elapsed, rows, int(fine.sum()))
+        latencies = model.latencies
+        for i, (stream, frame) in enumerate(zip(members, frames, strict=True)):
+            out = y[i:i + 1]  # (1, d_output)
+            if fine is not None and not fine[i]:
+                self._reject_non_finite(stream, frame)
+                continue
+            stream.samples += 1
+            done = frame.done = frame.done + 1
+            if done < len(frame.samples):
+                frame.pieces = [out] if stream.output_last else [*(frame.pieces or ()), out]
+                continue
+            if frame.pieces:
+                out = out if stream.output_last else np.concatenate([*frame.pieces, out])
+            stream.queue.popleft()
+            model.queued -= 1
+            latencies.append(frame.received)
+            stream.sink.frame_done(frame, out)
 
     def _advance(self, pool: SlotPool, rate: float, length: int, members: list[Stream]) -> None:
         backend, model = pool.backend, self._models[pool]
@@ -268,8 +340,7 @@ class Scheduler:
                 self._finish(stream)
                 stream.sink.frame_failed(frame, exc)
             return
-        (model.step if length == 1 else model.chunk).observe(time.perf_counter() - started)
-        model.batch.observe(len(members))
+        elapsed = time.perf_counter() - started
         # A frame whose inputs or outputs are not finite is rejected whole: its state row is
         # not written back (or, for a frame computed over several ticks, restored).
         rows = len(members)
@@ -282,7 +353,7 @@ class Scheduler:
             keep = torch.from_numpy(np.flatnonzero(fine)).to(backend.device)
             slots = torch.tensor([s.slot for s in members], device=backend.device)[keep]
             pool.scatter(slots, flat32[keep], flat64[keep])
-        model.samples.inc(length * int(fine.sum()))
+        model.call("step" if length == 1 else "chunk", elapsed, rows, length * int(fine.sum()))
         for stream, frame, out, ok in zip(members, frames, y, fine.tolist(), strict=True):
             if not ok:
                 self._reject_non_finite(stream, frame)
@@ -367,8 +438,7 @@ class Scheduler:
             log.exception("batched call failed")
             return (np.zeros((len(u), backend.info.d_output), np.float32),
                     np.full(len(u), BATCH_FAILED, np.uint8))
-        model.step.observe(time.perf_counter() - started)
-        model.batch.observe(len(streams))
+        elapsed = time.perf_counter() - started
         fine_sorted = np.isfinite(y_sorted).all(1)
         if fine_sorted.all():
             pool.scatter(index, flat32, flat64)
@@ -383,7 +453,7 @@ class Scheduler:
         for stream, ok in zip(streams, fine.tolist(), strict=True):
             if ok:
                 stream.samples += 1
-        model.samples.inc(int(fine.sum()))
+        model.call("step", elapsed, len(streams), int(fine.sum()))
         return y, np.where(fine, BATCH_OK, BATCH_NON_FINITE).astype(np.uint8)
 
     def _reject_non_finite(self, stream: Stream, frame: Frame) -> None:

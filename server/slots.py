@@ -24,6 +24,7 @@ class SlotPool:
         self.capacity = capacity
         self.layout = layout = backend.layout
         device = backend.device
+        self.on_cpu = device.type == "cpu"
         self.flat32 = torch.zeros(capacity, layout.width32, device=device)
         self.flat64 = torch.zeros(capacity, layout.width64, dtype=torch.float64, device=device)
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low slots first

@@ -24,6 +24,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
+from websockets.speedups import apply_mask
+from websockets.streams import StreamReader
 
 EXTENSION = "s4serve.push"
 
@@ -66,20 +68,34 @@ class Peer(Protocol):
         ...
 
 
-def _binary_header(size: int) -> bytes:
-    """RFC 6455 header of an unmasked, final binary frame (server to client)."""
+def _header(size: int, first: int = 0x82) -> bytes:
+    """RFC 6455 header of an unmasked, final frame from the server: binary (0x82) or text
+    (0x81)."""
     if size < 126:
-        return bytes((0x82, size))
+        return bytes((first, size))
     if size < 1 << 16:
-        return struct.pack("!BBH", 0x82, 126, size)
-    return struct.pack("!BBQ", 0x82, 127, size)
+        return struct.pack("!BBH", first, 126, size)
+    return struct.pack("!BBQ", first, 127, size)
+
+
+# where websockets' parser waits between frames (websockets.protocol.Protocol.parse)
+_BETWEEN_FRAMES = StreamReader.at_eof.__code__
 
 
 class PushProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol with the `s4serve.push` extension."""
+    """uvicorn's sans-I/O WebSocket protocol with the `s4serve.push` extension.
+
+    Once a handler is attached, complete final text and binary frames are parsed here (header,
+    unmask, deliver: a few lines per frame) instead of by websockets' generator-based parser,
+    which built a Frame object through several generators per message: 12% of a worker's time
+    at 100 per-sample sessions (py-spy). Control frames still go through websockets and
+    uvicorn, and anything unusual hands the connection back to them for good."""
 
     handler: Handler | None = None
     _peer_paused = False
+    _fast = False  # parsing here: websockets' parser was left at a frame boundary
+    _slow = False  # never again (an unusual frame was seen)
+    _rest = b""  # received bytes not parsed yet (a frame's start, or held while paused)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -91,6 +107,78 @@ class PushProtocol(WebSocketsSansIOProtocol):
             Opcode.BINARY: self.handle_bytes, Opcode.PONG: self.handle_pong,
             Opcode.CLOSE: self.handle_close,
         }
+
+    # ----- the fast path: simple data frames parsed here ---------------------------------
+    def data_received(self, data: bytes) -> None:
+        if not self._fast:
+            if self.handler is None or self._slow or not self._at_boundary():
+                return super().data_received(data)
+            self._fast = True
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        self._parse(data)
+
+    def _at_boundary(self) -> bool:
+        """websockets' parser holds no part of a frame: it waits between frames with nothing
+        buffered (so the next byte received starts a frame)."""
+        conn = self.conn
+        try:
+            if conn.extensions or conn.reader.buffer or conn.current_size is not None:
+                return False
+            gen = conn.parser
+            while gen.gi_yieldfrom is not None:
+                gen = gen.gi_yieldfrom
+            return gen.gi_code is _BETWEEN_FRAMES
+        except AttributeError:  # another websockets: stay with its parser
+            return False
+
+    def _parse(self, buf: bytes) -> None:
+        """Unmask and deliver every complete final text/binary frame of `buf`; a control frame
+        goes through websockets' parser on its own (uvicorn's handling of ping, pong and
+        close), anything else (fragments, reserved bits, unmasked or oversized frames) hands
+        this and every later read to it for good. What cannot be delivered yet (the handler
+        paused, or a frame not complete) waits in `_rest`."""
+        at, end, limit = 0, len(buf), self.conn.max_message_size
+        while end - at >= 2 and not self._peer_paused and self.handler is not None:
+            b0, b1 = buf[at], buf[at + 1]
+            size, head = b1 & 0x7F, at + 2
+            if size == 126:
+                if end - at < 4:
+                    break
+                size, head = int.from_bytes(buf[at + 2:at + 4], "big"), at + 4
+            elif size == 127:
+                if end - at < 10:
+                    break
+                size, head = int.from_bytes(buf[at + 2:at + 10], "big"), at + 10
+            opcode = b0 & 0x0F
+            if not (b1 & 0x80 and (b0 & 0xF0) == 0x80) or (
+                    opcode not in (1, 2) and not (8 <= opcode <= 10 and size <= 125)) or (
+                    limit is not None and size > limit):
+                self._fast, self._slow = False, True  # websockets checks it, closes as it must
+                super().data_received(buf[at:])
+                return
+            stop = head + 4 + size
+            if stop > end:
+                break
+            if opcode >= 8:  # ping, pong, close: websockets' parser, then uvicorn's handlers
+                super().data_received(buf[at:stop])
+                at = stop
+                continue
+            payload = apply_mask(buf[head + 4:stop], buf[head:head + 4])
+            at = stop
+            if self.close_sent:
+                continue
+            if opcode == 1:
+                try:
+                    payload = payload.decode()
+                except UnicodeDecodeError:
+                    self.conn.send_close(1007, "invalid UTF-8")
+                    self.handle_parser_exception()
+                    return
+            self.handler.on_message(payload)
+        if at < end:
+            self._rest = buf[at:]
 
     # ----- uvicorn hooks ---------------------------------------------------------------
     def handle_events(self) -> None:
@@ -170,13 +258,17 @@ class PushProtocol(WebSocketsSansIOProtocol):
             self.conn.send_binary(data)
             self.transport.write(b"".join(self.conn.data_to_send()))
         else:  # the common case, framed here: a header and the payload, one write
-            self.transport.write(_binary_header(len(data)) + data)
+            self.transport.write(_header(len(data)) + data)
 
     def send_text(self, text: str) -> None:
         if not self.open:
             return
-        self.conn.send_text(text.encode())
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        data = text.encode()
+        if self.conn.extensions:
+            self.conn.send_text(data)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        else:  # framed here, as binary replies are (error replies past capacity are many)
+            self.transport.write(_header(len(data), 0x81) + data)
 
     def close(self, code: int, reason: str) -> None:
         if self.close_sent or self.disconnected:
@@ -201,6 +293,9 @@ class PushProtocol(WebSocketsSansIOProtocol):
     def resume_reading(self) -> None:
         self._peer_paused = False
         self._deliver_backlog()
+        if self._rest and self._fast and not self._peer_paused:
+            rest, self._rest = self._rest, b""
+            self._parse(rest)
         if self._peer_paused:  # the backlog filled the handler's queue again
             return
         if self.read_paused and not self.disconnected:

@@ -118,6 +118,7 @@ class Connection(Link):
     def _started(self, session: Session, samples: int, received: int | None = None) -> None:
         """`started`; on a resume with `received`, then the replies the client missed."""
         self.session = session
+        self._frames_error = self.rt.metrics.frames.labels(session.name, "error")
         message = session.started_message(samples)
         missed: list[bytes | str] = []
         if received is not None:
@@ -178,7 +179,7 @@ class Connection(Link):
                 return
             # the common case past capacity: answered at once, and cheaply (no JSON encoding)
             self.rt.error("overloaded")
-            self.rt.metrics.frames.labels(self.session.name, "error").inc()
+            self._frames_error.inc()
             self._text_reply(OVERLOADED_REPLY % self.seq)
             self.seq += 1
             return
@@ -226,7 +227,7 @@ class Connection(Link):
 
     def frame_failed(self, frame: Frame, exc: Exception) -> None:
         self._send_error(ServeError("internal", "internal error"), frame.seq)
-        self.rt.metrics.frames.labels(self.session.name, "error").inc()
+        self._frames_error.inc()
         self.kick(CLOSE_INTERNAL, "internal")
 
     def frames_dropped(self, frames: list[Frame]) -> None:
@@ -237,7 +238,7 @@ class Connection(Link):
         if item.kind == "error":
             self._send_error(item.error, item.seq)
             if item.seq is not None:
-                self.rt.metrics.frames.labels(session.name, "error").inc()
+                self._frames_error.inc()
         elif item.kind == "reset":
             self._text_reply(json.dumps({"type": "reset", "samples": 0}))
         elif item.kind == "snapshot":
