@@ -61,6 +61,9 @@ def stream(
     verify_max_samples: int = 4096,
     tolerance: float = 1e-4,
     workers: Annotated[int, typer.Option(help="client processes")] = 1,
+    engine: Annotated[str, typer.Option(
+        help="auto | raw (one lean client for every session of a process) | client (the "
+             "client library's AsyncStream per session)")] = "auto",
     allow_remote: bool = False,
     token: Annotated[str | None, typer.Option(envvar="S4SERVE_TOKEN")] = None,
     json_out: Path | None = None,
@@ -74,7 +77,7 @@ def stream(
         wire=wire, signal="npy" if npy else signal, npy_path=npy, ramp_s=ramp, hold_s=hold,
         drain_s=drain, sample_rate=sample_rate, verify_sessions=verify_sessions,
         verify_max_samples=verify_max_samples, tolerance=tolerance, workers=workers,
-        allow_remote=allow_remote, token=token,
+        engine=engine, allow_remote=allow_remote, token=token,
     )  # fmt: skip
     try:
         result = run_loop(run_stream_load(cfg))

@@ -35,6 +35,10 @@ class StreamLoadConfig(BaseModel):
     tolerance: float = Field(1e-4, gt=0)
     max_in_flight: int = Field(10_000, ge=1, description="per-session unanswered frames cap")
     workers: int = Field(1, ge=1, le=64, description="client processes sharing the sessions")
+    engine: Literal["auto", "raw", "client"] = Field(
+        "auto", description="raw: every session of a process on one lean WebSocket client "
+        "and one send timer (binary wires, ws://); client: one AsyncStream of the client "
+        "library per session; auto: raw where it applies")
     scrape_interval_s: float = Field(1.0, gt=0)
     allow_remote: bool = False
     ready_timeout_s: float = Field(60.0, gt=0, le=600, description="wait for /readyz")

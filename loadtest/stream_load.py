@@ -16,6 +16,7 @@ from client import AsyncClient, ClientError
 from client.wire import as_seen_by_server
 from loadtest.config import StreamLoadConfig
 from loadtest.processes import wait_ready
+from loadtest.raw_session import run_raw_plans
 from loadtest.scrape import MetricsPoller, ServerView
 from loadtest.session import SessionPlan, SessionRecord, run_session
 from loadtest.signals import SignalSource
@@ -78,8 +79,19 @@ def plan_sessions(
 
 async def run_plans(cfg: StreamLoadConfig, info: dict, plans: list[SessionPlan]) -> list:
     base = http_base(cfg.url)
+    if engine_for(cfg) == "raw":
+        return await run_raw_plans(plans, base, cfg.model, cfg.token, int(info["d_output"]),
+                                   cfg.drain_s)
     tasks = [run_session(p, base, cfg.model, cfg.token, cfg.drain_s) for p in plans]
     return list(await asyncio.gather(*tasks))
+
+
+def engine_for(cfg: StreamLoadConfig) -> str:
+    """`auto`: the lean engine where it applies (binary frames over plain ws://)."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    plain = http_base(cfg.url).startswith("http://")
+    return "raw" if cfg.wire != "json" and plain else "client"
 
 
 def _worker(cfg_json: str, info: dict, indices: list[int], t0: float) -> list[SessionRecord]:
