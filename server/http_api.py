@@ -49,7 +49,9 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(_runtime(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    rt = _runtime(request)
+    rt.scheduler.flush_metrics()  # this process's ticks since their last flush
+    return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models")

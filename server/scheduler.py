@@ -49,6 +49,8 @@ log = logging.getLogger("s4serve.scheduler")
 # Frames this short are advanced one sample per round, batched with the per-sample sessions:
 # measured (motion, B=1 and B=1000), a chunk of T=2 costs 1.5-1.9x two steps; T=10, 0.4-0.5x.
 STEPPED_FRAMES = 4
+# after the last tick of a busy spell, its metrics are flushed within this many seconds
+FLUSH_IDLE_S = 0.005
 
 
 def _slot(stream: Stream) -> int:
@@ -58,13 +60,14 @@ def _slot(stream: Stream) -> int:
 class Scheduler:
     def __init__(self, metrics: Metrics, max_batch: int = 1024, tick: float = 0.0,
                  piece: int = 256, max_queued: int = 1 << 16, max_lag: float = 1.0,
-                 budget: float = 0.02) -> None:
+                 budget: float = 0.02, press_lag: float = 0.1) -> None:
         self.metrics = metrics
         self.max_batch = max_batch
         self.tick = tick
         self.piece = piece
         self.max_queued = max_queued
         self.max_lag = max_lag
+        self.press_lag = press_lag
         self.budget = budget  # seconds of compute per tick before sockets are read again
         self.lag = 0.0  # age of the oldest unstarted head frame at the last tick, seconds
         self.ticks = 0
@@ -81,9 +84,7 @@ class Scheduler:
 
     def stop(self) -> None:
         self._ready.clear()
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush()
+        self.flush_metrics()
 
     @property
     def idle(self) -> bool:
@@ -108,6 +109,13 @@ class Scheduler:
         """Past capacity: this model's queue is full, or frames wait longer than max_lag."""
         lagging = bool(self._ready) and self.lag > self.max_lag  # stale once queues are empty
         return lagging or self._model(pool).queued >= self.max_queued
+
+    @property
+    def pressed(self) -> bool:
+        """Under pressure: frames wait longer than press_lag. Connections then keep only a
+        few frames each in the queue and leave the rest in their sockets (backpressure), which
+        costs nothing, instead of piling up work until frames must be refused."""
+        return self.lag > self.press_lag and bool(self._ready)
 
     def _model(self, pool: SlotPool) -> ModelMetrics:
         model = self._models.get(pool)
@@ -201,11 +209,17 @@ class Scheduler:
             self._pending = True
             self._loop.call_soon(self._tick)
         elif not self._flush_timer and any(m.pending for m in self._models.values()):
-            self._flush_timer = self._loop.call_later(ModelMetrics.FLUSH_S, self._flush)
+            # quiet now: what the last ticks observed reaches /metrics within FLUSH_IDLE_S
+            last = min(model.flushed for model in self._models.values())
+            self._flush_timer = self._loop.call_later(
+                max(0.0, FLUSH_IDLE_S - (done - last)), self.flush_metrics)
 
-    def _flush(self) -> None:
-        """Metrics observed by the last ticks before the scheduler went quiet."""
-        self._flush_timer = None
+    def flush_metrics(self) -> None:
+        """Hand every observation so far to prometheus_client (ticks do it at most every
+        ModelMetrics.FLUSH_S; a scrape of this process calls it first)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         now = time.perf_counter()
         for model in self._models.values():
             model.flush(now)

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
         "`resume_not_found`"
     )
     session_queue: int = Field(64, ge=1, description="frames in flight per session")
+    pressed_queue: int = Field(
+        2, ge=1, description="frames in flight per session while the server is under pressure "
+        "(press_lag): the rest wait in the client's socket (TCP backpressure), so every session "
+        "keeps its share and no work goes into answering 'overloaded'"
+    )
+    press_lag: float = Field(
+        0.1, gt=0, description="when the oldest waiting frame is older than this, sessions "
+        "are read pressed_queue frames at a time"
+    )
     mux_max_sessions: int = Field(1024, ge=1, description="sessions per mux connection")
     mux_max_entries: int = Field(4096, ge=1, description="entries per mux data message")
     max_body_bytes: int = Field(64 << 20, ge=1, description="largest predict request body")

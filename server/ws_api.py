@@ -200,8 +200,14 @@ class Connection(Link):
     def _queue(self, item: Frame | Control) -> None:
         stream = self.session.stream
         self.rt.scheduler.submit(stream, item)
-        if len(stream.queue) >= self.settings.session_queue:
+        if len(stream.queue) >= self._limit():
             self._pause()
+
+    def _limit(self) -> int:
+        """Frames in flight before the socket stops being read: session_queue, or
+        pressed_queue while the server is under pressure."""
+        settings = self.settings
+        return settings.pressed_queue if self.rt.scheduler.pressed else settings.session_queue
 
     # ----- replies (scheduler sink) ------------------------------------------------------
     # every reply after `started` is counted and kept in the session's ring (server/replies.py)
@@ -264,4 +270,4 @@ class Connection(Link):
     def on_writable(self) -> None:
         """Resume reading once the session's queue is half drained and the socket writable."""
         self._resume_if(self.session is None or
-                        len(self.session.stream.queue) <= self.settings.session_queue // 2)
+                        len(self.session.stream.queue) <= self._limit() // 2)

@@ -194,3 +194,34 @@ async def test_clients_that_never_read_do_not_hurt_the_others(server):
         hogs.wait()
     for got in results:
         np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+async def test_under_pressure_frames_wait_in_the_socket_not_in_the_queue(model_dirs, tmp_path):
+    """Pressed from the first queued frame on: each connection keeps at most pressed_queue
+    frames queued, the rest are read later; every frame is still answered, in order, with
+    the outputs of predict."""
+    settings = make_settings(model_dirs, tmp_path, press_lag=1e-9, pressed_queue=2,
+                             step_compiler="torchscript")
+    with ServerThread(settings) as srv:
+        scheduler, deepest = srv.runtime.scheduler, [0]
+        submit = scheduler.submit
+
+        def watched(stream, item):
+            submit(stream, item)
+            if scheduler.ticks:  # pressure is known from the first tick on
+                deepest[0] = max(deepest[0], len(stream.queue))
+
+        scheduler.submit = watched
+        u = np.random.default_rng(5).standard_normal((300, 2)).astype(np.float32)
+        sessions = []
+        for _ in range(4):
+            ws = await connect(srv.ws_url, "seq")
+            await start(ws)
+            sessions.append(ws)
+        outs = await asyncio.gather(*(stream_binary(ws, list(u[:, None]), 3) for ws in sessions))
+        for ws in sessions:
+            await ws.close()
+        expected = np.asarray(predict(srv.url, "seq", u[None])["outputs"])[0]
+    assert deepest[0] <= 4  # not session_queue (64): frames waited in the sockets
+    for out in outs:
+        np.testing.assert_allclose(out, expected, atol=1e-4)
