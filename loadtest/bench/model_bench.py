@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from loadtest.bench.networks import perturbed_network
 from loadtest.bench.timing import inner_for, time_call
-from model.fused import FusedStep, StateLayout, inductor_available
+from model.aot_step import AotStep
+from model.fused import StateLayout, inductor_available
 from model.network import S4Network
 from model.reference import reference_outputs
+
+# the server's default compile_cache: a bench run after `make serve` reuses its packages
+COMPILE_CACHE = Path("var/compiled")
 
 # Official per-layer anchors (the state-spaces/s4 code on this machine, 1 thread; BENCHMARKS.md
 # states them with the results), seconds.
@@ -43,13 +49,13 @@ def step_times(net: S4Network, batches: tuple[int, ...], target_s: float, repeat
 
 def served_step_times(net: S4Network, batches: tuple[int, ...], target_s: float,
                       repeats: int) -> dict:
-    """The step as the server runs it: flat state rows in and out, one inductor graph with the
-    rate's tables as inputs (TorchScript when no C++ compiler is installed)."""
+    """The step as the server runs it: flat state rows in and out, one AOTInductor package
+    with the rate's tables as inputs (TorchScript when no C++ compiler is installed)."""
     rec = net.to_recurrent()
     layout = StateLayout.of(rec.state_spec)
-    fused = FusedStep(rec, layout) if inductor_available() else None
+    fused = AotStep(rec, layout, COMPILE_CACHE) if inductor_available() else None
     step = rec.compiled_step("torchscript")
-    out: dict = {"compiler": "inductor" if fused else "torchscript"}
+    out: dict = {"compiler": "aoti" if fused else "torchscript"}
     with torch.no_grad():
         for b in batches:
             flat32, flat64 = layout.join(rec.initial_state(b))

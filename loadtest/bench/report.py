@@ -122,7 +122,8 @@ def _served(r: dict) -> list[str]:
                          _f(big / roof["median_s"], ".2f"), vs_official))
     if not rows:
         return []
-    return ["### Served step (flat state rows, fused; what streams run)", "",
+    return ["### Served step (flat state rows, one compiled package per model; what streams run)",
+            "",
             "Roofline: one read and one write of the same B=1024 state (a copy), the least "
             "traffic a step can do. Official: the state-spaces/s4 S4D step at B=1024, 101 ms per "
             "layer (issue #9's measurement on this machine), times n_layers.", "",
