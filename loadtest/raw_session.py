@@ -150,6 +150,9 @@ class RawSession:
                 self.control.set_result(reply)
             else:
                 self.rec.duplicated += 1
+        elif opcode == 9:  # the server's keepalive ping
+            self.sock.send(10, payload)
+            return
         elif opcode == 8:
             code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
             if code != 1000 and not self.closed:
