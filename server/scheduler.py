@@ -70,7 +70,6 @@ class Scheduler:
         self.press_lag = press_lag
         self.budget = budget  # seconds of compute per tick before sockets are read again
         self.lag = 0.0  # age of the oldest unstarted head frame at the last tick, seconds
-        self._pressed = False
         self.ticks = 0
         self._ready: OrderedDict[Stream, None] = OrderedDict()
         self._batches: list[Batch] = []
@@ -113,13 +112,10 @@ class Scheduler:
 
     @property
     def pressed(self) -> bool:
-        """Under pressure: since frames last waited longer than press_lag, the scheduler has
-        not caught up (had nothing left to do after a tick). Connections then keep only a few
-        frames each in the queue and leave the rest in their sockets (backpressure), which
-        costs nothing, instead of piling up work until frames must be refused. Held until the
-        server catches up, not until the lag dips: the clients' sockets are full of frames,
-        which a return to deep queues would pull in at once."""
-        return self._pressed
+        """Under pressure: frames wait longer than press_lag. Connections then keep only a
+        few frames each in the queue and leave the rest in their sockets (backpressure), which
+        costs nothing, instead of piling up work until frames must be refused."""
+        return self.lag > self.press_lag and bool(self._ready)
 
     def _model(self, pool: SlotPool) -> ModelMetrics:
         model = self._models.get(pool)
@@ -202,13 +198,9 @@ class Scheduler:
         self.ticks += 1
         started = time.perf_counter()
         self.lag = self._round(started)
-        if self.lag > self.press_lag:
-            self._pressed = True
         while (self._ready or self._batches) and time.perf_counter() - started < self.budget:
             self._round(started)
         done = time.perf_counter()
-        if not (self._ready or self._batches):
-            self._pressed = False  # caught up
         for model in self._models.values():
             model.answered(done)
             if done - model.flushed >= model.FLUSH_S:
