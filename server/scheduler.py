@@ -289,7 +289,8 @@ class Scheduler:
             flat32, flat64 = pool.gather(index)
             x = torch.from_numpy(u) if cpu else torch.from_numpy(u).to(backend.device)
             y, flat32, flat64 = backend.step_flat(x, flat32, flat64, rate)
-            y = y.numpy() if cpu else y.to("cpu", torch.float32).numpy()  # (B, d_output)
+            y = y.to("cpu", torch.float32) if not cpu or y.dtype != torch.float32 else y
+            y = y.numpy()  # (B, d_output) float32
         except Exception as exc:  # the states were not written back: nothing is lost
             log.exception("batched call failed")
             for stream, frame in zip(members, frames, strict=True):
