@@ -67,6 +67,31 @@ def start_message(dtype: str = "float32", output: str = "every",
     return json.dumps(message)
 
 
+# ----- WebSocket frames (RFC 6455), for the sides that frame messages themselves ---------
+def ws_header(opcode: int, size: int, mask: bool = False) -> bytes:
+    """Header of a final frame of `size` payload bytes: the masked form (a client's) is
+    followed by its 4-byte key."""
+    first, flag = 0x80 | opcode, 0x80 if mask else 0
+    if size < 126:
+        return bytes((first, flag | size))
+    if size < 1 << 16:
+        return struct.pack("!BBH", first, flag | 126, size)
+    return struct.pack("!BBQ", first, flag | 127, size)
+
+
+def ws_length(buf: bytes, at: int) -> tuple[int, int] | None:
+    """(payload size, end of the length field) of the frame starting at buf[at]; the mask key
+    (if any) and the payload follow. None while its header is not complete."""
+    end, size = len(buf), (buf[at + 1] & 0x7F if len(buf) - at >= 2 else -1)
+    if size < 0:
+        return None
+    if size == 126:
+        return (int.from_bytes(buf[at + 2:at + 4], "big"), at + 4) if end - at >= 4 else None
+    if size == 127:
+        return (int.from_bytes(buf[at + 2:at + 10], "big"), at + 10) if end - at >= 10 else None
+    return size, at + 2
+
+
 # ----- mux, format v1 ------------------------------------------------------------------
 MUX_VERSION, KIND_DATA, KIND_OUTPUTS = 1, 1, 2
 HEADER = struct.Struct("<BBHII")  # version, kind, reserved, seq, count

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from websockets.speedups import apply_mask
 
+from client.wire import start_message, ws_header, ws_length
 from loadtest.session import HANDSHAKE_TIMEOUT_S, SessionPlan, SessionRecord
 
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -34,14 +35,8 @@ _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 def _client_frame(opcode: int, payload: bytes) -> bytes:
     """A final client frame, masked with a fresh key (RFC 6455 5.3)."""
-    size, key = len(payload), random.randbytes(4)
-    if size < 126:
-        head = bytes((0x80 | opcode, 0x80 | size))
-    elif size < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 0xFE, size)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0xFF, size)
-    return head + key + apply_mask(payload, key)
+    key = random.randbytes(4)
+    return ws_header(opcode, len(payload), mask=True) + key + apply_mask(payload, key)
 
 
 class RawSocket(asyncio.Protocol):
@@ -77,20 +72,10 @@ class RawSocket(asyncio.Protocol):
                 return
             self.upgraded = True
             self.opened.set_result(None)
-        at, end = 0, len(buf)
-        while end - at >= 2:
-            b0, size, head = buf[at], buf[at + 1] & 0x7F, at + 2
-            if size == 126:
-                if end - at < 4:
-                    break
-                size, head = int.from_bytes(buf[at + 2:at + 4], "big"), at + 4
-            elif size == 127:
-                if end - at < 10:
-                    break
-                size, head = int.from_bytes(buf[at + 2:at + 10], "big"), at + 10
-            if head + size > end:
-                break
-            self.session.on_frame(b0 & 0x0F, buf[head:head + size])
+        at = 0
+        while (span := ws_length(buf, at)) is not None and span[1] + span[0] <= len(buf):
+            size, head = span  # server frames are not masked
+            self.session.on_frame(buf[at] & 0x0F, buf[head:head + size])
             at = head + size
         self.buf = buf[at:]
 
@@ -118,6 +103,7 @@ class RawSession:
         self.inputs: list[np.ndarray] = []
         self.kept_rows = self.answered_samples = self.k = 0
         self.stream_start = 0.0
+        self.k_done = False  # every frame of the plan was sent
         self.control: asyncio.Future | None = None  # the started / end reply awaited
         self.closed = False
         self.settled = asyncio.Event()
@@ -163,8 +149,6 @@ class RawSession:
         if not self.pending and self.k_done:
             self.settled.set()
 
-    k_done = False  # every frame of the plan was sent
-
     def on_lost(self) -> None:
         if not self.closed:
             self.rec.errors["close_1006"] += 1
@@ -176,9 +160,9 @@ class RawSession:
         if self.control is not None and not self.control.done():
             self.control.set_exception(ConnectionError("closed"))
 
-    async def ask(self, message: dict, timeout: float) -> dict:
+    async def ask(self, message: str, timeout: float) -> dict:
         self.control = asyncio.get_running_loop().create_future()
-        self.sock.send(1, json.dumps(message).encode())
+        self.sock.send(1, message.encode())
         return await asyncio.wait_for(self.control, timeout)
 
     def finish(self) -> SessionRecord:
@@ -205,10 +189,8 @@ async def _open(session: RawSession, url: str, model: str, token: str | None) ->
         session.sock = sock
         await asyncio.wait_for(sock.opened, HANDSHAKE_TIMEOUT_S)
         options = plan.options()
-        start = {"type": "start", "dtype": options.dtype, "output": "every"}
-        if options.sample_rate is not None:
-            start["sample_rate"] = options.sample_rate
-        reply = await session.ask(start, HANDSHAKE_TIMEOUT_S)
+        reply = await session.ask(start_message(options.dtype, "every", options.sample_rate),
+                                  HANDSHAKE_TIMEOUT_S)
     except (OSError, TimeoutError, ConnectionError) as exc:
         session.rec.errors[f"connect_{type(exc).__name__}"] += 1
         return False
@@ -266,7 +248,7 @@ async def _close(session: RawSession, drain_s: float) -> None:
         session.rec.errors["drain_timeout"] += 1
     if not session.closed and not session.pending:
         try:
-            reply = await session.ask({"type": "end"}, drain_s)
+            reply = await session.ask(json.dumps({"type": "end"}), drain_s)
             session.rec.end_mismatch = reply.get("samples") != session.answered_samples
         except (TimeoutError, ConnectionError):
             session.rec.errors["no_end"] += 1

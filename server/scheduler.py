@@ -276,23 +276,15 @@ class Scheduler(BatchRounds):
             y = y.to("cpu", torch.float32) if not cpu or y.dtype != torch.float32 else y
             y = y.numpy()  # (B, d_output) float32
         except Exception as exc:  # the states were not written back: nothing is lost
-            log.exception("batched call failed")
-            for stream, frame in zip(members, frames, strict=True):
-                self._finish(stream)
-                stream.sink.frame_failed(frame, exc)
+            self._failed(members, frames, exc)
             return
         elapsed = time.perf_counter() - started
         rows = len(members)
-        if np.isfinite(y).all() and np.isfinite(u).all():  # the usual case: one check each
-            pool.scatter(index, flat32, flat64)
-            fine = None
-            model.call("step", elapsed, rows, rows)
-        else:  # rows with a non-finite input or output are not written back
+        fine = None  # the usual case, checked at once: every input and output finite
+        if not (np.isfinite(y).all() and np.isfinite(u).all()):
             fine = np.isfinite(y).all(1) & np.isfinite(u).all(1)
-            keep = torch.from_numpy(np.flatnonzero(fine)).to(backend.device)
-            slots = torch.tensor([s.slot for s in members], device=backend.device)[keep]
-            pool.scatter(slots, flat32[keep], flat64[keep])
-            model.call("step", elapsed, rows, int(fine.sum()))
+        self._write_back(pool, members, index, flat32, flat64, fine)
+        model.call("step", elapsed, rows, rows if fine is None else int(fine.sum()))
         latencies = model.latencies
         for i, (stream, frame) in enumerate(zip(members, frames, strict=True)):
             out = y[i:i + 1]  # (1, d_output)
@@ -334,10 +326,7 @@ class Scheduler(BatchRounds):
                 y, flat32, flat64 = backend.chunk_flat(x, flat32, flat64, rate)  # (B, T, d_out)
             y = y.to("cpu", torch.float32).numpy()
         except Exception as exc:  # the states were not written back: nothing is lost
-            log.exception("batched call failed")
-            for stream, frame in zip(members, frames, strict=True):
-                self._finish(stream)
-                stream.sink.frame_failed(frame, exc)
+            self._failed(members, frames, exc)
             return
         elapsed = time.perf_counter() - started
         # A frame whose inputs or outputs are not finite is rejected whole: its state row is
@@ -346,12 +335,7 @@ class Scheduler(BatchRounds):
         fine = np.isfinite(y.reshape(rows, -1)).all(1)
         if length == 1:
             fine &= np.isfinite(u.reshape(rows, -1)).all(1)
-        if fine.all():
-            pool.scatter(index, flat32, flat64)
-        else:
-            keep = torch.from_numpy(np.flatnonzero(fine)).to(backend.device)
-            slots = torch.tensor([s.slot for s in members], device=backend.device)[keep]
-            pool.scatter(slots, flat32[keep], flat64[keep])
+        self._write_back(pool, members, index, flat32, flat64, fine)
         model.call("step" if length == 1 else "chunk", elapsed, rows, length * int(fine.sum()))
         for stream, frame, out, ok in zip(members, frames, y, fine.tolist(), strict=True):
             if not ok:
@@ -372,6 +356,25 @@ class Scheduler(BatchRounds):
             self._finish(stream)
             model.latencies.append(frame.received)
             stream.sink.frame_done(frame, out)
+
+    def _failed(self, members: list[Stream], frames: list[Frame], exc: Exception) -> None:
+        log.exception("batched call failed")
+        for stream, frame in zip(members, frames, strict=True):
+            self._finish(stream)
+            stream.sink.frame_failed(frame, exc)
+
+    @staticmethod
+    def _write_back(pool: SlotPool, members: list[Stream], index, flat32: torch.Tensor,
+                    flat64: torch.Tensor, fine: np.ndarray | None) -> None:
+        """The new state rows into the pool: all of them (fine None, or all True), or only
+        those of frames whose inputs and outputs were finite."""
+        if fine is None or fine.all():
+            pool.scatter(index, flat32, flat64)
+            return
+        device = pool.backend.device
+        keep = torch.from_numpy(np.flatnonzero(fine)).to(device)
+        slots = torch.tensor([s.slot for s in members], device=device)[keep]
+        pool.scatter(slots, flat32[keep], flat64[keep])
 
     def _reject_non_finite(self, stream: Stream, frame: Frame) -> None:
         if frame.before is not None:  # earlier pieces were applied: undo them

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
 from collections import deque
 from typing import Any, Protocol
 
@@ -26,6 +25,8 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.speedups import apply_mask
 from websockets.streams import StreamReader
+
+from client.wire import ws_header, ws_length
 
 EXTENSION = "s4serve.push"
 
@@ -66,16 +67,6 @@ class Peer(Protocol):
     async def flushed(self) -> None:
         """Return once everything sent so far has been handed to the server."""
         ...
-
-
-def _header(size: int, first: int = 0x82) -> bytes:
-    """RFC 6455 header of an unmasked, final frame from the server: binary (0x82) or text
-    (0x81)."""
-    if size < 126:
-        return bytes((first, size))
-    if size < 1 << 16:
-        return struct.pack("!BBH", first, 126, size)
-    return struct.pack("!BBQ", first, 127, size)
 
 
 # where websockets' parser waits between frames (websockets.protocol.Protocol.parse)
@@ -140,17 +131,11 @@ class PushProtocol(WebSocketsSansIOProtocol):
         this and every later read to it for good. What cannot be delivered yet (the handler
         paused, or a frame not complete) waits in `_rest`."""
         at, end, limit = 0, len(buf), self.conn.max_message_size
-        while end - at >= 2 and not self._peer_paused and self.handler is not None:
-            b0, b1 = buf[at], buf[at + 1]
-            size, head = b1 & 0x7F, at + 2
-            if size == 126:
-                if end - at < 4:
-                    break
-                size, head = int.from_bytes(buf[at + 2:at + 4], "big"), at + 4
-            elif size == 127:
-                if end - at < 10:
-                    break
-                size, head = int.from_bytes(buf[at + 2:at + 10], "big"), at + 10
+        while not self._peer_paused and self.handler is not None:
+            span = ws_length(buf, at)
+            if span is None:
+                break
+            (size, head), b0, b1 = span, buf[at], buf[at + 1]
             opcode = b0 & 0x0F
             if not (b1 & 0x80 and (b0 & 0xF0) == 0x80) or (
                     opcode not in (1, 2) and not (8 <= opcode <= 10 and size <= 125)) or (
@@ -161,22 +146,12 @@ class PushProtocol(WebSocketsSansIOProtocol):
             stop = head + 4 + size
             if stop > end:
                 break
+            frame, at = buf[at:stop], stop
             if opcode >= 8:  # ping, pong, close: websockets' parser, then uvicorn's handlers
-                super().data_received(buf[at:stop])
-                at = stop
-                continue
-            payload = apply_mask(buf[head + 4:stop], buf[head:head + 4])
-            at = stop
-            if self.close_sent:
-                continue
-            if opcode == 1:
-                try:
-                    payload = payload.decode()
-                except UnicodeDecodeError:
-                    self.conn.send_close(1007, "invalid UTF-8")
-                    self.handle_parser_exception()
-                    return
-            self.handler.on_message(payload)
+                super().data_received(frame)
+            elif not self._deliver(apply_mask(buf[head + 4:stop], buf[head:head + 4]),
+                                   opcode == 1):
+                return
         if at < end:
             self._rest = buf[at:]
 
@@ -206,16 +181,22 @@ class PushProtocol(WebSocketsSansIOProtocol):
             return super().send_receive_event_to_app()
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
+        self._deliver(data, self.curr_msg_data_type == "text")
+
+    def _deliver(self, data: bytes, text: bool) -> bool:
+        """A whole message to the handler (dropped once our close is sent); False when a
+        text message is not UTF-8 and the connection closes 1007."""
         if self.close_sent:
-            return
-        if self.curr_msg_data_type == "text":
+            return True
+        if text:
             try:
                 data = data.decode()
             except UnicodeDecodeError:
                 self.conn.send_close(1007, "invalid UTF-8")
                 self.handle_parser_exception()
-                return
+                return False
         self.handler.on_message(data)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -258,7 +239,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
             self.conn.send_binary(data)
             self.transport.write(b"".join(self.conn.data_to_send()))
         else:  # the common case, framed here: a header and the payload, one write
-            self.transport.write(_header(len(data)) + data)
+            self.transport.write(ws_header(2, len(data)) + data)
 
     def send_text(self, text: str) -> None:
         if not self.open:
@@ -268,7 +249,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
             self.conn.send_text(data)
             self.transport.write(b"".join(self.conn.data_to_send()))
         else:  # framed here, as binary replies are (error replies past capacity are many)
-            self.transport.write(_header(len(data), 0x81) + data)
+            self.transport.write(ws_header(1, len(data)) + data)
 
     def close(self, code: int, reason: str) -> None:
         if self.close_sent or self.disconnected:
