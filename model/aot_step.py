@@ -75,7 +75,7 @@ def build(template: nn.Module, layout: StateLayout, path: Path) -> None:
     step = _Step(template, layout).eval()
     tabs = tables(template)
     names = list(tabs)
-    device = next(iter(tabs.values())).device
+    device = next(template.buffers()).device
     batch = 2  # an example batch; the dimension is exported as dynamic
     u = torch.zeros(batch, template.config.d_input, device=device)
     flat32 = torch.zeros(batch, layout.width32, device=device)
@@ -100,7 +100,7 @@ def _locked(path: Path):
 
 def package_for(template: nn.Module, layout: StateLayout, cache_dir: Path) -> Path:
     """The package of this network in `cache_dir`, built first if it is not there."""
-    device = next(iter(tables(template).values())).device
+    device = next(template.buffers()).device
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"step-{fingerprint(template, layout, device)}.pt2"
     if path.exists():
@@ -135,8 +135,6 @@ class AotStep:
         if tabs is None:  # a recurrence's tables, in the package's input order, kept with it
             found = tables(rec)
             tabs = rec.__dict__["_aot_tables"] = tuple(found[name] for name in self.names)
-        if self._run is None:
-            y, new32, new64 = self._package(u, flat32, flat64, *tabs)
-        else:
-            y, new32, new64 = self._run([u, flat32, flat64, *tabs])
-        return y, new32, new64
+        if self._run is None:  # a torch whose loader has no flat `run`
+            return tuple(self._package(u, flat32, flat64, *tabs))
+        return tuple(self._run([u, flat32, flat64, *tabs]))
