@@ -43,7 +43,9 @@ RUN groupadd --system --gid 10001 s4serve \
       --shell /usr/sbin/nologin s4serve \
  && install -d -o 10001 -g 10001 /home/s4serve/var /home/s4serve/var/sessions
 COPY --from=builder /opt/venv /opt/venv
+# MKL without its buffer cache: predict's peak memory stays within predict_memory_mb
 ENV PATH=/opt/venv/bin:$PATH \
+    MKL_DISABLE_FAST_MM=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     S4SERVE_SNAPSHOT_DIR=/home/s4serve/var/sessions

@@ -44,8 +44,10 @@ class ServerProcess:
         port: int,
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
+        ready_timeout_s: float = READY_TIMEOUT_S,
     ) -> None:
         self.argv, self.port = argv, port
+        self.ready_timeout_s = ready_timeout_s
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
@@ -90,7 +92,7 @@ class ServerProcess:
                 self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=self.env
             )
         try:
-            wait_ready(self.url, proc=self.proc)
+            wait_ready(self.url, self.ready_timeout_s, proc=self.proc)
         except BaseException:
             self.stop()
             raise

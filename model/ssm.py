@@ -16,7 +16,13 @@ from torch import nn
 
 from model.discretize import DPLRBilinear, discretize
 from model.hippo import log_uniform_dt, nplr_legs, s4d_legs, s4d_lin
-from model.kernels import causal_conv, fft_size, kernel_diag, kernel_dplr
+from model.kernels import (
+    causal_conv,
+    causal_conv_reused,
+    fft_size,
+    kernel_diag,
+    kernel_dplr,
+)
 
 KERNEL_CACHE_SIZE = 8
 
@@ -124,10 +130,20 @@ class SSMLayer(nn.Module):
         """u (B, L, H) -> (B, L, H) through the convolutional view."""
         u = widen(u, self.channels)  # (B, L, H')
         k_f, n_fft = self.kernel_fft(u.shape[1], rate)  # (H', F) or (2H', F)
+        if not (torch.is_grad_enabled() or self.bidirectional or self.training):
+            return self._inference(u, k_f, n_fft)
         y = causal_conv(u, k_f[: self.h], n_fft)  # (B, L, H'), D u included
         if self.bidirectional:  # y_t += Σ_{s>t} K_back[s-t-1] u_s: causal in reversed time
             y = y + causal_conv(u.flip(1), k_f[self.h:], n_fft).flip(1)
         return self.tail(y)
+
+    def _inference(self, u: torch.Tensor, k_f: torch.Tensor, n_fft: int) -> torch.Tensor:
+        """The same layer without autograd, channels first from the FFT to the Linear: GELU
+        in place on the conv's buffer, and the Linear reads it transposed (a GEMM takes
+        strided operands for free), so its output comes back (B, L, 2H), contiguous."""
+        y = causal_conv_reused(u, k_f, n_fft)  # (B, H', L), a view of a reused buffer
+        torch.ops.aten.gelu_(y)
+        return F.glu(self.output_linear(y.transpose(1, 2)), dim=-1)  # (B, L, H)
 
     def _no_recurrence(self) -> None:
         if self.bidirectional:

@@ -24,6 +24,7 @@ from server import http_api, mux_api, ws_api
 from server.checkpoints import Checkpointer
 from server.errors import ServeError
 from server.handoff import Handoff
+from server.heap import fix_heap
 from server.logs import context_id
 from server.models import load_models
 from server.predict_job import Limits
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         loader = asyncio.create_task(_load(runtime))
         janitor = asyncio.create_task(_purge_expired(runtime))
         tasks = [loader, janitor]
+        checkpointer = None
         if settings.checkpoint_interval:
             checkpointer = Checkpointer(runtime.manager, settings.checkpoint_interval,
                                         settings.checkpoint_samples)
@@ -70,6 +72,8 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
                 task.cancel()
             if runtime.manager.live:
                 await runtime.drain()
+            if checkpointer is not None:
+                checkpointer.close()
             runtime.mark_ready(False)
             if runtime.handoff is not None:
                 await runtime.handoff.stop()
@@ -170,6 +174,8 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
 async def _load(runtime: Runtime) -> None:
     settings = runtime.settings
     pool = None
+    if not settings.predict_workers:  # predict computes in this process
+        fix_heap(settings.predict_memory_mb << 20)
     if settings.predict_workers:
         pool = PredictPool(settings.model_dirs(), settings.device, settings.max_rates,
                            Limits.of(settings),

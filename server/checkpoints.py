@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -43,6 +44,11 @@ class Checkpointer:
         self.interval = interval
         self.min_samples = min_samples
         self._writers: dict[tuple[str, str], BlobWriter] = {}
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="s4serve-checkpoints")
+
+    def close(self) -> None:
+        """Wait for the write in flight (a drain's detaches wait for it too)."""
+        self._thread.shutdown(wait=True)
 
     async def run(self) -> None:
         while True:
@@ -72,8 +78,12 @@ class Checkpointer:
             started = time.perf_counter()
             live = self.manager.live
             sessions = [s for s in due[at:at + SLICE] if live.get(s.token) is s]
-            written += self._write(sessions)
+            items = self._records(sessions)
             busy += time.perf_counter() - started
+            if items:
+                done, store_s = await self._store(items)
+                written += self._settled(sessions, items, done)
+                busy += store_s
         # the pass's own work, without the ticks that ran between its slices: what it costs
         self.manager.metrics.checkpoint_seconds.observe(busy)
         return written
@@ -86,9 +96,10 @@ class Checkpointer:
                                             self.manager.secret)
         return self._writers[key]
 
-    def _write(self, sessions: list[Session]) -> int:
+    def _records(self, sessions: list[Session]) -> list[tuple]:
+        """(token, record, epoch) for each session, its state taken now (on the loop)."""
         if not sessions:
-            return 0
+            return []
         manager = self.manager
         points = [boundary(s) for s in sessions]
         by_pool: dict = {}
@@ -110,11 +121,28 @@ class Checkpointer:
                 flat32.cpu().numpy(), flat64.cpu().numpy())
             for i, blob in zip(members, made, strict=True):
                 blobs[i] = blob
-        items = [(s.token, manager.record(s, samples, live=True, blob=blob), s.epoch)
-                 for s, (samples, _), blob in zip(sessions, points, blobs, strict=True)]
-        results = manager.store.put_many(items, manager.resume_ttl)
+        for session in sessions:
+            session.stored = True  # an end from now on forgets the record this write leaves
+        return [(s.token, manager.record(s, samples, live=True, blob=blob), s.epoch)
+                for s, (samples, _), blob in zip(sessions, points, blobs, strict=True)]
+
+    async def _store(self, items: list[tuple]) -> tuple[list[bool], float]:
+        """The store's answers for `items`, written by the writer thread; and its seconds."""
+        store, ttl = self.manager.store, self.manager.resume_ttl
+
+        def put() -> tuple[list[bool], float]:
+            began = time.perf_counter()
+            return store.put_many(items, ttl), time.perf_counter() - began
+
+        future = self._thread.submit(put)
+        self.manager.writing(future)
+        return await asyncio.wrap_future(future)
+
+    def _settled(self, sessions: list[Session], items: list[tuple], results: list[bool]) -> int:
+        manager = self.manager
         written = 0
-        for session, (samples, _), ok in zip(sessions, points, results, strict=True):
+        for session, (_, record, _), ok in zip(sessions, items, results, strict=True):
+            samples = record.samples
             if ok:
                 session.checkpointed, session.stored = samples, True
                 session.written_at = time.monotonic()

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from server.errors import ServeError
+from server.heap import fix_heap, without_mkl_buffers
 from server.predict_job import Answer, Job, Limits, run_job
 
 log = logging.getLogger("s4serve.predict")
@@ -52,12 +53,13 @@ def _worker_main(conn: Connection, model_dirs: list[str], device: str, max_rates
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    rules = Limits(**limits)
+    fix_heap(rules.memory_bytes)  # peak memory bounded by predict_memory_mb, run after run
     backends = {}
     for model_dir in model_dirs:  # the torch backend's convolutional view serves predict
         backend = load_backend("torch", Path(model_dir), device, max_rates, "torchscript")
         backends[backend.info.name] = backend
     conn.send_bytes(_pack({"ready": sorted(backends)}, b""))
-    rules = Limits(**limits)
     while True:
         try:
             header, body = _unpack(conn.recv_bytes())
@@ -100,6 +102,7 @@ class PredictPool:
                       torch_threads, os.getpid())
         self.size, self.timeout = size, timeout
         self._context = multiprocessing.get_context("spawn")
+        without_mkl_buffers()  # in the workers' environment when MKL loads there
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._workers: set[_Worker] = set()
         self.restarts = 0

@@ -12,6 +12,7 @@ import base64
 import logging
 import secrets
 import uuid
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,6 +89,18 @@ class SessionManager:
         self.secret = secret  # signs the state blobs it issues, checks the ones it gets
         self.ring_bytes = ring_bytes
         self.live: dict[str, Session] = {}
+        self._writing: Future | None = None  # a checkpoint write in the writer thread
+
+    def writing(self, future: Future) -> None:
+        """A checkpoint write handed to the writer thread: the store operations below wait
+        for it, so that the store sees one order per session (a detach after a checkpoint is
+        the record that stays; an ended session's record is not written back after forget)."""
+        self._writing = future
+
+    def _settle(self) -> None:
+        if self._writing is not None:
+            wait([self._writing])  # its failure is the checkpointer's to report
+            self._writing = None
 
     def open(self, model: LoadedModel, opts: StartOptions, owner: Owner) -> Session:
         """A new session, from zeros or from a state blob."""
@@ -130,6 +143,7 @@ class SessionManager:
             self.metrics.sessions_opened.labels(session.name).inc()
             log.info("session %s taken over by a new connection", session.id)
             return session, session.stream.samples
+        self._settle()
         record = self.store.take(token)
         if record is None:
             raise ServeError("resume_not_found", "unknown or expired resume token")
@@ -188,6 +202,7 @@ class SessionManager:
         """Finish a session for good (its state is discarded); returns its sample count."""
         samples, _ = self._release(session)
         if session.stored:
+            self._settle()
             self.store.forget(session.token, session.epoch)
         return samples
 
@@ -200,6 +215,7 @@ class SessionManager:
         if session.lost:
             return
         record = self.record(session, samples, arrays)
+        self._settle()
         if self.store.put(session.token, record, self.resume_ttl, session.epoch):
             log.info("session %s detached at sample %d, resumable", session.id, samples)
         else:

@@ -19,6 +19,7 @@ from loadtest.bench.networks import perturbed_network, served_model
 from loadtest.bench.timing import inner_for, time_call
 from loadtest.processes import ServerProcess
 from model.kernels import fft_size
+from server.heap import fix_heap, without_mkl_buffers
 
 MEMORY_MB = 256  # the predict_memory_mb default
 
@@ -54,25 +55,42 @@ def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
+def _reset_peak() -> None:
+    """Start a new peak-RSS window (Linux: clear_refs 5 resets VmHWM), so the peak read
+    after a run is that run's, not the warm-up's."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _batch_run(layer: str, batch: int, length: int, max_batch: int | None, shape: dict,
                out) -> None:
-    """In a fresh process, so that its peak RSS is this run's alone."""
+    """In a fresh process, so that its peak RSS is this run's alone; its heap as a predict
+    worker's."""
     torch.set_num_threads(1)
+    fix_heap(MEMORY_MB << 20)
     net = perturbed_network(layer, **shape)
     with torch.no_grad():
         net.predict(torch.randn(1, length, 1))  # kernels cached (warm), buffers touched
     u = torch.randn(batch, length, 1)
     before = _rss_bytes()
+    _reset_peak()
     began = time.perf_counter()
     net.predict(u, max_batch=max_batch)
     seconds = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_bytes()
     out.send({"seconds": seconds, "peak_rss_over_start": max(0, peak - before)})
 
 
 def batch_conv(layer: str, batch: int, length: int, max_batch: int | None,
                shape: dict) -> dict:
     ctx = multiprocessing.get_context("spawn")
+    without_mkl_buffers()  # as the server does for its predict workers
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_batch_run,
                         args=(layer, batch, length, max_batch, shape, send))

@@ -88,20 +88,34 @@ def over_server(device: str, scratch: Path, batch: int, length: int, shape: dict
     model_dir = save_model(net, scratch / "gpucheck")
     signal = np.random.default_rng(0).standard_normal((2000, 1)).astype(np.float32)
     big = np.random.default_rng(1).standard_normal((batch, length, 1)).astype(np.float32)
+    began = time.perf_counter()
+    # a cold start on a GPU compiles the step for the device (minutes at most, once per cache)
     with ServerProcess.s4serve([model_dir], extra=["--device", device, "--workers", "1"],
-                               log_path=scratch / "server.log") as server, \
+                               log_path=scratch / "server.log", ready_timeout_s=420) as server, \
             Client(server.url, timeout=600) as client:
+        startup = time.perf_counter() - began
         info = client.model("gpucheck")
         whole = client.predict("gpucheck", signal[None]).outputs[0]
+        sends = []
         with client.stream("gpucheck") as stream:
-            pieces = [stream.send(signal[i:i + 160]) for i in range(0, len(signal), 160)]
+            pieces = []
+            for i in range(0, len(signal), 160):
+                sent = time.perf_counter()
+                pieces.append(stream.send(signal[i:i + 160]))
+                sends.append(time.perf_counter() - sent)
+            for i in range(200):  # one sample per frame: the per-sample round trip
+                sent = time.perf_counter()
+                stream.send(signal[i:i + 1])
+                sends.append(time.perf_counter() - sent)
         err = float(np.abs(np.concatenate(pieces) - whole).max())
         client.predict("gpucheck", big[:1])
         began = time.perf_counter()
         client.predict("gpucheck", big)
         seconds = time.perf_counter() - began
     return {"device": info["device"], "stream_vs_predict": err, "ok": err <= 1e-4,
-            f"predict_b{batch}_http_s": seconds}
+            f"predict_b{batch}_http_s": seconds, "startup_s": startup,
+            "chunk160_round_trip_ms": 1e3 * float(np.median(sends[:-200])),
+            "sample_round_trip_ms": 1e3 * float(np.median(sends[-200:]))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         result[layer] = {"correctness": correctness(layer, device, ref_length, shape),
                          "speed": batch_speed(layer, device, batch, length, shape)}
     with tempfile.TemporaryDirectory(prefix="s4serve-gpucheck-") as tmp:
-        result["server"] = over_server(args.device, Path(tmp), batch, length, shape)
+        try:
+            result["server"] = over_server(args.device, Path(tmp), batch, length, shape)
+        except Exception as exc:  # the in-process checks above still get reported
+            log = Path(tmp) / "server.log"
+            tail = log.read_text()[-3000:] if log.is_file() else ""
+            print(f"server check failed: {exc!r}\n{tail}", file=sys.stderr)
+            result["server"] = {"ok": False, "error": repr(exc)}
     ok = result["server"]["ok"] and all(result[k]["correctness"]["ok"] for k in ("s4d", "s4"))
     print(f"## GPU check ({name}), {time.strftime('%Y-%m-%d')}\n")
     print("| layer | conv err | chunk err | goal | B×L conv (on device) | with host copy |")
@@ -134,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {layer} | {c['conv']:.2e} | {c['chunk']:.2e} | {c['goal']:.0e} | "
               f"{1e3 * s['device_resident_s']:.2f} ms | {1e3 * s['with_copy_s']:.2f} ms |")
     srv = result["server"]
-    print(f"\nServer on {srv['device']}: stream vs predict {srv['stream_vs_predict']:.2e}; "
-          f"B={batch} × L={length} predict over HTTP {srv[f'predict_b{batch}_http_s']:.2f} s. "
-          f"Goal: B=64 × L=16000 conv ≤ {1e3 * GOAL_B64_S:.0f} ms on device.")
+    if "error" in srv:
+        print(f"\nServer on {args.device}: FAILED ({srv['error']})")
+    else:
+        print(f"\nServer on {srv['device']}: stream vs predict {srv['stream_vs_predict']:.2e}; "
+              f"B={batch} × L={length} predict over HTTP {srv[f'predict_b{batch}_http_s']:.2f} s; "
+              f"stream round trip {srv['chunk160_round_trip_ms']:.2f} ms per 160-sample frame, "
+              f"{srv['sample_round_trip_ms']:.2f} ms per one-sample frame; ready after "
+              f"{srv['startup_s']:.0f} s (cold compile caches). "
+              f"Goal: B=64 × L=16000 conv ≤ {1e3 * GOAL_B64_S:.0f} ms on device.")
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1))
     print("\nall checks passed" if ok else "\nCHECKS FAILED", file=sys.stderr)

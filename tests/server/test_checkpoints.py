@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,31 @@ async def test_a_session_taken_over_elsewhere_is_let_go(model_dirs, tmp_path,
         async with await connect(b.ws_url, "seq") as again:  # B's state, not A's stale one
             assert (await start(again, resume=token))["samples"] == 40
     np.testing.assert_allclose(np.concatenate([head, tail]), expected, atol=1e-4)
+
+
+async def test_checkpoint_writes_leave_the_loop_and_keep_their_order(model_dirs, tmp_path):
+    """A checkpoint write that waits on its store (a slow disk, a far Redis) stalls no stream,
+    and an end arriving meanwhile forgets the session after the write lands, not before."""
+    settings = make_settings(model_dirs, tmp_path, checkpoint_interval=0.1)
+    u = np.random.default_rng(5).standard_normal((20, 2)).astype(np.float32)
+    with ServerThread(settings) as server:
+        store = server.runtime.manager.store
+        real = store.put_many
+        entered, release = threading.Event(), threading.Event()
+
+        def gated(items, ttl):
+            if any(record.live for _, record, _ in items):  # checkpoints, not detaches
+                entered.set()
+                assert release.wait(20)
+            return real(items, ttl)
+
+        store.put_many = gated
+        async with await connect(server.ws_url, "seq") as ws:
+            token = (await start(ws))["resume_token"]
+            await stream_binary(ws, [u[:10]], 3)
+            assert await asyncio.to_thread(entered.wait, 20)  # a checkpoint write waits
+            # the server's event loop still streams while that write is held
+            await asyncio.wait_for(stream_binary(ws, [u[10:]], 3), 10)
+            threading.Timer(0.3, release.set).start()
+            assert (await send_json(ws, {"type": "end"}))["samples"] == 20
+        assert release.is_set() and store.take(token) is None  # nothing resumable left
