@@ -115,8 +115,9 @@ class Metrics:
             ["result"], registry=r,
         )
         self.checkpoint_seconds = Histogram(
-            "s4serve_checkpoint_seconds", "Time one checkpoint pass spends working (read, "
-            "encode, write; not the ticks that run between its slices).",
+            "s4serve_checkpoint_seconds", "CPU time of one checkpoint pass (the state "
+            "copy and encoding on the event loop, the store write in its writer thread; not "
+            "the ticks that run between its slices).",
             registry=r, buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
         )
         self.errors = Counter(
