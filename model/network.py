@@ -76,15 +76,19 @@ class ResidualBlock(nn.Module):
         self.norm = nn.LayerNorm(config.d_model) if norm else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
 
-    def around(self, x: torch.Tensor, ssm) -> torch.Tensor:
-        """The block with `ssm` standing for the layer's view (conv, step or chunk)."""
+    def around(self, x: torch.Tensor, ssm, owned: bool = False) -> torch.Tensor:
+        """The block with `ssm` standing for the layer's view (conv, step or chunk). `owned`:
+        ssm's output is a new tensor that nothing else holds, so the residual sum may go
+        into it (one large tensor fewer per layer in the conv view without autograd)."""
         z = self.norm(x) if self.prenorm else x
         z = self.dropout(ssm(z))
-        x = x + z if self.residual else z
+        if not self.residual:
+            return z if self.prenorm else self.norm(z)
+        x = z.add_(x) if owned else x + z
         return x if self.prenorm else self.norm(x)
 
     def forward(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
-        return self.around(x, lambda z: self.layer(z, rate))
+        return self.around(x, lambda z: self.layer(z, rate), owned=not torch.is_grad_enabled())
 
 
 class S4Network(nn.Module):

@@ -2,13 +2,15 @@
 
 glibc serves a block above its mmap threshold with a mapping of its own and, each time such a
 block is freed, raises the threshold to that block's size (up to 32 MiB). From then on the
-conv view's 10-33 MB tensors come from the heap, whose free space goes back to the system only
-from its top: after one B=64 × L=16000 request (in pieces of 2 sequences) the S4 reference
-network's process held 430-725 MB over its start in some runs and 130 MB in others. With both
-thresholds fixed the same request peaks at 90-130 MB every time, at the same speed (a
-threshold of 4 MiB also bounds it, but every large tensor then costs fresh page faults: +30-50%
-time). MKL's own buffer cache is the other half (`without_mkl_buffers`). BENCHMARKS.md has
-the runs.
+conv view's 15-33 MB tensors come from the heap, which returns memory only from its top, and
+the heap of some processes grew by 400-500 MB during one B=64 × L=16000 request (in pieces of
+2 sequences) through the S4 reference network, while others stayed at ~130 MB. Here the mmap
+threshold is fixed at 4 MiB: every large tensor is mapped and unmapped on its own, so a
+request's peak is its working set, run after run (116-140 MB in 10 fresh processes), at the
+price of fresh page faults for the few large tensors a layer still allocates (the FFTs'
+outputs, the GLU, the norm: +5-15% time; the conv view keeps its other buffers,
+model/kernels.py). MKL's own buffer cache is the other half (`without_mkl_buffers`).
+BENCHMARKS.md (session 9) has the runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20  # glibc's largest; the conv's buffers above it are kept and reused
+MMAP_THRESHOLD = 4 << 20  # below every per-layer tensor of a long sequence
 
 
 def without_mkl_buffers() -> None:
@@ -29,7 +31,7 @@ def without_mkl_buffers() -> None:
 
 
 def fix_heap(keep_bytes: int) -> bool:
-    """Blocks of 32 MiB and more get mappings of their own (unmapped when freed) and free heap
+    """Blocks of 4 MiB and more get mappings of their own (unmapped when freed) and free heap
     past `keep_bytes` is returned to the system. False where the C library has no mallopt
     (musl, macOS): nothing changes there."""
     try:
