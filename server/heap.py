@@ -6,7 +6,7 @@ conv view's 15-33 MB tensors come from the heap, which returns memory only from 
 the heap of some processes grew by 400-500 MB during one B=64 × L=16000 request (in pieces of
 2 sequences) through the S4 reference network, while others stayed at ~130 MB. Here the mmap
 threshold is fixed at 4 MiB: every large tensor is mapped and unmapped on its own, so a
-request's peak is its working set, run after run (116-140 MB in 10 fresh processes), at the
+request's peak is its working set, run after run (116-140 MB in 14 fresh processes), at the
 price of fresh page faults for the few large tensors a layer still allocates (the FFTs'
 outputs, the GLU, the norm: +5-15% time; the conv view keeps its other buffers,
 model/kernels.py). MKL's own buffer cache is the other half (`without_mkl_buffers`).
