@@ -123,16 +123,18 @@ _held = threading.local()  # each thread's buffers for the conv view without aut
 
 
 def reused_buffer(name: str, shape: tuple[int, ...], device: torch.device,
-                  zeros: bool = False) -> torch.Tensor:
-    """This thread's buffer `name` of that shape, kept until asked for with another shape (a
-    predict worker reuses one set from request to request instead of allocating 15-35 MB
-    tensors per layer, which cost page faults and left the heap fragmented)."""
+                  zeros: bool = False, tag: object = None) -> torch.Tensor:
+    """This thread's float32 buffer `name` of that shape (and `tag`), kept until asked for with
+    another (a predict worker reuses one set from request to request instead of allocating
+    15-35 MB tensors per layer, which cost page faults and left the heap fragmented)."""
     held = _held.__dict__.setdefault("named", {})
-    key = (shape, device)
+    key = (shape, device, tag)
     if name not in held or held[name][0] != key:
         held.pop(name, None)  # the old one goes before the new one is taken
         made = torch.zeros if zeros else torch.empty
-        held[name] = (key, made(shape, device=device))
+        # a normal tensor even under inference_mode, so a later no_grad call may write it
+        with torch.inference_mode(False):
+            held[name] = (key, made(shape, device=device))
     return held[name][1]
 
 
@@ -145,7 +147,9 @@ def causal_conv_reused(u: torch.Tensor, k_f: torch.Tensor, n_fft: int) -> torch.
     tensors: torch's `out=` variants compute into a temporary and copy it over, which was
     slower and saved no memory."""
     batch, length, channels = u.shape
-    signal = reused_buffer("signal", (batch, channels, n_fft), u.device, zeros=True)
+    # one buffer per length: its zeros past L must stay zeros (bit-identical answers)
+    signal = reused_buffer("signal", (batch, channels, n_fft), u.device, zeros=True,
+                           tag=length)
     signal[..., :length].copy_(u.transpose(1, 2))  # (B, H, L); the rest stays zero
     spectrum = torch.fft.rfft(signal)  # (B, H, F)
     spectrum.mul_(k_f)

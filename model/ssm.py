@@ -111,7 +111,9 @@ class SSMLayer(nn.Module):
         if key in self._kernels:
             self._kernels.move_to_end(key)
             return self._kernels[key], n_fft
-        with torch.no_grad():
+        # a normal tensor even when made under inference_mode (the server's predict), so an
+        # autograd forward in eval mode may read the cached kernel later
+        with torch.inference_mode(False), torch.no_grad():
             k = self._taps(length, rate)  # (H', L) float64
             k_f = torch.fft.rfft(k, n=n_fft).to(torch.complex64).to(device)  # (H', F)
         self._kernels[key] = k_f
@@ -131,18 +133,24 @@ class SSMLayer(nn.Module):
         """u (B, L, H) -> (B, L, H) through the convolutional view."""
         u = widen(u, self.channels)  # (B, L, H')
         k_f, n_fft = self.kernel_fft(u.shape[1], rate)  # (H', F) or (2H', F)
-        if not (torch.is_grad_enabled() or self.bidirectional or self.training):
+        if self._lean(u):
             return self._inference(u, k_f, n_fft)
         y = causal_conv(u, k_f[: self.h], n_fft)  # (B, L, H'), D u included
         if self.bidirectional:  # y_t += Σ_{s>t} K_back[s-t-1] u_s: causal in reversed time
             y = y + causal_conv(u.flip(1), k_f[self.h:], n_fft).flip(1)
         return self.tail(y)
 
+    def _lean(self, u: torch.Tensor) -> bool:
+        """Inference on float32 outside any graph capture: the reused-buffer path applies."""
+        return not (torch.is_grad_enabled() or self.training or self.bidirectional
+                    or u.dtype != torch.float32 or torch.jit.is_tracing()
+                    or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+
     def _inference(self, u: torch.Tensor, k_f: torch.Tensor, n_fft: int) -> torch.Tensor:
         """The same layer without autograd, channels first from the FFT to the Linear: GELU
-        in place on the conv's buffer, and the Linear reads it transposed (a GEMM takes
-        strided operands for free), so its output comes back (B, L, 2H), contiguous."""
-        y = causal_conv_reused(u, k_f, n_fft)  # (B, H', L), a view of a reused buffer
+        in place on the conv's output, and the Linear reads it transposed (a GEMM takes
+        strided operands for free) into a kept buffer, so its output is (B, L, 2H), contiguous."""
+        y = causal_conv_reused(u, k_f, n_fft)  # (B, H', L), the irfft's output
         torch.ops.aten.gelu_(y)
         linear = self.output_linear
         batch, length = u.shape[:2]

@@ -33,10 +33,11 @@ def without_mkl_buffers() -> None:
 def fix_heap(keep_bytes: int) -> bool:
     """Blocks of 4 MiB and more get mappings of their own (unmapped when freed) and free heap
     past `keep_bytes` is returned to the system. False where the C library has no mallopt
-    (musl, macOS): nothing changes there."""
+    (musl, macOS, Windows): nothing changes there. Under a preloaded jemalloc or tcmalloc the
+    call reaches glibc's mallopt and changes nothing either."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library by that name (Windows)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     keep = min(keep_bytes, 2**31 - 1)
