@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from cachetools import LRUCache
 from torch import nn
 
 from model.config import ModelConfig
@@ -102,18 +102,29 @@ class S4Network(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.n_layers))
         self.decoder = (nn.Linear(config.d_model, config.d_output) if config.decoder
                         else nn.Identity())
-        self.recurrent_cache_size = RECURRENT_CACHE_SIZE  # rates kept by `recurrent`
-        self._recurrent_cache: OrderedDict[tuple, RecurrentNetwork] = OrderedDict()
         self._recurrent_lock = threading.Lock()
+        # rates kept by `recurrent` (LRU)
+        self._recurrent_cache: LRUCache = LRUCache(RECURRENT_CACHE_SIZE)
+
+    @property
+    def recurrent_cache_size(self) -> int:
+        return int(self._recurrent_cache.maxsize)
+
+    @recurrent_cache_size.setter
+    def recurrent_cache_size(self, size: int) -> None:
+        with self._recurrent_lock:
+            self._recurrent_cache = LRUCache(size)
 
     def __getstate__(self) -> dict:
         # copies and pickles carry the parameters, not the derived recurrent forms or the lock
         state = super().__getstate__()
-        return {k: v for k, v in state.items() if k not in ("_recurrent_cache", "_recurrent_lock")}
+        state = {k: v for k, v in state.items() if k != "_recurrent_lock"}
+        state["_recurrent_cache"] = self._recurrent_cache.maxsize
+        return state
 
     def __setstate__(self, state: dict) -> None:
+        state = {**state, "_recurrent_cache": LRUCache(state["_recurrent_cache"])}
         super().__setstate__(state)
-        self._recurrent_cache = OrderedDict()
         self._recurrent_lock = threading.Lock()
 
     @property
@@ -165,9 +176,6 @@ class S4Network(nn.Module):
             key = (float(rate), version)
             if key not in self._recurrent_cache:
                 self._recurrent_cache[key] = self.to_recurrent(rate)
-                while len(self._recurrent_cache) > self.recurrent_cache_size:
-                    self._recurrent_cache.popitem(last=False)
-            self._recurrent_cache.move_to_end(key)
             return self._recurrent_cache[key]
 
     def conv_bytes(self, length: int) -> int:

@@ -8,10 +8,10 @@ rescales dt (a model trained at rate r served at r' uses dt·r/r', i.e. rate = r
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from cachetools import LRUCache
 from torch import nn
 
 from model.discretize import DPLRBilinear, discretize
@@ -70,7 +70,7 @@ class SSMLayer(nn.Module):
         self.D = nn.Parameter(torch.randn(self.h))  # (H',) H' = channels·H
         self.output_linear = nn.Linear(self.h, 2 * d_model)
         self.dropout = nn.Dropout(dropout)
-        self._kernels: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._kernels: LRUCache = LRUCache(KERNEL_CACHE_SIZE)  # kernel spectra by length, rate
 
     # --- to be provided by the subclasses -------------------------------------------------
     def kernel(self, length: int, rate: float = 1.0) -> torch.Tensor:
@@ -109,7 +109,6 @@ class SSMLayer(nn.Module):
             return torch.fft.rfft(k, n=n_fft).to(device), n_fft
         key = (length, float(rate), str(device), self._version())
         if key in self._kernels:
-            self._kernels.move_to_end(key)
             return self._kernels[key], n_fft
         # a normal tensor even when made under inference_mode (the server's predict), so an
         # autograd forward in eval mode may read the cached kernel later
@@ -117,8 +116,6 @@ class SSMLayer(nn.Module):
             k = self._taps(length, rate)  # (H', L) float64
             k_f = torch.fft.rfft(k, n=n_fft).to(torch.complex64).to(device)  # (H', F)
         self._kernels[key] = k_f
-        while len(self._kernels) > KERNEL_CACHE_SIZE:
-            self._kernels.popitem(last=False)
         return k_f, n_fft
 
     def clear_kernel_cache(self) -> None:

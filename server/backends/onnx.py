@@ -18,11 +18,11 @@ import os
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
+from cachetools import LRUCache
 
 from model.network import check_input
 from model.onnx_export import DEFAULT_CHUNK, export_onnx, fingerprint, read_manifest
@@ -75,7 +75,7 @@ class OnnxBackend(TorchBackend):
         if self.net.config.layer == "s4" and self.block & (self.block - 1):
             self.block = 1 << (self.block.bit_length() - 1)  # S4 blocks are powers of two
         self.fingerprint = fingerprint(self.net)
-        self._graphs: OrderedDict[float, OnnxRecurrence] = OrderedDict()
+        self._graphs: LRUCache = LRUCache(max_rates)  # OnnxRecurrence by rate
         self._graphs_lock = threading.Lock()
         self.graphs(1.0)  # export or load now, so load time (not the first client) pays
 
@@ -106,7 +106,6 @@ class OnnxBackend(TorchBackend):
         with self._graphs_lock:
             rec = self._graphs.get(rate)
             if rec is not None:
-                self._graphs.move_to_end(rate)
                 return rec
             directory = self.export_dir(rate)
             if not _usable(directory, self.fingerprint, rate):
@@ -114,8 +113,6 @@ class OnnxBackend(TorchBackend):
                 self._export(rate, directory)
             rec = OnnxRecurrence(directory, self.threads)
             self._graphs[rate] = rec
-            while len(self._graphs) > self._max_rates:
-                self._graphs.popitem(last=False)
             return rec
 
     @staticmethod
