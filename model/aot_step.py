@@ -85,7 +85,10 @@ def build(template: nn.Module, layout: StateLayout, path: Path) -> None:
     with torch.inference_mode():
         program = torch.export.export(_FlatTables(step, names), (u, flat32, flat64, *tabs.values()),
                                       dynamic_shapes=shapes, strict=False)
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        # autotuned GEMMs: inductor's own micro-kernel for the small linears beats a
+        # library call at B=1 (a whole-network step 30% faster); no slower at B=1024
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                 inductor_configs={"max_autotune_gemm": True})
 
 
 @contextlib.contextmanager
