@@ -7,8 +7,13 @@ records took 6 s and 200 ms of CPU instead of 7 ms (measured, BENCHMARKS.md sess
 the hand-offs slowed the loop too. A file mapped once (MAP_SHARED) is rewritten by copying into
 the mapping: no system call, no GIL hand-off, and the bytes are in the page cache at once, so a
 SIGKILL right after the copy keeps them exactly as `pwritev` would. Space is reserved with
-`posix_fallocate` when a file is mapped, so a full disk is an error there, never a SIGBUS in
-the middle of a copy. Mappings are kept in an LRU (`limit`), closed when evicted or dropped.
+`posix_fallocate` when a file is mapped, so on ext4, xfs or tmpfs a full disk is an error
+there, not a SIGBUS in the middle of a copy; on copy-on-write file systems (btrfs, ZFS) an
+overwrite needs new blocks, and a full disk (or an I/O error) can still end the process with
+SIGBUS: keep `snapshot_dir` on another file system there. The copy holds the GIL through its
+page faults, so a fault that waits for the disk (memory pressure, dirty-page throttling)
+waits with the event loop; at ~13 KB per session per second that has not been seen here.
+Mappings are kept in an LRU (`limit`), closed when evicted or dropped.
 """
 
 from __future__ import annotations

@@ -148,7 +148,8 @@ class SessionManager:
         if record is None:
             raise ServeError("resume_not_found", "unknown or expired resume token")
         if record.model != model.info.name:
-            self.store.put(token, record, self.resume_ttl)
+            # back under the epoch the take moved it to, or the write is refused as stale
+            self.store.put(token, record, self.resume_ttl, record.epoch)
             raise ServeError("bad_request", "this resume token belongs to another model")
         state = decode_state_raw(record.state, self.secret)
         state.check(model.info.name, model.info.version, model.backend.state_spec)

@@ -278,6 +278,22 @@ class LocalDirectoryStore(SessionStore):
                 best = got
         return best
 
+    def _expired(self, path: Path, now: float) -> bool:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_RECORD.size)
+            if len(head) < _RECORD.size:  # cut short: gone once old enough to be nobody's
+                return path.stat().st_mtime < time.time() - _EPOCH_KEEP
+        except OSError:  # removed meanwhile
+            return True
+        return _RECORD.unpack(head)[1] < now
+
+    def put(self, token: str, record: SessionRecord, ttl: float, epoch: int = 0) -> bool:
+        """A record this process hands over (a detach, a drain): its mappings are let go."""
+        ok = self.put_many([(token, record, epoch)], ttl)[0]
+        self._forget_files(f"{token_hash(token)}-{epoch}")
+        return ok
+
     def take(self, token: str) -> SessionRecord | None:
         digest = token_hash(token)
         with self._locked():
@@ -317,28 +333,34 @@ class LocalDirectoryStore(SessionStore):
 
     def purge_expired(self) -> int:
         """Records past their time or of an epoch gone by; returns how many sessions."""
-        now, gone = self._clock(), set()
+        now, names = self._clock(), {}
         for path in self.directory.glob("*.rec"):
-            name = path.name.rsplit(".", 2)[0]
+            names.setdefault(path.name.rsplit(".", 2)[0], []).append(path)
+        gone = set()
+        for name, paths in names.items():
             digest, _, epoch = name.rpartition("-")
-            try:
-                with open(path, "rb") as f:
-                    _, expires_at, *_ = _RECORD.unpack(f.read(_RECORD.size))
-            except (OSError, struct.error):
+            # a live owner always has one file written within resume_ttl / 2, and its mapping
+            # would go on writing a deleted file: a name goes only when all of it expired
+            if int(epoch) == self._epoch(digest) and not all(
+                    self._expired(path, now) for path in paths):
                 continue
-            if expires_at < now or int(epoch) != self._epoch(digest):
+            for path in paths:
                 self._files.drop(str(path))
                 path.unlink(missing_ok=True)
-                gone.add(name)
+            gone.add(name)
         for name in gone:
             self._turn.pop(name, None)
             self._checked.pop(name, None)
-        # the epoch of a session taken long ago and not written since (ended, or idle)
+        # the epoch of a session taken long ago and not written since (ended, or idle); counted
+        # like a take, since a writer at that epoch must now be told it lost the session
         for path in self.directory.glob("*.epoch"):
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime < time.time() - _EPOCH_KEEP and not any(
                         self.directory.glob(f"{path.stem}-*.rec")):
-                    path.unlink()
+                    with self._locked():
+                        self._count_take()
+                        path.unlink()
+                        self._count_take()
         for path in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime < time.time() - 60:

@@ -155,3 +155,19 @@ async def test_replies_lost_with_the_connection_are_sent_again_on_resume(server)
     async with await connect(server.ws_url, "seq") as ws3:
         reply = await send_json(ws3, {"type": "start", "received": 2})
         assert reply["code"] == "bad_request"  # received goes with resume
+
+
+async def test_a_token_presented_to_another_model_stays_resumable(server):
+    """The wrong model answers bad_request and puts the session back where a later resume on
+    the right model finds it (its take had moved the session's epoch on)."""
+    ws = await connect(server.ws_url, "seq")
+    token = (await start(ws))["resume_token"]
+    await stream_binary(ws, [U[:20]], 3)
+    ws.transport.abort()
+    await asyncio.sleep(0.3)
+    async with await connect(server.ws_url, "cls") as wrong:
+        refused = await start(wrong, resume=token)
+        assert refused["type"] == "error" and refused["code"] == "bad_request"
+    async with await connect(server.ws_url, "seq") as right:
+        resumed = await start(right, resume=token)
+        assert resumed["type"] == "started" and resumed["samples"] == 20

@@ -5,6 +5,7 @@ take has moved one since."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 from server.store import LocalDirectoryStore, SessionRecord, pack_record, unpack_record
 
@@ -63,3 +64,38 @@ def test_records_round_trip_with_their_crc(tmp_path):
         pass
     else:
         raise AssertionError("a flipped bit passed the CRC")
+
+
+def test_purge_keeps_a_live_session_whose_older_file_expired(tmp_path):
+    """Written in turn, a quiet session's older file expires before its newer one: the purge
+    waits until both have (the owner's mapping would go on writing a deleted file)."""
+    now = [0.0]
+    store = LocalDirectoryStore(tmp_path, clock=lambda: now[0])
+    assert store.put_many([("quiet", record(1), 0)], ttl=10)  # file 0, until t=10
+    now[0] = 8.0
+    assert store.put_many([("quiet", record(2), 0)], ttl=10)  # file 1, until t=18
+    now[0] = 12.0
+    assert store.purge_expired() == 0
+    assert store.put_many([("quiet", record(3), 0)], ttl=10)  # file 0 again, until t=22
+    now[0] = 30.0
+    assert store.purge_expired() == 1
+    assert store.take("quiet") is None
+    now[0] = 40.0
+    assert store.put_many([("back", record(4), 0)], ttl=10)
+    assert store.take("back").samples == 4
+
+
+def test_an_epoch_purged_away_fences_its_owner(tmp_path):
+    now = [0.0]
+    owner = LocalDirectoryStore(tmp_path, clock=lambda: now[0])
+    assert owner.put("tok", record(1), ttl=10)
+    assert owner.take("tok").epoch == 1  # taken: the owner now writes at epoch 1
+    for samples in (2, 3):  # checked once, then on the fast path
+        assert owner.put_many([("tok", record(samples), 1)], ttl=10) == [True]
+    now[0] = 100.0
+    assert owner.purge_expired() == 1  # its records expired (the owner stopped writing)
+    epoch_file = next(tmp_path.glob("*.epoch"))
+    os.utime(epoch_file, (0, 0))  # and its epoch is old
+    owner.purge_expired()
+    assert not epoch_file.exists()
+    assert owner.put_many([("tok", record(4), 1)], ttl=10) == [False]  # epoch 1 is gone
