@@ -202,6 +202,11 @@ class LocalDirectoryStore(SessionStore):
         finally:
             os.close(fd)
 
+    @staticmethod
+    def _count(fd: int) -> int | None:
+        raw = os.pread(fd, _TAKES.size, 0)
+        return _TAKES.unpack(raw)[0] if len(raw) == _TAKES.size else None
+
     def _takes(self) -> int | None:
         """The take count (None: unreadable, so every write is checked)."""
         try:
@@ -209,27 +214,35 @@ class LocalDirectoryStore(SessionStore):
         except FileNotFoundError:
             return 0
         try:
-            raw = os.pread(fd, _TAKES.size, 0)
+            return self._count(fd)
         finally:
             os.close(fd)
-        return _TAKES.unpack(raw)[0] if len(raw) == _TAKES.size else None
 
     def _count_take(self) -> None:
         """Under the lock. Never back to a count seen before, even if the file was lost."""
         fd = os.open(self._path(".takes"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            raw = os.pread(fd, _TAKES.size, 0)
-            count = _TAKES.unpack(raw)[0] if len(raw) == _TAKES.size else 0
-            os.pwrite(fd, _TAKES.pack(max(count + 1, time.time_ns())), 0)
+            os.pwrite(fd, _TAKES.pack(max((self._count(fd) or 0) + 1, time.time_ns())), 0)
         finally:
             os.close(fd)
 
-    def _overwrite(self, path: str, parts: list) -> None:
-        self._files.write(path, parts)  # a memory copy into the file's mapping
+    @contextlib.contextmanager
+    def _moving_epoch(self) -> Iterator[None]:
+        """Under the lock, around a change of an epoch file: counted before and after, so a
+        write that reads the count unchanged was not overtaken by it."""
+        self._count_take()
+        yield
+        self._count_take()
 
-    def _forget_files(self, name: str) -> None:
+    def _unmap(self, name: str) -> None:
         for turn in (0, 1):
             self._files.drop(self._path(f"{name}.{turn}.rec"))
+
+    def _let_go(self, name: str) -> None:
+        """What this process keeps for the record `name`: its turn, its check, its mappings."""
+        self._turn.pop(name, None)
+        self._checked.pop(name, None)
+        self._unmap(name)
 
     def put_many(self, items: list[tuple[str, SessionRecord, int]], ttl: float) -> list[bool]:
         expires_at = self._clock() + ttl
@@ -239,8 +252,8 @@ class LocalDirectoryStore(SessionStore):
             turn = self._turn.get(name, 0)
             self._turn[name] = 1 - turn
             self._seq = max(self._seq + 1, time.time_ns())
-            self._overwrite(self._path(f"{name}.{turn}.rec"),
-                            record_parts(record, expires_at, self._seq))
+            self._files.write(self._path(f"{name}.{turn}.rec"),  # a copy into its mapping
+                              record_parts(record, expires_at, self._seq))
             written.append((name, epoch))
         # read back after the write: a take that has not moved the epoch on yet reads this
         # record (or a later one), so the write counts. The count is read before any epoch,
@@ -259,9 +272,7 @@ class LocalDirectoryStore(SessionStore):
                     with contextlib.suppress(FileNotFoundError):
                         os.utime(self._path(digest + ".epoch"))  # purge keeps a used epoch
             else:
-                self._turn.pop(name, None)
-                self._checked.pop(name, None)
-                self._forget_files(name)
+                self._let_go(name)
             results.append(ok)
         return results
 
@@ -291,7 +302,7 @@ class LocalDirectoryStore(SessionStore):
     def put(self, token: str, record: SessionRecord, ttl: float, epoch: int = 0) -> bool:
         """A record this process hands over (a detach, a drain): its mappings are let go."""
         ok = self.put_many([(token, record, epoch)], ttl)[0]
-        self._forget_files(f"{token_hash(token)}-{epoch}")
+        self._unmap(f"{token_hash(token)}-{epoch}")
         return ok
 
     def take(self, token: str) -> SessionRecord | None:
@@ -307,16 +318,13 @@ class LocalDirectoryStore(SessionStore):
             tmp = self._path(f".{uuid.uuid4().hex}.tmp")
             with open(tmp, "wb") as f:
                 f.write(str(epoch + 1).encode())
-            self._count_take()
-            os.replace(tmp, self._path(digest + ".epoch"))
-            self._count_take()
+            with self._moving_epoch():
+                os.replace(tmp, self._path(digest + ".epoch"))
             got = self._read(name)
             for path in files:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                self._files.drop(path)
-        self._turn.pop(name, None)
-        self._checked.pop(name, None)
+        self._let_go(name)
         if got is None or got[1] < self._clock():
             return None
         got[0].epoch = epoch + 1
@@ -324,9 +332,7 @@ class LocalDirectoryStore(SessionStore):
 
     def forget(self, token: str, epoch: int) -> None:
         name = f"{token_hash(token)}-{epoch}"
-        self._turn.pop(name, None)
-        self._checked.pop(name, None)
-        self._forget_files(name)
+        self._let_go(name)
         for turn in (0, 1):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(f"{name}.{turn}.rec"))
@@ -344,23 +350,18 @@ class LocalDirectoryStore(SessionStore):
             if int(epoch) == self._epoch(digest) and not all(
                     self._expired(path, now) for path in paths):
                 continue
+            self._let_go(name)
             for path in paths:
-                self._files.drop(str(path))
                 path.unlink(missing_ok=True)
             gone.add(name)
-        for name in gone:
-            self._turn.pop(name, None)
-            self._checked.pop(name, None)
         # the epoch of a session taken long ago and not written since (ended, or idle); counted
         # like a take, since a writer at that epoch must now be told it lost the session
         for path in self.directory.glob("*.epoch"):
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime < time.time() - _EPOCH_KEEP and not any(
                         self.directory.glob(f"{path.stem}-*.rec")):
-                    with self._locked():
-                        self._count_take()
+                    with self._locked(), self._moving_epoch():
                         path.unlink()
-                        self._count_take()
         for path in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime < time.time() - 60:
