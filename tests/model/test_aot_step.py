@@ -11,12 +11,23 @@ from tests.model.conftest import perturbed_network
 pytestmark = pytest.mark.skipif(not inductor_available(), reason="needs a C++ compiler")
 
 
+def _network(layer: str):
+    return perturbed_network(layer=layer, task="classification", labels=list("abcde"))
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    """One cache directory for the module: a package takes ~25 s to build, so the tests share
+    the S4D one (the first test that needs it builds it)."""
+    return tmp_path_factory.mktemp("packages")
+
+
 @pytest.mark.parametrize("layer", ["s4d", "s4"])
-def test_package_matches_the_eager_step_at_every_rate(layer, tmp_path):
-    net = perturbed_network(layer=layer, task="classification", labels=list("abcde"))
+def test_package_matches_the_eager_step_at_every_rate(layer, packages):
+    net = _network(layer)
     template = net.to_recurrent(1.0)
     layout = StateLayout.of(template.state_spec)
-    step = AotStep(template, layout, tmp_path)
+    step = AotStep(template, layout, packages)
     for rate in (1.0, 0.5, 3.0):  # one package, every rate: the tables are inputs
         rec = net.to_recurrent(rate)
         for batch in (1, 5):
@@ -30,18 +41,19 @@ def test_package_matches_the_eager_step_at_every_rate(layer, tmp_path):
                 assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_package_is_built_once_and_named_by_the_weights(tmp_path, monkeypatch):
-    net = perturbed_network(layer="s4d")
+def test_package_is_built_once_and_named_by_the_weights(packages, monkeypatch):
+    net = _network("s4d")
     template = net.to_recurrent(1.0)
     layout = StateLayout.of(template.state_spec)
-    path = package_for(template, layout, tmp_path)
+    path = package_for(template, layout, packages)  # built here, or by the test above
+    assert path.parent == packages and path.name.startswith("step-")
     built = path.stat().st_mtime_ns
 
     def no_build(*args, **kwargs):
         raise AssertionError("the cached package should have been used")
 
     monkeypatch.setattr("model.aot_step.build", no_build)
-    assert package_for(template, layout, tmp_path) == path
+    assert package_for(template, layout, packages) == path
     assert path.stat().st_mtime_ns == built
     before = fingerprint(template, layout, torch.device("cpu"))
     with torch.no_grad():
