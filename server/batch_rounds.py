@@ -15,6 +15,18 @@ from server.slots import SlotPool
 from server.work import BATCH_FAILED, BATCH_GONE, BATCH_NON_FINITE, BATCH_OK, Batch, Stream
 
 log = logging.getLogger("s4serve.scheduler")
+# A batch whose members' rows are not consecutive has them moved into one run of rows, once:
+# its later steps then gather a view and scatter one plain copy instead of two indexed copies
+# (measured at B=100: the indexed pair ~270 us, the plain copy ~95 us, of a ~700 us step).
+# A member moved less than SETTLE_S ago stays put (overlapping batches would move rows back
+# and forth); a pool without a free run is not searched again for RETRY_S.
+SETTLE_S = 1.0
+RETRY_S = 1.0
+
+
+def _run(slots: np.ndarray) -> bool:
+    """Consecutive and ascending."""
+    return bool(slots[-1] - slots[0] == len(slots) - 1 and (np.diff(slots) == 1).all())
 
 
 class BatchRounds:
@@ -32,7 +44,29 @@ class BatchRounds:
             stream.queue.append(batch)
         self._models[batch.pool].queued += n
         self._batches.append(batch)
+        self._place(batch)
         self._wake()
+
+    def _place(self, batch: Batch) -> None:
+        """Move the batch's members into one run of rows, in batch order, if they are not in
+        one and may move (see SETTLE_S)."""
+        streams, pool = batch.streams, batch.pool
+        n = len(streams)
+        if n < 2:
+            return
+        slots = np.fromiter((s.slot for s in streams), np.int64, n)
+        now = time.monotonic()
+        if _run(slots) or now < self._no_run_until.get(pool, 0.0):
+            return
+        if any(now - s.placed < SETTLE_S for s in streams):
+            return
+        first = pool.allocate_run(n)
+        if first is None:
+            self._no_run_until[pool] = now + RETRY_S
+            return
+        pool.move(slots.tolist(), first)
+        for i, stream in enumerate(streams):
+            stream.slot, stream.placed = first + i, now
 
     def _advance_batches(self) -> None:
         """Step every batch member whose turn has come, one call per (model, rate); answer
@@ -54,44 +88,64 @@ class BatchRounds:
             if due.any():
                 groups.setdefault((batch.pool, batch.rate), []).append((batch, due))
         for (pool, rate), members in groups.items():
-            streams = [batch.streams[i] for batch, due in members
-                       for i in np.flatnonzero(due).tolist()]
-            u = np.concatenate([batch.u[due] for batch, due in members])
-            y, status = self._step_rows(pool, rate, streams, u)
-            model, ready, at = self._models[pool], self._ready, 0
-            model.queued -= len(streams)
+            if len(members) == 1:
+                self._step_members(pool, rate, members)
+                continue
+            rest = []  # whole batches in a run of rows step alone: their rows are a view
             for batch, due in members:
-                n = int(due.sum())
-                batch.outputs[due], batch.status[due] = y[at:at + n], status[at:at + n]
-                batch.waiting[due] = False
-                batch.left -= n
-                answered = int((status[at:at + n] == BATCH_OK).sum())
-                model.latencies.extend([batch.received] * answered)
-                at += n
-            for stream in streams:
-                stream.queue.popleft()
-                if stream.queue and type(stream.queue[0]) is not Batch:
-                    ready[stream] = None
+                if due.all():
+                    slots = np.fromiter((s.slot for s in batch.streams), np.int64, len(due))
+                    if _run(slots):
+                        self._step_members(pool, rate, [(batch, due)], slots)
+                        continue
+                rest.append((batch, due))
+            if rest:
+                self._step_members(pool, rate, rest)
         if any(batch.left == 0 for batch in self._batches):
             finished = [batch for batch in self._batches if batch.left == 0]
             self._batches = [batch for batch in self._batches if batch.left]
             for batch in finished:
                 batch.sink.batch_done(batch, batch.outputs, batch.status)
 
-    def _step_rows(self, pool: SlotPool, rate: float, streams: list[Stream],
-                   u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One step of `streams` on inputs u (B, d_input): (outputs, BATCH_* per row)."""
+    def _step_members(self, pool: SlotPool, rate: float, members: list[tuple[Batch, np.ndarray]],
+                      slots: np.ndarray | None = None) -> None:
+        """One step of the due members of some batches; their results into the batches."""
+        streams = [batch.streams[i] for batch, due in members
+                   for i in np.flatnonzero(due).tolist()]
+        u = np.concatenate([batch.u[due] for batch, due in members])
+        y, status = self._step_rows(pool, rate, streams, u, slots)
+        model, ready, at = self._models[pool], self._ready, 0
+        model.queued -= len(streams)
+        for batch, due in members:
+            n = int(due.sum())
+            batch.outputs[due], batch.status[due] = y[at:at + n], status[at:at + n]
+            batch.waiting[due] = False
+            batch.left -= n
+            answered = int((status[at:at + n] == BATCH_OK).sum())
+            model.latencies.extend([batch.received] * answered)
+            at += n
+        for stream in streams:
+            stream.queue.popleft()
+            if stream.queue and type(stream.queue[0]) is not Batch:
+                ready[stream] = None
+
+    def _step_rows(self, pool: SlotPool, rate: float, streams: list[Stream], u: np.ndarray,
+                   slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One step of `streams` (their `slots`, if known) on inputs u (B, d_input):
+        (outputs, BATCH_* per row)."""
         backend, model = pool.backend, self._models[pool]
-        slots = np.fromiter((s.slot for s in streams), np.int64, len(streams))
-        # in slot order: sessions opened together hold consecutive rows, which gather as a
-        # view and scatter as one plain copy instead of two indexed passes
-        order = np.argsort(slots, kind="stable")
-        rows = slots[order]
-        index = pool.index(rows.tolist())
+        if slots is None:
+            slots = np.fromiter((s.slot for s in streams), np.int64, len(streams))
+        if _run(slots):  # in order already: no permutation
+            order, rows, index = None, slots, slice(int(slots[0]), int(slots[-1]) + 1)
+        else:  # in slot order: runs of rows gather as views
+            order = np.argsort(slots, kind="stable")
+            rows = slots[order]
+            index = pool.index(rows.tolist())
         started = time.perf_counter()
         try:
             flat32, flat64 = pool.gather(index)
-            x = torch.from_numpy(u[order]).to(backend.device)
+            x = torch.from_numpy(u if order is None else u[order]).to(backend.device)
             y_sorted, flat32, flat64 = backend.step_flat(x, flat32, flat64, rate)
             y_sorted = y_sorted.to("cpu", torch.float32).numpy()
         except Exception:  # the states were not written back: nothing is lost
@@ -106,10 +160,13 @@ class BatchRounds:
             keep = np.flatnonzero(fine_sorted)
             pool.scatter(torch.from_numpy(rows[keep]).to(backend.device), flat32[keep],
                          flat64[keep])
-        y = np.empty_like(y_sorted)
-        y[order] = y_sorted
-        fine = np.empty_like(fine_sorted)
-        fine[order] = fine_sorted
+        if order is None:
+            y, fine = y_sorted, fine_sorted
+        else:
+            y = np.empty_like(y_sorted)
+            y[order] = y_sorted
+            fine = np.empty_like(fine_sorted)
+            fine[order] = fine_sorted
         for stream, ok in zip(streams, fine.tolist(), strict=True):
             if ok:
                 stream.samples += 1

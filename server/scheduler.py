@@ -70,6 +70,7 @@ class Scheduler(BatchRounds):
         self.ticks = 0
         self._ready: OrderedDict[Stream, None] = OrderedDict()
         self._batches: list[Batch] = []
+        self._no_run_until: dict[SlotPool, float] = {}  # see batch_rounds.RETRY_S
         self._models: dict[SlotPool, ModelMetrics] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False

@@ -34,6 +34,31 @@ class SlotPool:
         with self._lock:
             return self._free.pop() if self._free else None
 
+    def allocate_run(self, n: int) -> int | None:
+        """The first of `n` consecutive free rows, all taken; None when there is no such run."""
+        with self._lock:
+            if len(self._free) < n:
+                return None
+            free = np.zeros(self.capacity, bool)
+            free[self._free] = True
+            counts = np.concatenate(([0], np.cumsum(free)))  # free rows before each row
+            starts = np.flatnonzero(counts[n:] - counts[:-n] == n)
+            if not len(starts):
+                return None
+            first = int(starts[0])
+            self._free = [s for s in self._free if not first <= s < first + n]
+            return first
+
+    def move(self, slots: list[int], first: int) -> None:
+        """The rows `slots` to the run from `first` (taken by `allocate_run`), in that order;
+        their old rows are freed."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.flat32.device)
+        end = first + len(slots)
+        self.flat32[first:end] = self.flat32.index_select(0, index)
+        self.flat64[first:end] = self.flat64.index_select(0, index)
+        with self._lock:
+            self._free.extend(sorted(slots, reverse=True))
+
     def free(self, slot: int) -> None:
         with self._lock:
             self._free.append(slot)

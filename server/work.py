@@ -92,6 +92,7 @@ class Stream:
     samples: int = 0
     queue: deque[Frame | Control | Batch] = field(default_factory=deque)
     epoch: int = 0  # moves on when the queue is dropped
+    placed: float = 0.0  # when its row was last moved (monotonic seconds)
 
     @property
     def model(self) -> str:

@@ -14,6 +14,7 @@ import websockets
 
 from client import AsyncClient, StreamError
 from client.wire import HEADER, encode_data
+from server.mux_api import _Handle
 from tests.server.client import connect, predict, start, stream_binary
 from tests.server.conftest import ServerThread, make_settings
 
@@ -196,3 +197,48 @@ async def test_replies_are_binary_whatever_the_first_session_id(server):
         assert reply[123].shape == (2, 3)
         reply = await m.send({123: signal(1, 2)})
         assert reply[123].shape == (1, 3)
+
+
+async def test_sessions_opened_interleaved_are_moved_into_runs_with_their_numbers(server):
+    """Two gateways open their sessions alternately, so each one's rows interleave with the
+    other's; a batch's rows are then moved into one run (to step as a view) while a plain
+    stream, snapshots and the per-entry path go on around them."""
+    inputs = [signal(16, 40 + i) for i in range(8)]
+    plain = signal(16, 60)
+    expected = [np.array(predict(server.url, "seq", u[None])["outputs"])[0]
+                for u in [*inputs, plain]]
+    pool = server.runtime.models["seq"].pool
+    got: list[list[np.ndarray]] = [[] for _ in range(9)]
+    async with AsyncClient(server.url) as c, c.mux("seq") as a, c.mux("seq") as b, \
+            c.stream("seq") as s:
+        ids_a, ids_b = [], []
+        for _ in range(4):
+            ids_a.append(await a.open())
+            ids_b.append(await b.open())
+        mine = {0: (a, ids_a), 1: (b, ids_b)}  # inputs 0-3 on a, 4-7 on b
+        for t in range(16):
+            for g, (m, ids) in mine.items():
+                order = ids if t % 2 else ids[::-1]  # the entries' order changes too
+                replies = await m.send({sid: inputs[4 * g + ids.index(sid)][t:t + 1]
+                                        for sid in order})
+                for sid in ids:
+                    got[4 * g + ids.index(sid)].append(replies[sid])
+            got[8].append(await s.send(plain[t:t + 1]))
+            if t == 7:
+                assert (await a.snapshot(ids_a[0]))[0] == 8
+        rows = _rows_by_connection(server)
+    assert len(rows) == 2
+    for slots in rows:  # each gateway's sessions hold one run of rows now
+        assert sorted(slots) == list(range(min(slots), min(slots) + 4)), rows
+    assert pool.in_use == 0
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_allclose(np.concatenate(have), want, atol=1e-4)
+
+
+def _rows_by_connection(server) -> list[list[int]]:
+    """The state rows of the live mux sessions, per connection."""
+    rows: dict[int, list[int]] = {}
+    for session in server.runtime.manager.live.values():
+        if isinstance(session.owner, _Handle):
+            rows.setdefault(id(session.owner.conn), []).append(session.stream.slot)
+    return list(rows.values())
