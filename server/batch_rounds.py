@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -73,11 +74,18 @@ class BatchRounds:
         the batches that are complete."""
         groups: dict[tuple, list[tuple[Batch, np.ndarray]]] = {}
         for batch in self._batches:
+            streams = batch.streams
+            if batch.left == len(streams) and [s.epoch for s in streams] == batch.epochs:
+                # none stepped or dropped (the usual case): due when at the head of every queue
+                if all(s.queue[0] is batch for s in streams):
+                    groups.setdefault((batch.pool, batch.rate), []).append(
+                        (batch, np.ones(len(streams), bool)))
+                continue
             first = int(batch.waiting.argmax())
-            probe = batch.streams[first]
+            probe = streams[first]
             if probe.epoch == batch.epochs[first] and probe.queue[0] is not batch:
                 continue  # in step with the probe, the others are behind earlier items too
-            due = np.zeros(len(batch.streams), bool)
+            due = np.zeros(len(streams), bool)
             for i in np.flatnonzero(batch.waiting).tolist():
                 stream = batch.streams[i]
                 if stream.epoch != batch.epochs[i]:  # dropped: left out
@@ -110,9 +118,12 @@ class BatchRounds:
     def _step_members(self, pool: SlotPool, rate: float, members: list[tuple[Batch, np.ndarray]],
                       slots: np.ndarray | None = None) -> None:
         """One step of the due members of some batches; their results into the batches."""
-        streams = [batch.streams[i] for batch, due in members
-                   for i in np.flatnonzero(due).tolist()]
-        u = np.concatenate([batch.u[due] for batch, due in members])
+        if len(members) == 1 and members[0][1].all():
+            streams, u = members[0][0].streams, members[0][0].u
+        else:
+            streams = [batch.streams[i] for batch, due in members
+                       for i in np.flatnonzero(due).tolist()]
+            u = np.concatenate([batch.u[due] for batch, due in members])
         y, status = self._step_rows(pool, rate, streams, u, slots)
         model, ready, at = self._models[pool], self._ready, 0
         model.queued -= len(streams)
@@ -124,10 +135,13 @@ class BatchRounds:
             answered = int((status[at:at + n] == BATCH_OK).sum())
             model.latencies.extend([batch.received] * answered)
             at += n
-        for stream in streams:
-            stream.queue.popleft()
-            if stream.queue and type(stream.queue[0]) is not Batch:
-                ready[stream] = None
+        queues = [stream.queue for stream in streams]
+        for _ in map(deque.popleft, queues):
+            pass
+        if any(queues):  # some have more queued: a frame or control item makes them ready
+            for stream, queue in zip(streams, queues, strict=True):
+                if queue and type(queue[0]) is not Batch:
+                    ready[stream] = None
 
     def _step_rows(self, pool: SlotPool, rate: float, streams: list[Stream], u: np.ndarray,
                    slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

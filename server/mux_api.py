@@ -25,6 +25,7 @@ from client.wire import ENTRY_IN, ENTRY_OUT, HEADER, KIND_DATA, KIND_OUTPUTS, ST
 from client.wire import MUX_VERSION as VERSION
 from server.errors import CLOSE_GOING_AWAY, ServeError
 from server.link import Link, peer_for
+from server.mux_table import HandleTable
 from server.protocol import binary_frame, parse_start, parse_text
 from server.scheduler import Batch, Control, Frame
 from server.sessions import Session
@@ -93,7 +94,7 @@ class _Handle:
 class MuxConnection(Link):
     def __init__(self, runtime, peer, websocket) -> None:
         super().__init__(runtime, peer, websocket)
-        self.handles = {}
+        self.handles = HandleTable()
         self._next_sid = 1
         self._messages: dict[int, _Message] = {}
         self._order: deque[int] = deque()
@@ -103,13 +104,13 @@ class MuxConnection(Link):
 
     # ----- lifecycle ---------------------------------------------------------------------
     def _let_go(self) -> None:
-        for handle in list(self.handles.values()):
+        for handle in self.handles.values():
             if handle.session is not None:
                 self.rt.manager.detach(handle.session, handle)
         self.handles.clear()
 
     def _drop(self, handle: _Handle, reason: str) -> None:
-        if self.handles.pop(handle.sid, None) is None:
+        if self.handles.pop(handle.sid) is None:
             return
         self.peer.send_text(json.dumps({"type": "closed", "sid": handle.sid, "reason": reason}))
 
@@ -175,7 +176,7 @@ class MuxConnection(Link):
 
     def _opened(self, handle: _Handle, session: Session, samples: int) -> None:
         handle.session = session
-        self.handles[handle.sid] = handle
+        self.handles.add(handle)
         opened = session.started_message(samples)
         opened.update(type="opened", sid=handle.sid, ref=handle.ref)
         self.peer.send_text(json.dumps(opened))
@@ -253,20 +254,12 @@ class MuxConnection(Link):
         sids = entries["sid"]
         if (entries["T"] != 1).any():
             return False
-        handles, streams, rate = self.handles, [], None
-        for sid in sids.tolist():
-            handle = handles.get(sid)
-            session = handle.session if handle is not None else None
-            if session is None or session.dtype != "float32":
-                return False
-            stream = session.stream
-            if rate is None:
-                rate = stream.rate
-            elif stream.rate != rate:
-                return False
-            streams.append(stream)
+        route = self.handles.route(sids)
+        if route is None:
+            return False
+        streams, rate = route
         u = np.array(entries["x"][:, 0], np.float32)  # (count, d_input), a copy of transient data
-        if len(set(streams)) < count or not np.isfinite(u).all():
+        if not np.isfinite(u).all():
             return False
         pool = streams[0].pool
         if self.rt.scheduler.overloaded(pool):
@@ -374,7 +367,7 @@ class MuxConnection(Link):
         session, sid = handle.session, handle.sid
         if item.kind == "close":  # leave the session resumable, by its token
             handle.session = None
-            self.handles.pop(sid, None)
+            self.handles.pop(sid)
             samples = session.stream.samples
             self.rt.manager.detach(session, handle)
             reply = {"type": "closed", "sid": sid, "samples": samples, "reason": "close"}
@@ -386,7 +379,7 @@ class MuxConnection(Link):
                      "state": self.rt.manager.blob(session, samples, arrays)}
         else:  # end
             handle.session = None
-            self.handles.pop(sid, None)
+            self.handles.pop(sid)
             reply = {"type": "end", "sid": sid, "samples": self.rt.manager.end(session)}
         self.peer.send_text(json.dumps(reply))
 
