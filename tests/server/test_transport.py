@@ -113,7 +113,10 @@ def test_coalesced_and_cut_frames_give_the_same_outputs(server):
         pieces.send(stream[at:at + 7])
     a, b = outputs(one_write, 40), outputs(pieces, 40)
     assert a.shape == (40, 3)
-    np.testing.assert_array_equal(a, b)
+    # the two sessions' samples meet in batches of 1 or 2 depending on timing, and the step's
+    # kernels round a batch of 1 and of 2 differently in the last bit (docs/server.md): a
+    # misread frame would be off by far more
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_ping_among_data_frames_gets_its_pong_and_data_keeps_flowing(server):

@@ -56,8 +56,15 @@ def cluster(model_dirs, tmp_path):
 
 def worker_pids(supervisor: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split()]
-    return [p for p in pids if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
+    kept = []
+    for pid in (int(p) for p in out.stdout.split()):
+        try:  # a worker just killed may be reaped between pgrep and this read: it is gone
+            cmdline = Path(f"/proc/{pid}/cmdline").read_text()
+        except FileNotFoundError:
+            continue
+        if "resource_tracker" not in cmdline:
+            kept.append(pid)
+    return kept
 
 
 def metric(url: str, name: str) -> float:
