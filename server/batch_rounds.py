@@ -45,29 +45,28 @@ class BatchRounds:
             stream.queue.append(batch)
         self._models[batch.pool].queued += n
         self._batches.append(batch)
-        self._place(batch)
         self._wake()
 
-    def _place(self, batch: Batch) -> None:
-        """Move the batch's members into one run of rows, in batch order, if they are not in
-        one and may move (see SETTLE_S)."""
+    def _run_of(self, batch: Batch) -> np.ndarray | None:
+        """The rows of the batch's members if they are one ascending run, in batch order;
+        moved into one first when they are not and may move (see SETTLE_S); else None."""
         streams, pool = batch.streams, batch.pool
         n = len(streams)
-        if n < 2:
-            return
         slots = np.fromiter((s.slot for s in streams), np.int64, n)
+        if _run(slots):
+            return slots
         now = time.monotonic()
-        if _run(slots) or now < self._no_run_until.get(pool, 0.0):
-            return
-        if any(now - s.placed < SETTLE_S for s in streams):
-            return
+        if now < self._no_run_until.get(pool, 0.0) or any(
+                now - s.placed < SETTLE_S for s in streams):
+            return None
         first = pool.allocate_run(n)
         if first is None:
             self._no_run_until[pool] = now + RETRY_S
-            return
+            return None
         pool.move(slots.tolist(), first)
         for i, stream in enumerate(streams):
             stream.slot, stream.placed = first + i, now
+        return np.arange(first, first + n)
 
     def _advance_batches(self) -> None:
         """Step every batch member whose turn has come, one call per (model, rate); answer
@@ -96,17 +95,13 @@ class BatchRounds:
             if due.any():
                 groups.setdefault((batch.pool, batch.rate), []).append((batch, due))
         for (pool, rate), members in groups.items():
-            if len(members) == 1:
-                self._step_members(pool, rate, members)
-                continue
-            rest = []  # whole batches in a run of rows step alone: their rows are a view
+            rest = []  # a whole batch on a run of rows steps alone: its rows are a view
             for batch, due in members:
-                if due.all():
-                    slots = np.fromiter((s.slot for s in batch.streams), np.int64, len(due))
-                    if _run(slots):
-                        self._step_members(pool, rate, [(batch, due)], slots)
-                        continue
-                rest.append((batch, due))
+                run = self._run_of(batch) if due.all() else None
+                if run is not None:
+                    self._step_members(pool, rate, [(batch, due)], run)
+                else:
+                    rest.append((batch, due))
             if rest:
                 self._step_members(pool, rate, rest)
         if any(batch.left == 0 for batch in self._batches):
@@ -116,7 +111,7 @@ class BatchRounds:
                 batch.sink.batch_done(batch, batch.outputs, batch.status)
 
     def _step_members(self, pool: SlotPool, rate: float, members: list[tuple[Batch, np.ndarray]],
-                      slots: np.ndarray | None = None) -> None:
+                      run: np.ndarray | None = None) -> None:
         """One step of the due members of some batches; their results into the batches."""
         if len(members) == 1 and members[0][1].all():
             streams, u = members[0][0].streams, members[0][0].u
@@ -124,7 +119,7 @@ class BatchRounds:
             streams = [batch.streams[i] for batch, due in members
                        for i in np.flatnonzero(due).tolist()]
             u = np.concatenate([batch.u[due] for batch, due in members])
-        y, status = self._step_rows(pool, rate, streams, u, slots)
+        y, status = self._step_rows(pool, rate, streams, u, run)
         model, ready, at = self._models[pool], self._ready, 0
         model.queued -= len(streams)
         for batch, due in members:
@@ -144,15 +139,14 @@ class BatchRounds:
                     ready[stream] = None
 
     def _step_rows(self, pool: SlotPool, rate: float, streams: list[Stream], u: np.ndarray,
-                   slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One step of `streams` (their `slots`, if known) on inputs u (B, d_input):
-        (outputs, BATCH_* per row)."""
+                   run: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One step of `streams` on inputs u (B, d_input): (outputs, BATCH_* per row). `run`:
+        their rows, known to be one ascending run (a view, no permutation)."""
         backend, model = pool.backend, self._models[pool]
-        if slots is None:
+        if run is not None:
+            order, rows, index = None, run, slice(int(run[0]), int(run[-1]) + 1)
+        else:  # in slot order: consecutive rows gather as a view
             slots = np.fromiter((s.slot for s in streams), np.int64, len(streams))
-        if _run(slots):  # in order already: no permutation
-            order, rows, index = None, slots, slice(int(slots[0]), int(slots[-1]) + 1)
-        else:  # in slot order: runs of rows gather as views
             order = np.argsort(slots, kind="stable")
             rows = slots[order]
             index = pool.index(rows.tolist())
