@@ -45,11 +45,13 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     backend: str = Field("torch", description="default backend for every model")
     backends: dict[str, str] = Field(default_factory=dict, description="per-model overrides")
-    step_compiler: Literal["auto", "aoti", "inductor", "torchscript"] = Field(
+    step_compiler: Literal["auto", "native", "aoti", "inductor", "torchscript"] = Field(
         "auto", description="torch backend: the streaming step as one compiled step for every "
-        "rate: an AOTInductor package built once and kept in compile_cache (aoti), or a "
+        "rate: the C step of S4D networks, compiled once and kept in compile_cache (native), "
+        "an AOTInductor package built once and kept in compile_cache (aoti), or a "
         "torch.compile graph compiled when the model loads (inductor); or a TorchScript graph "
-        "per rate. auto: aoti when a C++ compiler is installed"
+        "per rate. auto: native for S4D networks on the CPU with a C compiler, else aoti when "
+        "a C++ compiler is installed"
     )
     compile_cache: Path = Field(
         Path("var/compiled"), description="where compiled step packages are kept, named by a "

@@ -83,8 +83,9 @@ class SlotPool:
     def scatter(self, index: torch.Tensor | slice, flat32: torch.Tensor,
                 flat64: torch.Tensor) -> None:
         if isinstance(index, slice):
-            self.flat32[index].copy_(flat32)
-            self.flat64[index].copy_(flat64)
+            for rows, new in ((self.flat32[index], flat32), (self.flat64[index], flat64)):
+                if new.data_ptr() != rows.data_ptr() or new.stride() != rows.stride():
+                    rows.copy_(new)  # else a step advanced these very rows in place
         else:
             self.flat32.index_copy_(0, index, flat32)
             self.flat64.index_copy_(0, index, flat64)

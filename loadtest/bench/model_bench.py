@@ -10,6 +10,7 @@ from loadtest.bench.networks import perturbed_network
 from loadtest.bench.timing import inner_for, time_call
 from model.aot_step import AotStep
 from model.fused import StateLayout, inductor_available
+from model.native_step import NativeStep, unsupported
 from model.network import S4Network
 from model.reference import reference_outputs
 
@@ -48,14 +49,22 @@ def step_times(net: S4Network, batches: tuple[int, ...], target_s: float, repeat
 
 
 def served_step_times(net: S4Network, batches: tuple[int, ...], target_s: float,
-                      repeats: int) -> dict:
-    """The step as the server runs it: flat state rows in and out, one AOTInductor package
-    with the rate's tables as inputs (TorchScript when no C++ compiler is installed)."""
+                      repeats: int, compiler: str = "auto") -> dict:
+    """The step as the server runs it (`step_compiler` auto): flat state rows, the rate's
+    tables as inputs; the native C step for S4D (rows advanced in place), else one
+    AOTInductor package, else TorchScript when no compiler is installed. `compiler` "aoti":
+    the package even where the native step serves (what it replaced, in the same run)."""
     rec = net.to_recurrent()
     layout = StateLayout.of(rec.state_spec)
-    fused = AotStep(rec, layout, COMPILE_CACHE) if inductor_available() else None
+    fused = None
+    if compiler == "auto" and unsupported(rec) is None:
+        fused, compiler = NativeStep(rec, layout, COMPILE_CACHE), "native"
+    elif inductor_available():
+        fused, compiler = AotStep(rec, layout, COMPILE_CACHE), "aoti"
+    else:
+        compiler = "torchscript"
     step = rec.compiled_step("torchscript")
-    out: dict = {"compiler": "aoti" if fused else "torchscript"}
+    out: dict = {"compiler": compiler}
     with torch.no_grad():
         for b in batches:
             flat32, flat64 = layout.join(rec.initial_state(b))
@@ -169,6 +178,9 @@ def run_model_benches(quick: bool, log=print) -> dict:
                  "chunk_320": chunk_time(net, 320, target_s, repeats)}  # fmt: skip
         log(f"model bench {layer}: served step and the memory roofline pass")
         entry["served_step"] = served_step_times(net, (1, 1024), target_s, repeats)
+        if entry["served_step"]["compiler"] == "native" and inductor_available():
+            entry["served_step_aoti"] = served_step_times(net, (1, 1024), target_s, repeats,
+                                                          "aoti")
         entry["roofline_1024"] = roofline_pass(net, 1024, target_s, repeats)
         log(f"model bench {layer}: conv L={conv_len}")
         entry["conv"] = conv_times(net, conv_len, repeats)

@@ -111,19 +111,23 @@ def _served(r: dict) -> list[str]:
     rows = []
     for layer in ("s4d", "s4"):
         e = r.get(layer) or {}
-        served, roof = e.get("served_step"), e.get("roofline_1024")
-        if not served or not roof:
-            continue
-        big = served[1024]["median_s"]
-        layers = e["config"]["n_layers"]
-        official = OFFICIAL_STEP_B1024_S.get(layer)
-        vs_official = _f(official * layers / big, ".3g") + "x" if official else "-"
-        rows.append(_row(layer, served["compiler"], _t(served[1]), _t(served[1024]), _t(roof),
-                         _f(big / roof["median_s"], ".2f"), vs_official))
+        roof = e.get("roofline_1024")
+        for served in (e.get("served_step"), e.get("served_step_aoti")):
+            if not served or not roof:
+                continue
+            served = {int(k) if str(k).isdigit() else k: v for k, v in served.items()}
+            big = served[1024]["median_s"]
+            layers = e["config"]["n_layers"]
+            official = OFFICIAL_STEP_B1024_S.get(layer)
+            vs_official = _f(official * layers / big, ".3g") + "x" if official else "-"
+            rows.append(_row(layer, served["compiler"], _t(served[1]), _t(served[1024]),
+                             _t(roof), _f(big / roof["median_s"], ".2f"), vs_official))
     if not rows:
         return []
-    return ["### Served step (flat state rows, one compiled package per model; what streams run)",
+    return ["### Served step (flat state rows, one compiled step per model; what streams run)",
             "",
+            "native: the C step of S4D networks (model/native_step.c), rows advanced in place; "
+            "aoti: the AOTInductor package it replaced for S4D (still the S4 step), same run. "
             "Roofline: one read and one write of the same B=1024 state (a copy), the least "
             "traffic a step can do. Official: the state-spaces/s4 S4D step at B=1024, 101 ms per "
             "layer (issue #9's measurement on this machine), times n_layers.", "",

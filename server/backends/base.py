@@ -106,7 +106,8 @@ class ModelBackend(ABC):
 
     def step_flat(self, u: torch.Tensor, flat32: torch.Tensor, flat64: torch.Tensor,
                   rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`step` on flat states: u (B, d_input), (B, W32), (B, W64) -> y, new rows."""
+        """`step` on flat states: u (B, d_input), (B, W32), (B, W64) -> y, new rows. A backend
+        may advance the given rows in place and return them (the native step does)."""
         y, state = self.step(u, self.layout.split(flat32, flat64), rate)
         return (y, *self.layout.join(state))
 

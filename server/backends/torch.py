@@ -11,19 +11,20 @@ from cachetools import LRUCache
 from model.card import read_card
 from model.checkpoint import load_model
 from model.fused import FusedStep, inductor_available
+from model.native_step import NativeStep, unsupported
 from server.backends.base import ModelBackend, ModelInfo, resolve_device
 from server.state_blob import TensorSpec
 
 log = logging.getLogger("s4serve.backends.torch")
 
 
-STEP_COMPILERS = ("auto", "aoti", "inductor", "torchscript")
+STEP_COMPILERS = ("auto", "native", "aoti", "inductor", "torchscript")
 
 
 class TorchBackend(ModelBackend):
-    """Steps of many sessions run as one compiled step for every rate when a C++ compiler is
-    there (an AOTInductor package cached on disk, else a torch.compile graph), else as a
-    TorchScript graph per rate."""
+    """Steps of many sessions run as one compiled step for every rate when a compiler is there
+    (S4D: the native C step, in place on the slot pool's rows; else an AOTInductor package
+    cached on disk, else a torch.compile graph), else as a TorchScript graph per rate."""
 
     kind = "torch"
 
@@ -68,20 +69,24 @@ class TorchBackend(ModelBackend):
             raise ValueError(f"unknown step compiler {step_compiler!r}: expected one of "
                              f"{', '.join(STEP_COMPILERS)}")
         if step_compiler == "auto":
-            step_compiler = "aoti" if inductor_available() else "torchscript"
+            step_compiler = ("native" if rec is not None and unsupported(rec) is None
+                             else "aoti" if inductor_available() else "torchscript")
         self.step_compiler = step_compiler if rec is not None else "torchscript"
         self._fused = None  # built by warmup (an AOTInductor build can take a minute)
 
     def _build_step(self) -> None:
-        """The compiled flat step, falling back down aoti -> inductor -> torchscript when a
-        compiler fails here (no compiler headers, say), and saying so."""
+        """The compiled flat step, falling back down native -> aoti -> inductor -> torchscript
+        when one does not build here (no compiler headers, a network the native step does not
+        cover), and saying so."""
         from model.aot_step import AotStep
 
         rec = self._recurrence(1.0)
-        order = ["aoti", "inductor"]
+        order = ["native", "aoti", "inductor"]
         for compiler in order[order.index(self.step_compiler):]:
             try:
-                if compiler == "aoti":
+                if compiler == "native":
+                    step = NativeStep(rec, self.layout, self._compile_cache)
+                elif compiler == "aoti":
                     step = AotStep(rec, self.layout, self._compile_cache)
                 else:
                     step = FusedStep(rec, self.layout)
@@ -94,7 +99,7 @@ class TorchBackend(ModelBackend):
         self._fused, self.step_compiler = None, "torchscript"
 
     def warmup(self) -> None:
-        if self.step_compiler in ("aoti", "inductor"):
+        if self.step_compiler in ("native", "aoti", "inductor"):
             self._build_step()
         if self._fused is None:
             super().warmup()

@@ -101,8 +101,10 @@ def queue_depth(server) -> float:
 
 async def test_flooding_client_is_slowed_not_buffered(strict):
     """A client that sends without reading: the server reads no further once `session_queue`
-    (4) replies are pending, so the frames it holds stay bounded while the client piles up."""
-    frame = np.zeros((1, 2), "<f4").tobytes()
+    (4) replies are pending, so the frames it holds stay bounded while the client piles up.
+    Frames of 256 samples: replies large enough to fill the socket buffers within the test
+    even when the server keeps pace with the flood."""
+    frame = np.zeros((256, 2), "<f4").tobytes()
     ws = await connect(strict.ws_url, "seq", additional_headers=KEY, max_queue=4,
                        ping_interval=None)
     await start(ws)

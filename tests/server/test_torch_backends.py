@@ -31,7 +31,7 @@ def test_every_step_compiler_serves_the_eager_numbers_on_flat_rows(tmp_path):
     u = torch.randn(3, 3)
     state = [torch.randn_like(s) * 0.1 for s in rec.initial_state(3)]
     expected, expected_state = rec.step(u, state)
-    for compiler in ("aoti", "inductor", "torchscript"):
+    for compiler in ("native", "aoti", "inductor", "torchscript"):
         backend = load_backend("torch", tmp_path / "m", "cpu", step_compiler=compiler,
                                compile_cache=tmp_path / "cache")
         backend.warmup()

@@ -1,0 +1,229 @@
+/* The whole-network S4D step, one session row at a time, on flat state rows in place.
+ *
+ * Why C: at large batches a step is memory bound, and a graph compiler's step reads and writes
+ * each layer's state several times (new state, output reduction, the final concatenation); here
+ * every row's state is read once and written once. At B=1 a graph's per-call and per-kernel
+ * overheads dominate; here a call is one loop nest.
+ *
+ * Per row (model/network.py, RecurrentNetwork.step; model/recurrent.py, DiagonalRecurrence):
+ *   x = encoder(u)
+ *   per layer: z = prenorm ? LN(x) : x
+ *              x_n' = Ā_n x_n + B̄_n z_h,   y_h = Re Σ_n 2 C_n x_n' + D_h z_h
+ *              v = GLU(W GELU(y) + b)
+ *              x = residual ? x + v : v,   postnorm: x = LN(x)
+ *   pooled:   sum += x, count += 1, x = sum / count (float64)
+ *   out = decoder(x)
+ * The new state is written back only when the row's input and output are finite (a rejected
+ * sample leaves its session as it was, as the graph steps do).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+  const float *da_re, *da_im, *db_re, *db_im, *c_re, *c_nim; /* (Hc, N2) */
+  const float *skip;                                         /* (Hc) */
+  const float *w_t, *bias;   /* output linear, transposed: (Hc, 2H); bias (2H) */
+  const float *ln_w, *ln_b;  /* LayerNorm (H) or NULL */
+  long off_re, off_im;       /* the layer's state within a float32 row */
+} Layer;
+
+typedef struct {
+  int d_input, d_model, d_output, channels, n2, n_layers;
+  int prenorm, residual, pooled;
+  float ln_eps;
+  const float *enc_w_t, *enc_b; /* (d_input, d_model), (d_model) or NULL: identity */
+  const float *dec_w_t, *dec_b; /* (d_model, d_output), (d_output) or NULL: identity */
+  long off_sum, off_count;      /* pooled state within a float64 row */
+  long width32, width64;
+  const Layer *layers;
+} Net;
+
+/* e^x for |x| <= 87 (callers clamp): 2^n e^r, r in [-ln2/2, ln2/2], degree-6 polynomial; NaN
+ * goes through. Branch free so the loops that call it vectorise. */
+static inline float exp_clamped(float x) {
+  float n = nearbyintf(x * 1.44269504088896341f);
+  float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-6f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
+  return p * scale.f;
+}
+
+static inline float clamp87(float x) { return x > 87.f ? 87.f : (x < -87.f ? -87.f : x); }
+
+/* erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7) */
+static inline float erf_as(float x) {
+  float a = fabsf(x);
+  float t = 1.f / (1.f + 0.3275911f * a);
+  float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f +
+               t * (-1.453152027f + t * 1.061405429f))));
+  float e = 1.f - poly * exp_clamped(clamp87(-a * a));
+  return copysignf(e, x);
+}
+
+static void layer_norm(float *x, int n, const float *w, const float *b, float eps) {
+  float mean = 0.f, var = 0.f;
+#pragma omp simd reduction(+ : mean)
+  for (int i = 0; i < n; i++) mean += x[i];
+  mean /= n;
+#pragma omp simd reduction(+ : var)
+  for (int i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+  float inv = 1.f / sqrtf(var / n + eps);
+#pragma omp simd
+  for (int i = 0; i < n; i++) x[i] = (x[i] - mean) * inv * w[i] + b[i];
+}
+
+/* out (m) = bias + in (k) @ w_t (k, m). Outputs in tiles of TILE kept in registers across
+ * the k inputs (an axpy over the whole of `out` would load and store it for every input). */
+#define TILE 64
+static void linear(const float *in, int k, const float *w_t, const float *bias, int m,
+                   float *out) {
+  int i0 = 0;
+  for (; i0 + TILE <= m; i0 += TILE) {
+    float acc[TILE];
+    for (int i = 0; i < TILE; i++) acc[i] = bias[i0 + i];
+    for (int j = 0; j < k; j++) {
+      const float a = in[j], *row = w_t + (long)j * m + i0;
+      for (int i = 0; i < TILE; i++) acc[i] += a * row[i];
+    }
+    for (int i = 0; i < TILE; i++) out[i0 + i] = acc[i];
+  }
+  for (int i = i0; i < m; i++) {
+    float acc = bias[i];
+    for (int j = 0; j < k; j++) acc += in[j] * w_t[(long)j * m + i];
+    out[i] = acc;
+  }
+}
+
+/* Eight floats; loads and stores through it need no alignment. */
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+
+static inline float hsum(v8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* One layer's SSM on one row: reads `old`, writes `new` (both the row's re/im halves).
+ * Explicit 8-wide vectors: the output's sum over n stays in a register until the row ends
+ * (an `omp simd` reduction spilled its lanes to the stack on every row). */
+static void ssm(const Layer *l, int hc, int h, int n2, const float *z, const float *old,
+                float *new, float *y) {
+  const float *xr = old + l->off_re, *xi = old + l->off_im;
+  float *nr = new + l->off_re, *ni = new + l->off_im;
+  const int n8 = n2 - n2 % 8;
+  for (int row = 0; row < hc; row++) {
+    const long o = (long)row * n2;
+    const float u = z[row % h];
+    const float *ar = l->da_re + o, *ai = l->da_im + o, *br = l->db_re + o, *bi = l->db_im + o;
+    const float *cr = l->c_re + o, *ci = l->c_nim + o;
+    v8 acc = {0};
+    for (int n = 0; n < n8; n += 8) {
+      const v8 r = *(const v8 *)(xr + o + n), i = *(const v8 *)(xi + o + n);
+      const v8 a_r = *(const v8 *)(ar + n), a_i = *(const v8 *)(ai + n);
+      const v8 vr = r * a_r - i * a_i + u * *(const v8 *)(br + n);
+      const v8 vi = i * a_r + r * a_i + u * *(const v8 *)(bi + n);
+      *(v8 *)(nr + o + n) = vr;
+      *(v8 *)(ni + o + n) = vi;
+      acc += vr * *(const v8 *)(cr + n) + vi * *(const v8 *)(ci + n);
+    }
+    float sum = hsum(acc);
+    for (int n = n8; n < n2; n++) {
+      const float r = xr[o + n], i = xi[o + n];
+      const float vr = r * ar[n] - i * ai[n] + u * br[n];
+      const float vi = i * ar[n] + r * ai[n] + u * bi[n];
+      nr[o + n] = vr;
+      ni[o + n] = vi;
+      sum += vr * cr[n] + vi * ci[n];
+    }
+    y[row] = sum + l->skip[row] * u;
+  }
+}
+
+/* GELU in place, then out (2H) = W y + b, then GLU into v (H). */
+static void tail(const Layer *l, int hc, int h, float *y, float *out, float *v) {
+#pragma omp simd
+  for (int i = 0; i < hc; i++) y[i] = 0.5f * y[i] * (1.f + erf_as(y[i] * 0.70710678118654752f));
+  linear(y, hc, l->w_t, l->bias, 2 * h, out);
+#pragma omp simd
+  for (int i = 0; i < h; i++) v[i] = out[i] / (1.f + exp_clamped(clamp87(-out[h + i])));
+}
+
+static int finite_all(const float *x, int n) {
+  int bad = 0;
+  for (int i = 0; i < n; i++) bad |= !isfinite(x[i]);
+  return !bad;
+}
+
+/* Scratch per thread: the running sums (float64), one row's new state and the activations. */
+static __thread double *scratch;
+static __thread size_t scratch_bytes;
+
+static double *scratch_for(size_t bytes) {
+  if (bytes > scratch_bytes) {
+    double *grown = realloc(scratch, bytes);
+    if (!grown) return NULL;
+    scratch = grown;
+    scratch_bytes = bytes;
+  }
+  return scratch;
+}
+
+/* Steps `batch` rows: u (batch, d_input) with row stride u_stride; state rows s32, s64 with
+ * row strides; y (batch, d_output) contiguous. Returns the number of rows written back, or -1
+ * when scratch memory could not be had (nothing changed then). */
+long s4d_network_step(const Net *net, long batch, const float *u, long u_stride, float *s32,
+                      long s32_stride, double *s64, long s64_stride, float *y) {
+  const int h = net->d_model, hc = net->channels * h, n2 = net->n2;
+  const long w32 = net->width32;
+  double *sums = scratch_for(sizeof(double) * (size_t)h +
+                             sizeof(float) * ((size_t)w32 + 4 * (size_t)h + 3 * (size_t)hc));
+  if (!sums) return -1;
+  double count = 0.0;
+  float *new = (float *)(sums + h), *x = new + w32, *z = x + h, *ys = z + hc;
+  float *out = ys + hc, *v = out + 2 * h;
+  long written = 0;
+  for (long b = 0; b < batch; b++) {
+    const float *ub = u + b * u_stride;
+    float *row = s32 + b * s32_stride, *yb = y + b * net->d_output;
+    if (net->enc_w_t) linear(ub, net->d_input, net->enc_w_t, net->enc_b, h, x);
+    else memcpy(x, ub, sizeof(float) * (size_t)h);
+    for (int i = 0; i < net->n_layers; i++) {
+      const Layer *l = net->layers + i;
+      memcpy(z, x, sizeof(float) * (size_t)h);
+      if (net->prenorm && l->ln_w) layer_norm(z, h, l->ln_w, l->ln_b, net->ln_eps);
+      ssm(l, hc, h, n2, z, row, new, ys);
+      tail(l, hc, h, ys, out, v);
+      if (net->residual) {
+        for (int k = 0; k < h; k++) x[k] += v[k];
+      } else {
+        memcpy(x, v, sizeof(float) * (size_t)h);
+      }
+      if (!net->prenorm && l->ln_w) layer_norm(x, h, l->ln_w, l->ln_b, net->ln_eps);
+    }
+    if (net->pooled) {  /* the running mean, float64 so long streams keep it exact */
+      const double *old = s64 + b * s64_stride;
+      count = old[net->off_count] + 1.0;
+      for (int k = 0; k < h; k++) {
+        sums[k] = old[net->off_sum + k] + (double)x[k];
+        x[k] = (float)(sums[k] / count);
+      }
+    }
+    if (net->dec_w_t) linear(x, h, net->dec_w_t, net->dec_b, net->d_output, yb);
+    else memcpy(yb, x, sizeof(float) * (size_t)net->d_output);
+    if (!finite_all(ub, net->d_input) || !finite_all(yb, net->d_output)) continue;
+    memcpy(row, new, sizeof(float) * (size_t)w32);
+    if (net->pooled) {
+      double *wide = s64 + b * s64_stride;
+      memcpy(wide + net->off_sum, sums, sizeof(double) * (size_t)h);
+      wide[net->off_count] = count;
+    }
+    written++;
+  }
+  return written;
+}

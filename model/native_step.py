@@ -1,0 +1,198 @@
+"""The whole-network S4D step in C (model/native_step.c), on flat state rows, in place.
+
+The AOTInductor step (model/aot_step.py) runs a graph: each layer's state is read and written
+several times per step (new state, output reduction, the final concatenation into fresh rows),
+and the caller copies the new rows back into its slot pool. This step reads each session's
+rows once and writes them once, in place, so the server steps a run of slot-pool rows without
+a gather or a scatter; one call per batch, no per-kernel overhead at B=1. It covers S4D
+networks (every encoder, norm, residual, pooling and decoder option); other networks use the
+graph steps.
+
+The C source is compiled once per machine and compiler by the system C compiler (-O3,
+-march=native: the CPU's vector ISA) into the compile cache, and loaded with ctypes, which
+releases the GIL for the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.fused import StateLayout
+
+SOURCE = Path(__file__).with_name("native_step.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
+_loaded: dict[Path, ctypes.CDLL] = {}
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "da_re", "da_im", "db_re", "db_im", "c_re", "c_nim", "skip", "w_t", "bias", "ln_w",
+        "ln_b")] + [("off_re", ctypes.c_long), ("off_im", ctypes.c_long)]
+
+
+class _Net(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_int) for name in (
+        "d_input", "d_model", "d_output", "channels", "n2", "n_layers", "prenorm", "residual",
+        "pooled")] + [("ln_eps", ctypes.c_float)]
+        + [(name, ctypes.c_void_p) for name in ("enc_w_t", "enc_b", "dec_w_t", "dec_b")]
+        + [(name, ctypes.c_long) for name in ("off_sum", "off_count", "width32", "width64")]
+        + [("layers", ctypes.POINTER(_Layer))])
+
+
+def c_compiler() -> str | None:
+    for name in ("cc", "gcc", "clang"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def unsupported(rec: nn.Module) -> str | None:
+    """Why this recurrent network has no native step (None: it has one)."""
+    cfg = rec.config
+    if cfg.layer != "s4d":
+        return f"layer {cfg.layer!r} (the native step is S4D's)"
+    if cfg.channels > 1 and rec.pooled:
+        return "channels > 1 with a pooled head"
+    if any(p.device.type != "cpu" for p in rec.parameters()):
+        return "not on the CPU"
+    if any(p.dtype != torch.float32 for p in rec.parameters()):
+        return "weights not float32"
+    if c_compiler() is None:
+        return "no C compiler"
+    return None
+
+
+def _build_key(compiler: str) -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    h.update(f"{version}|{FLAGS}|{platform.machine()}".encode())
+    with contextlib.suppress(OSError):  # -march=native: the library is this CPU's
+        h.update(next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("flags")), "").encode())
+    return h.hexdigest()[:24]
+
+
+def library(cache_dir: Path) -> ctypes.CDLL:
+    """The compiled step in `cache_dir`, built first if it is not there (serialised by a lock
+    file, so the workers of one server build it once)."""
+    compiler = c_compiler()
+    if compiler is None:
+        raise RuntimeError("the native step needs a C compiler (cc, gcc or clang)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"native-{_build_key(compiler)}.so"
+    if path in _loaded:
+        return _loaded[path]
+    if not path.exists():
+        with open(path.with_suffix(".lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                partial = path.with_suffix(f".{os.getpid()}.partial.so")
+                try:
+                    subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"],
+                                   check=True, capture_output=True, text=True)
+                    os.replace(partial, path)
+                finally:
+                    partial.unlink(missing_ok=True)
+    lib = ctypes.CDLL(str(path))
+    fn = lib.s4d_network_step
+    fn.restype = ctypes.c_long
+    fn.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                   ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                   ctypes.c_void_p]
+    _loaded[path] = lib
+    return lib
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+class _Bound:
+    """One recurrent network's C view: the Net struct and the tensors its pointers point
+    into (kept alive here)."""
+
+    def __init__(self, rec: nn.Module, layout: StateLayout) -> None:
+        cfg, keep = rec.config, []
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            keep.append(t)
+            return t.data_ptr()
+
+        offsets = dict(zip(layout.names, layout.offsets, strict=True))
+        layers, eps = [], 1e-5
+        for i, (block, layer) in enumerate(zip(rec.blocks, rec.layers, strict=True)):
+            norm = block.norm if isinstance(block.norm, nn.LayerNorm) else None
+            if norm is not None:
+                eps = norm.eps
+            linear = layer.output_linear
+            layers.append(_Layer(
+                *(ptr(_f32(getattr(layer, name))) for name in (
+                    "da_re", "da_im", "db_re", "db_im", "c2_re", "neg_c2_im", "skip")),
+                ptr(_f32(linear.weight.T)), ptr(_f32(linear.bias)),
+                ptr(_f32(norm.weight)) if norm is not None else None,
+                ptr(_f32(norm.bias)) if norm is not None else None,
+                offsets[f"layer{i}.re"], offsets[f"layer{i}.im"]))
+        self.layers = (_Layer * len(layers))(*layers)
+        enc = rec.encoder if isinstance(rec.encoder, nn.Linear) else None
+        dec = rec.decoder if isinstance(rec.decoder, nn.Linear) else None
+        self.net = _Net(
+            cfg.d_input, cfg.d_model, cfg.d_output, cfg.channels, cfg.d_state // 2,
+            len(layers), int(cfg.prenorm), int(cfg.residual), int(rec.pooled), eps,
+            ptr(_f32(enc.weight.T)) if enc else None, ptr(_f32(enc.bias)) if enc else None,
+            ptr(_f32(dec.weight.T)) if dec else None, ptr(_f32(dec.bias)) if dec else None,
+            offsets.get("pool.sum", 0), offsets.get("pool.count", 0), layout.width32,
+            layout.width64, self.layers)
+        self.ref = ctypes.byref(self.net)
+        self._keep = keep
+
+
+class NativeStep:
+    """`step(rec, u, flat32, flat64) -> (y, flat32, flat64)` for every rate of one S4D
+    network: the rows are advanced in place and returned (a row whose input or output is not
+    finite is left as it was)."""
+
+    def __init__(self, template: nn.Module, layout: StateLayout, cache_dir: Path) -> None:
+        reason = unsupported(template)
+        if reason is not None:
+            raise ValueError(f"no native step for this network: {reason}")
+        self.layout = layout
+        self._step = library(cache_dir).s4d_network_step
+        self._d_input, self._d_output = template.config.d_input, template.config.d_output
+
+    def __call__(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
+                 flat64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bound = rec.__dict__.get("_native")
+        if bound is None:  # a rate's tables, bound once and kept with its recurrence
+            bound = rec.__dict__["_native"] = _Bound(rec, self.layout)
+        batch = u.shape[0]
+        if u.dtype != torch.float32 or u.dim() != 2 or u.shape[1] != self._d_input:
+            raise ValueError(f"u must be float32 (batch, {self._d_input}), got {u.dtype} "
+                             f"{tuple(u.shape)}")
+        if u.stride(1) != 1:
+            u = u.contiguous()
+        for rows, dtype, width in ((flat32, torch.float32, self.layout.width32),
+                                   (flat64, torch.float64, self.layout.width64)):
+            if (rows.dtype != dtype or tuple(rows.shape) != (batch, width)
+                    or (width > 1 and rows.stride(1) != 1) or rows.device.type != "cpu"):
+                raise ValueError(f"state rows must be {dtype} ({batch}, {width}) with unit "
+                                 f"column stride on the CPU, got {rows.dtype} "
+                                 f"{tuple(rows.shape)}")
+        y = torch.empty(batch, self._d_output)
+        if batch and self._step(bound.ref, batch, u.data_ptr(), u.stride(0), flat32.data_ptr(),
+                                flat32.stride(0), flat64.data_ptr(), flat64.stride(0),
+                                y.data_ptr()) < 0:
+            raise MemoryError("the native step could not allocate its scratch rows")
+        return y, flat32, flat64

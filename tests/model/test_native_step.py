@@ -1,0 +1,138 @@
+"""The native S4D step (model/native_step.c): the eager step's numbers for every network option,
+rate and batch, in place on strided pool rows, and a rejected row left exactly as it was."""
+
+import math
+
+import pytest
+import torch
+
+from model.fused import StateLayout
+from model.native_step import NativeStep, library, unsupported
+from tests.model.conftest import perturbed_network
+
+pytestmark = pytest.mark.skipif(unsupported(perturbed_network(layer="s4d").to_recurrent())
+                                is not None, reason="needs a C compiler")
+
+OPTIONS = {
+    "classification": dict(task="classification", labels=list("abcde")),
+    "sequence": dict(task="sequence", d_output=2),
+    "postnorm": dict(prenorm=False, task="classification", labels=list("abcde")),
+    "plain": dict(norm="none", residual=False, task="sequence"),
+    "channels": dict(channels=3, task="sequence"),
+    "identity ends": dict(encoder=False, decoder=False, d_input=16, d_output=16,
+                          task="sequence"),
+    # d_model 40: the output linear's 80 outputs are one register tile and a remainder;
+    # d_state 20: 10 modes are one vector of 8 and two on their own
+    "odd sizes": dict(d_model=40, d_state=20, task="classification", labels=list("abcde")),
+}
+
+
+def _random_state(rec, batch: int) -> list[torch.Tensor]:
+    state = [torch.randn_like(s) * 0.3 for s in rec.initial_state(batch)]
+    if rec.pooled:  # a running sum and a count as after a few hundred samples
+        state[-2] = torch.randn_like(state[-2]) * 50
+        state[-1] = torch.full_like(state[-1], 300.0)
+    return state
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("native")
+
+
+def _classifier(cache):
+    """(net, its recurrence at rate 1, layout, native step) for a small classifier."""
+    net = perturbed_network(layer="s4d", task="classification", labels=list("abcde"))
+    rec = net.to_recurrent(1.0)
+    layout = StateLayout.of(rec.state_spec)
+    return net, rec, layout, NativeStep(rec, layout, cache)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_native_step_matches_the_eager_step(option, cache):
+    net = perturbed_network(layer="s4d", **OPTIONS[option])
+    template = net.to_recurrent(1.0)
+    layout = StateLayout.of(template.state_spec)
+    step = NativeStep(template, layout, cache)
+    for rate in (1.0, 0.5, 3.0):  # one library, every rate: a rate's tables are bound to it
+        rec = net.to_recurrent(rate)
+        for batch in (1, 7):
+            state = _random_state(rec, batch)
+            u = torch.randn(batch, net.config.d_input)
+            expected_y, expected_state = rec.step(u, state)
+            flat32, flat64 = layout.join(state)
+            y, new32, new64 = step(rec, u, flat32, flat64)
+            assert new32 is flat32 and new64 is flat64  # advanced in place
+            torch.testing.assert_close(y, expected_y, atol=2e-6, rtol=1e-5)
+            for got, want in zip(layout.split(new32, new64), expected_state, strict=True):
+                torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_a_long_stream_of_native_steps_equals_the_convolutional_view(cache):
+    net, rec, layout, step = _classifier(cache)
+    u = torch.randn(2, 1500, net.config.d_input)
+    flat32, flat64 = layout.join(rec.initial_state(2))
+    ys = [step(rec, u[:, t], flat32, flat64)[0] for t in range(u.shape[1])]
+    with torch.no_grad():
+        expected = net(u)  # (2, L, d_output), FFT convolution
+    assert (torch.stack(ys, 1) - expected).abs().max().item() < 1e-4
+
+
+def test_only_the_given_rows_of_a_pool_change(cache):
+    net, rec, layout, step = _classifier(cache)
+    pool32, pool64 = layout.join(_random_state(rec, 10))
+    before32, before64 = pool32.clone(), pool64.clone()
+    u = torch.randn(4, net.config.d_input)
+    expected_y, expected_state = rec.step(u, layout.split(pool32[3:7], pool64[3:7]))
+    y, _, _ = step(rec, u, pool32[3:7], pool64[3:7])  # a run of rows: views into the pool
+    torch.testing.assert_close(y, expected_y, atol=2e-6, rtol=1e-5)
+    want32, want64 = layout.join(expected_state)
+    torch.testing.assert_close(pool32[3:7], want32, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(pool64[3:7], want64)
+    for rows in (slice(0, 3), slice(7, 10)):
+        assert torch.equal(pool32[rows], before32[rows])
+        assert torch.equal(pool64[rows], before64[rows])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 3e38])
+def test_a_row_whose_input_or_output_is_not_finite_is_left_as_it_was(bad, cache):
+    """3e38 is finite, but its output is not: that row must not advance either."""
+    net, rec, layout, step = _classifier(cache)
+    flat32, flat64 = layout.join(_random_state(rec, 3))
+    before32, before64 = flat32.clone(), flat64.clone()
+    u = torch.randn(3, net.config.d_input)
+    u[1, 0] = bad
+    y, _, _ = step(rec, u, flat32, flat64)
+    assert not torch.isfinite(y[1]).all()
+    assert torch.equal(flat32[1], before32[1]) and torch.equal(flat64[1], before64[1])
+    assert torch.isfinite(y[[0, 2]]).all()
+    assert not torch.equal(flat32[0], before32[0]) and not torch.equal(flat32[2], before32[2])
+
+
+def test_bad_arguments_are_refused_before_any_row_changes(cache):
+    net, rec, layout, step = _classifier(cache)
+    flat32, flat64 = layout.join(_random_state(rec, 2))
+    before = flat32.clone()
+    with pytest.raises(ValueError, match="float32"):
+        step(rec, torch.zeros(2, net.config.d_input, dtype=torch.float64), flat32, flat64)
+    with pytest.raises(ValueError, match="state rows"):
+        step(rec, torch.zeros(3, net.config.d_input), flat32, flat64)
+    with pytest.raises(ValueError, match="state rows"):
+        step(rec, torch.zeros(2, net.config.d_input), flat32[:, ::2], flat64)
+    assert torch.equal(flat32, before)
+
+
+def test_s4_networks_have_no_native_step(cache):
+    rec = perturbed_network(layer="s4").to_recurrent(1.0)
+    assert "s4" in unsupported(rec)
+    with pytest.raises(ValueError, match="no native step"):
+        NativeStep(rec, StateLayout.of(rec.state_spec), cache)
+
+
+def test_the_library_is_built_once_per_cache(tmp_path):
+    first = library(tmp_path)
+    built = list(tmp_path.glob("native-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert library(tmp_path) is first
+    assert built[0].stat().st_mtime_ns == stamp
