@@ -13,8 +13,9 @@
  *              x = residual ? x + v : v,   postnorm: x = LN(x)
  *   pooled:   sum += x, count += 1, x = sum / count (float64)
  *   out = decoder(x)
- * The new state is written back only when the row's input and output are finite (a rejected
- * sample leaves its session as it was, as the graph steps do).
+ * A block of T samples (a chunk) is T such steps, the state kept in two scratch rows in turn.
+ * The new state is written back only when the row's inputs and outputs are all finite (a
+ * rejected frame leaves its session as it was, as the graph steps do).
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,6 +28,7 @@ typedef struct {
   const float *w_t, *bias;   /* output linear, transposed: (Hc, 2H); bias (2H) */
   const float *ln_w, *ln_b;  /* LayerNorm (H) or NULL */
   long off_re, off_im;       /* the layer's state within a float32 row */
+  const double *wa_re, *wa_im, *wb_re, *wb_im, *wc_re, *wc_nim; /* float64 tables (Hc, N2) */
 } Layer;
 
 typedef struct {
@@ -145,6 +147,49 @@ static void ssm(const Layer *l, int hc, int h, int n2, const float *z, const flo
   }
 }
 
+/* Four doubles; no alignment needed. */
+typedef double v4 __attribute__((vector_size(32), aligned(8)));
+
+static inline double hsum4(v4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+
+/* `ssm` with the state and the tables in float64: within a block of samples the state is
+ * rounded to float32 once, at the end, not at every sample. A slow mode (|Ā| near 1, as for
+ * audio at 16 kHz) carries each sample's rounding for thousands of samples: rounded per sample,
+ * a 16 kHz stream's outputs drift ~7e-5 from the float64 reference over 1 s; per 20 ms block,
+ * as the FFT chunk did, ~2e-5. */
+static void ssm_wide(const Layer *l, int hc, int h, int n2, const float *z, const double *old,
+                     double *new, float *y) {
+  const double *xr = old + l->off_re, *xi = old + l->off_im;
+  double *nr = new + l->off_re, *ni = new + l->off_im;
+  const int n4 = n2 - n2 % 4;
+  for (int row = 0; row < hc; row++) {
+    const long o = (long)row * n2;
+    const double u = z[row % h];
+    const double *ar = l->wa_re + o, *ai = l->wa_im + o, *br = l->wb_re + o, *bi = l->wb_im + o;
+    const double *cr = l->wc_re + o, *ci = l->wc_nim + o;
+    v4 acc = {0};
+    for (int n = 0; n < n4; n += 4) {
+      const v4 r = *(const v4 *)(xr + o + n), i = *(const v4 *)(xi + o + n);
+      const v4 a_r = *(const v4 *)(ar + n), a_i = *(const v4 *)(ai + n);
+      const v4 vr = r * a_r - i * a_i + u * *(const v4 *)(br + n);
+      const v4 vi = i * a_r + r * a_i + u * *(const v4 *)(bi + n);
+      *(v4 *)(nr + o + n) = vr;
+      *(v4 *)(ni + o + n) = vi;
+      acc += vr * *(const v4 *)(cr + n) + vi * *(const v4 *)(ci + n);
+    }
+    double sum = hsum4(acc);
+    for (int n = n4; n < n2; n++) {
+      const double r = xr[o + n], i = xi[o + n];
+      const double vr = r * ar[n] - i * ai[n] + u * br[n];
+      const double vi = i * ar[n] + r * ai[n] + u * bi[n];
+      nr[o + n] = vr;
+      ni[o + n] = vi;
+      sum += vr * cr[n] + vi * ci[n];
+    }
+    y[row] = (float)sum + l->skip[row] * (float)u;
+  }
+}
+
 /* GELU in place, then out (2H) = W y + b, then GLU into v (H). */
 static void tail(const Layer *l, int hc, int h, float *y, float *out, float *v) {
 #pragma omp simd
@@ -160,7 +205,7 @@ static int finite_all(const float *x, int n) {
   return !bad;
 }
 
-/* Scratch per thread: the running sums (float64), one row's new state and the activations. */
+/* Scratch per thread: two states (float64 and float32 parts) and the activations. */
 static __thread double *scratch;
 static __thread size_t scratch_bytes;
 
@@ -174,55 +219,83 @@ static double *scratch_for(size_t bytes) {
   return scratch;
 }
 
-/* Steps `batch` rows: u (batch, d_input) with row stride u_stride; state rows s32, s64 with
- * row strides; y (batch, d_output) contiguous. Returns the number of rows written back, or -1
- * when scratch memory could not be had (nothing changed then). */
-long s4d_network_step(const Net *net, long batch, const float *u, long u_stride, float *s32,
-                      long s32_stride, double *s64, long s64_stride, float *y) {
-  const int h = net->d_model, hc = net->channels * h, n2 = net->n2;
-  const long w32 = net->width32;
-  double *sums = scratch_for(sizeof(double) * (size_t)h +
-                             sizeof(float) * ((size_t)w32 + 4 * (size_t)h + 3 * (size_t)hc));
-  if (!sums) return -1;
-  double count = 0.0;
-  float *new = (float *)(sums + h), *x = new + w32, *z = x + h, *ys = z + hc;
-  float *out = ys + hc, *v = out + 2 * h;
+/* One sample of one row: u (d_input) and the state (s32, s64) -> y (d_output) and the new
+ * state (n32, n64); `act` holds the activations. `wide`: s32 and n32 hold the float32 part
+ * of the state as float64. */
+static void sample(const Net *net, const float *u, const void *s32, const double *s64,
+                   void *n32, double *n64, int wide, float *act, float *y) {
+  const int h = net->d_model, hc = net->channels * h;
+  float *x = act, *z = x + h, *ys = z + hc, *out = ys + hc, *v = out + 2 * h;
+  if (net->enc_w_t) linear(u, net->d_input, net->enc_w_t, net->enc_b, h, x);
+  else memcpy(x, u, sizeof(float) * (size_t)h);
+  for (int i = 0; i < net->n_layers; i++) {
+    const Layer *l = net->layers + i;
+    memcpy(z, x, sizeof(float) * (size_t)h);
+    if (net->prenorm && l->ln_w) layer_norm(z, h, l->ln_w, l->ln_b, net->ln_eps);
+    if (wide) ssm_wide(l, hc, h, net->n2, z, s32, n32, ys);
+    else ssm(l, hc, h, net->n2, z, s32, n32, ys);
+    tail(l, hc, h, ys, out, v);
+    if (net->residual) {
+      for (int k = 0; k < h; k++) x[k] += v[k];
+    } else {
+      memcpy(x, v, sizeof(float) * (size_t)h);
+    }
+    if (!net->prenorm && l->ln_w) layer_norm(x, h, l->ln_w, l->ln_b, net->ln_eps);
+  }
+  if (net->pooled) { /* the running mean, float64 so long streams keep it exact */
+    const double count = s64[net->off_count] + 1.0;
+    n64[net->off_count] = count;
+    for (int k = 0; k < h; k++) {
+      n64[net->off_sum + k] = s64[net->off_sum + k] + (double)x[k];
+      x[k] = (float)(n64[net->off_sum + k] / count);
+    }
+  }
+  if (net->dec_w_t) linear(x, h, net->dec_w_t, net->dec_b, net->d_output, y);
+  else memcpy(y, x, sizeof(float) * (size_t)net->d_output);
+}
+
+/* Advances `batch` rows by `steps` samples each: u (batch, steps, d_input), row b at
+ * u + b * u_stride; state rows s32, s64 with row strides; y (batch, steps, d_output)
+ * contiguous. A block (steps > 1) keeps the state in float64 until its end. A row's state is
+ * replaced only when all its inputs and outputs are finite (else it stays as it was, whole).
+ * Returns the number of rows replaced, or -1 when scratch memory could not be had (nothing
+ * changed then). */
+long s4d_network_run(const Net *net, long batch, long steps, const float *u, long u_stride,
+                     float *s32, long s32_stride, double *s64, long s64_stride, float *y) {
+  const int h = net->d_model, hc = net->channels * h, wide = steps > 1;
+  const long w32 = net->width32, w64 = net->width64;
+  double *pool = scratch_for(sizeof(double) * (2 * (size_t)w64 + 2 * (size_t)w32) +
+                             sizeof(float) * (5 * (size_t)h + 2 * (size_t)hc));
+  if (!pool) return -1;
+  double *pool_buf[2] = {pool, pool + w64};
+  double *buf[2] = {pool + 2 * w64, pool + 2 * w64 + w32}; /* float or double states */
+  float *act = (float *)(buf[1] + w32);
   long written = 0;
   for (long b = 0; b < batch; b++) {
     const float *ub = u + b * u_stride;
-    float *row = s32 + b * s32_stride, *yb = y + b * net->d_output;
-    if (net->enc_w_t) linear(ub, net->d_input, net->enc_w_t, net->enc_b, h, x);
-    else memcpy(x, ub, sizeof(float) * (size_t)h);
-    for (int i = 0; i < net->n_layers; i++) {
-      const Layer *l = net->layers + i;
-      memcpy(z, x, sizeof(float) * (size_t)h);
-      if (net->prenorm && l->ln_w) layer_norm(z, h, l->ln_w, l->ln_b, net->ln_eps);
-      ssm(l, hc, h, n2, z, row, new, ys);
-      tail(l, hc, h, ys, out, v);
-      if (net->residual) {
-        for (int k = 0; k < h; k++) x[k] += v[k];
-      } else {
-        memcpy(x, v, sizeof(float) * (size_t)h);
-      }
-      if (!net->prenorm && l->ln_w) layer_norm(x, h, l->ln_w, l->ln_b, net->ln_eps);
+    float *row32 = s32 + b * s32_stride, *yb = y + b * steps * net->d_output;
+    double *row64 = s64 + b * s64_stride;
+    const void *cur32 = row32; /* read from the row, written to scratch: the row stays */
+    const double *cur64 = row64;
+    if (wide) {
+      for (long k = 0; k < w32; k++) buf[1][k] = row32[k];
+      cur32 = buf[1];
     }
-    if (net->pooled) {  /* the running mean, float64 so long streams keep it exact */
-      const double *old = s64 + b * s64_stride;
-      count = old[net->off_count] + 1.0;
-      for (int k = 0; k < h; k++) {
-        sums[k] = old[net->off_sum + k] + (double)x[k];
-        x[k] = (float)(sums[k] / count);
-      }
+    for (long t = 0; t < steps; t++) {
+      sample(net, ub + t * net->d_input, cur32, cur64, buf[t & 1], pool_buf[t & 1], wide, act,
+             yb + t * net->d_output);
+      cur32 = buf[t & 1];
+      cur64 = pool_buf[t & 1];
     }
-    if (net->dec_w_t) linear(x, h, net->dec_w_t, net->dec_b, net->d_output, yb);
-    else memcpy(yb, x, sizeof(float) * (size_t)net->d_output);
-    if (!finite_all(ub, net->d_input) || !finite_all(yb, net->d_output)) continue;
-    memcpy(row, new, sizeof(float) * (size_t)w32);
-    if (net->pooled) {
-      double *wide = s64 + b * s64_stride;
-      memcpy(wide + net->off_sum, sums, sizeof(double) * (size_t)h);
-      wide[net->off_count] = count;
+    if (!finite_all(ub, (int)(steps * net->d_input)) ||
+        !finite_all(yb, (int)(steps * net->d_output)))
+      continue;
+    if (wide) {
+      for (long k = 0; k < w32; k++) row32[k] = (float)((const double *)cur32)[k];
+    } else {
+      memcpy(row32, cur32, sizeof(float) * (size_t)w32);
     }
+    if (w64) memcpy(row64, cur64, sizeof(double) * (size_t)w64);
     written++;
   }
   return written;

@@ -38,7 +38,9 @@ _loaded: dict[Path, ctypes.CDLL] = {}
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "da_re", "da_im", "db_re", "db_im", "c_re", "c_nim", "skip", "w_t", "bias", "ln_w",
-        "ln_b")] + [("off_re", ctypes.c_long), ("off_im", ctypes.c_long)]
+        "ln_b")] + [("off_re", ctypes.c_long), ("off_im", ctypes.c_long)] + [
+        (name, ctypes.c_void_p) for name in ("wa_re", "wa_im", "wb_re", "wb_im", "wc_re",
+                                             "wc_nim")]
 
 
 class _Net(ctypes.Structure):
@@ -105,17 +107,24 @@ def library(cache_dir: Path) -> ctypes.CDLL:
                 finally:
                     partial.unlink(missing_ok=True)
     lib = ctypes.CDLL(str(path))
-    fn = lib.s4d_network_step
+    fn = lib.s4d_network_run
     fn.restype = ctypes.c_long
-    fn.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
-                   ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
-                   ctypes.c_void_p]
+    fn.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                   ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                   ctypes.c_long, ctypes.c_void_p]
     _loaded[path] = lib
     return lib
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
+
+
+def _wide(layer: nn.Module) -> tuple[torch.Tensor, ...]:
+    """A diagonal recurrence's float64 Ā, B̄ and 2C as the C step reads them: real parts and
+    imaginary parts (C's negated)."""
+    da, db, c2 = (layer.wide[name] for name in ("da", "db", "c2"))
+    return da.real, da.imag, db.real, db.imag, c2.real, -c2.imag
 
 
 class _Bound:
@@ -144,7 +153,8 @@ class _Bound:
                 ptr(_f32(linear.weight.T)), ptr(_f32(linear.bias)),
                 ptr(_f32(norm.weight)) if norm is not None else None,
                 ptr(_f32(norm.bias)) if norm is not None else None,
-                offsets[f"layer{i}.re"], offsets[f"layer{i}.im"]))
+                offsets[f"layer{i}.re"], offsets[f"layer{i}.im"],
+                *(ptr(part.contiguous()) for part in _wide(layer))))
         self.layers = (_Layer * len(layers))(*layers)
         enc = rec.encoder if isinstance(rec.encoder, nn.Linear) else None
         dec = rec.decoder if isinstance(rec.decoder, nn.Linear) else None
@@ -161,27 +171,43 @@ class _Bound:
 
 class NativeStep:
     """`step(rec, u, flat32, flat64) -> (y, flat32, flat64)` for every rate of one S4D
-    network: the rows are advanced in place and returned (a row whose input or output is not
-    finite is left as it was)."""
+    network, and `chunk` for blocks of T samples (exactly T steps): the rows are advanced in
+    place and returned (a row whose inputs or outputs are not all finite is left as it was)."""
 
     def __init__(self, template: nn.Module, layout: StateLayout, cache_dir: Path) -> None:
         reason = unsupported(template)
         if reason is not None:
             raise ValueError(f"no native step for this network: {reason}")
         self.layout = layout
-        self._step = library(cache_dir).s4d_network_step
+        self._run = library(cache_dir).s4d_network_run
         self._d_input, self._d_output = template.config.d_input, template.config.d_output
 
     def __call__(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
                  flat64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u (B, d_input) -> y (B, d_output); the rows advanced by one sample."""
+        if u.dim() != 2:
+            raise ValueError(f"u must be (batch, {self._d_input}), got {tuple(u.shape)}")
+        y = self._advance(rec, u[:, None], flat32, flat64)
+        return y[:, 0], flat32, flat64
+
+    def chunk(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
+              flat64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u (B, T, d_input) -> y (B, T, d_output); the rows advanced by T samples."""
+        if u.dim() != 3:
+            raise ValueError(f"u must be (batch, steps, {self._d_input}), got "
+                             f"{tuple(u.shape)}")
+        return self._advance(rec, u, flat32, flat64), flat32, flat64
+
+    def _advance(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
+                 flat64: torch.Tensor) -> torch.Tensor:
         bound = rec.__dict__.get("_native")
         if bound is None:  # a rate's tables, bound once and kept with its recurrence
             bound = rec.__dict__["_native"] = _Bound(rec, self.layout)
-        batch = u.shape[0]
-        if u.dtype != torch.float32 or u.dim() != 2 or u.shape[1] != self._d_input:
-            raise ValueError(f"u must be float32 (batch, {self._d_input}), got {u.dtype} "
-                             f"{tuple(u.shape)}")
-        if u.stride(1) != 1:
+        batch, steps = u.shape[0], u.shape[1]
+        if u.dtype != torch.float32 or u.shape[2] != self._d_input or u.device.type != "cpu":
+            raise ValueError(f"u must be float32 (..., {self._d_input}) on the CPU, got "
+                             f"{u.dtype} {tuple(u.shape)}")
+        if u.stride(2) != 1 or u.stride(1) != self._d_input:
             u = u.contiguous()
         for rows, dtype, width in ((flat32, torch.float32, self.layout.width32),
                                    (flat64, torch.float64, self.layout.width64)):
@@ -190,9 +216,10 @@ class NativeStep:
                 raise ValueError(f"state rows must be {dtype} ({batch}, {width}) with unit "
                                  f"column stride on the CPU, got {rows.dtype} "
                                  f"{tuple(rows.shape)}")
-        y = torch.empty(batch, self._d_output)
-        if batch and self._step(bound.ref, batch, u.data_ptr(), u.stride(0), flat32.data_ptr(),
-                                flat32.stride(0), flat64.data_ptr(), flat64.stride(0),
-                                y.data_ptr()) < 0:
+        y = torch.empty(batch, steps, self._d_output)
+        if batch and steps and self._run(bound.ref, batch, steps, u.data_ptr(), u.stride(0),
+                                         flat32.data_ptr(), flat32.stride(0),
+                                         flat64.data_ptr(), flat64.stride(0),
+                                         y.data_ptr()) < 0:
             raise MemoryError("the native step could not allocate its scratch rows")
-        return y, flat32, flat64
+        return y

@@ -136,6 +136,10 @@ class DiagonalRecurrence(LayerRecurrence):
             self.register_buffer(f"neg_{name}_im", _f32(-value.imag))
         self.register_buffer("pow_re", _f32(powers.real))  # (Tm+1, H, N2)
         self.register_buffer("pow_im", _f32(powers.imag))
+        # float64 Ā, B̄, 2C for the native step's blocks (model/native_step.c), which keep the
+        # state in float64 within a block; plain attributes, not buffers: no graph reads them
+        self.wide = {name: value.detach().to(torch.complex128).cpu()
+                     for name, value in (("da", da), ("db", db), ("c2", c2))}
 
     def ssm_step(self, u, xr, xi):
         # In-place multiply-adds: at large batch the step is memory bound, so every pass over

@@ -76,6 +76,12 @@ def served_step_times(net: S4Network, batches: tuple[int, ...], target_s: float,
                     step(u, layout.split(a, c))[1])
             call()
             out[b] = time_call(call, repeats, inner_for(target_s, call)).as_dict()
+        if compiler == "native":  # a block of T samples is T steps in one call (B=1)
+            for t in (32, 320):
+                flat32, flat64 = layout.join(rec.initial_state(1))
+                u = torch.randn(1, t, net.config.d_input)
+                call = lambda u=u, a=flat32, c=flat64: fused.chunk(rec, u, a, c)  # noqa: E731
+                out[f"chunk_{t}"] = time_call(call, repeats, inner_for(target_s, call)).as_dict()
     return out
 
 

@@ -124,6 +124,14 @@ def _served(r: dict) -> list[str]:
                              _t(roof), _f(big / roof["median_s"], ".2f"), vs_official))
     if not rows:
         return []
+    chunks = []
+    native = (r.get("s4d") or {}).get("served_step") or {}
+    if "chunk_32" in native and 1 in native:
+        one = native[1]["median_s"]
+        chunks = ["Native chunks (S4D, B=1; a block of T samples is T steps in one call): "
+                  + ", ".join(f"T={t} {_t(native[f'chunk_{t}'])} = "
+                              f"{native[f'chunk_{t}']['median_s'] / (t * one):.2f} × T steps"
+                              for t in (32, 320)) + ".", ""]
     return ["### Served step (flat state rows, one compiled step per model; what streams run)",
             "",
             "native: the C step of S4D networks (model/native_step.c), rows advanced in place; "
@@ -133,7 +141,7 @@ def _served(r: dict) -> list[str]:
             "layer (issue #9's measurement on this machine), times n_layers.", "",
             _row("layer", "compiler", "step B=1", "step B=1024", "roofline pass B=1024",
                  "step / roofline", "throughput vs official"),
-            _row(*["---"] * 7), *rows, ""]
+            _row(*["---"] * 7), *rows, "", *chunks]
 
 
 def _backends(r: dict) -> list[str]:

@@ -54,7 +54,7 @@ def _stream(url: str, model: str, sessions: int, hold_s: float, **kw) -> dict:
 def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
     counts = (1, 10) if quick else (100, 300, 1000)
     profile_at = counts[1]
-    ladder = (1, 2) if quick else (8, 16, 24, 32, 40, 48, 64)
+    ladder = (1, 2) if quick else (8, 16, 24, 32, 48, 64, 96, 128)
     hold_s = 1.0 if quick else 10.0
     audio_hold_s = 1.0 if quick else 5.0
     workers = 1 if quick else cpu_cores()

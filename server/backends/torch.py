@@ -140,6 +140,13 @@ class TorchBackend(ModelBackend):
     def chunk(self, u, state, rate):
         return self._recurrence(rate).chunk(u, state)
 
+    @torch.inference_mode()
+    def chunk_flat(self, u, flat32, flat64, rate):
+        chunk = getattr(self._fused, "chunk", None)  # the native step: T steps in C
+        if chunk is None:
+            return super().chunk_flat(u, flat32, flat64, rate)
+        return chunk(self._recurrence(rate), u, flat32, flat64)
+
     def conv_bytes(self, length: int) -> int:
         return self.net.conv_bytes(length)
 

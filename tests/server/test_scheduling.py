@@ -83,11 +83,12 @@ async def test_overload_is_answered_in_the_frames_reply_slot(tight):
 
 async def test_big_frames_do_not_hold_up_small_ones(server):
     big = np.zeros((20000, 2), "<f4").tobytes()  # 79 rounds each
+    heavy_frames = 40  # ~0.4 s of rounds with the native step; all within session_queue
     async with await connect(server.ws_url, "seq") as heavy, \
             await connect(server.ws_url, "seq") as light:
         await start(heavy)
         await start(light)
-        for _ in range(10):
+        for _ in range(heavy_frames):
             await heavy.send(big)
         for _ in range(20):  # one at a time: each waits for its reply
             await light.send(np.zeros((1, 2), "<f4").tobytes())
@@ -99,8 +100,8 @@ async def test_big_frames_do_not_hold_up_small_ones(server):
                 heavy_done += 1
             except TimeoutError:
                 break
-        assert heavy_done < 10  # the light session finished first
-        for _ in range(10 - heavy_done):
+        assert heavy_done < heavy_frames  # the light session finished first
+        for _ in range(heavy_frames - heavy_done):
             await heavy.recv()
 
 
