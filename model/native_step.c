@@ -255,26 +255,31 @@ static void sample(const Net *net, const float *u, const void *s32, const double
 }
 
 /* Advances `batch` rows by `steps` samples each: u (batch, steps, d_input), row b at
- * u + b * u_stride; state rows s32, s64 with row strides; y (batch, steps, d_output)
+ * u + b * u_stride; state rows s32, s64 with row strides (row b at index rows[b] when
+ * `rows` is given: a pool's rows stepped where they lie; distinct); y (batch, steps, d_output)
  * contiguous. A block (steps > 1) keeps the state in float64 until its end. A row's state is
  * replaced only when all its inputs and outputs are finite (else it stays as it was, whole).
- * Returns the number of rows replaced, or -1 when scratch memory could not be had (nothing
- * changed then). */
+ * Returns the number of rows replaced, -1 when scratch memory could not be had, -2 when a
+ * row index is not in [0, n_rows) (nothing changed then). */
 long s4d_network_run(const Net *net, long batch, long steps, const float *u, long u_stride,
-                     float *s32, long s32_stride, double *s64, long s64_stride, float *y) {
+                     float *s32, long s32_stride, double *s64, long s64_stride, float *y,
+                     const int64_t *rows, long n_rows) {
   const int h = net->d_model, hc = net->channels * h, wide = steps > 1;
   const long w32 = net->width32, w64 = net->width64;
   double *pool = scratch_for(sizeof(double) * (2 * (size_t)w64 + 2 * (size_t)w32) +
                              sizeof(float) * (5 * (size_t)h + 2 * (size_t)hc));
   if (!pool) return -1;
+  for (long b = 0; rows && b < batch; b++)
+    if (rows[b] < 0 || rows[b] >= n_rows) return -2;
   double *pool_buf[2] = {pool, pool + w64};
   double *buf[2] = {pool + 2 * w64, pool + 2 * w64 + w32}; /* float or double states */
   float *act = (float *)(buf[1] + w32);
   long written = 0;
   for (long b = 0; b < batch; b++) {
     const float *ub = u + b * u_stride;
-    float *row32 = s32 + b * s32_stride, *yb = y + b * steps * net->d_output;
-    double *row64 = s64 + b * s64_stride;
+    const long r = rows ? (long)rows[b] : b;
+    float *row32 = s32 + r * s32_stride, *yb = y + b * steps * net->d_output;
+    double *row64 = s64 + r * s64_stride;
     const void *cur32 = row32; /* read from the row, written to scratch: the row stays */
     const double *cur64 = row64;
     if (wide) {

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,7 +112,7 @@ def library(cache_dir: Path) -> ctypes.CDLL:
     fn.restype = ctypes.c_long
     fn.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                    ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                   ctypes.c_long, ctypes.c_void_p]
+                   ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
     _loaded[path] = lib
     return lib
 
@@ -198,8 +199,17 @@ class NativeStep:
                              f"{tuple(u.shape)}")
         return self._advance(rec, u, flat32, flat64), flat32, flat64
 
+    def at_rows(self, rec: nn.Module, u: torch.Tensor, pool32: torch.Tensor,
+                pool64: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """u (B, d_input) -> y (B, d_output); rows `rows` (B distinct indices) of the pool's
+        (S, W32), (S, W64) state advanced by one sample where they lie: no gather, no scatter."""
+        rows = np.ascontiguousarray(rows, np.int64)
+        if rows.ndim != 1 or len(rows) != u.shape[0]:
+            raise ValueError(f"rows must be one index per input, got {rows.shape}")
+        return self._advance(rec, u[:, None], pool32, pool64, rows)[:, 0]
+
     def _advance(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
-                 flat64: torch.Tensor) -> torch.Tensor:
+                 flat64: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
         bound = rec.__dict__.get("_native")
         if bound is None:  # a rate's tables, bound once and kept with its recurrence
             bound = rec.__dict__["_native"] = _Bound(rec, self.layout)
@@ -209,17 +219,22 @@ class NativeStep:
                              f"{u.dtype} {tuple(u.shape)}")
         if u.stride(2) != 1 or u.stride(1) != self._d_input:
             u = u.contiguous()
-        for rows, dtype, width in ((flat32, torch.float32, self.layout.width32),
-                                   (flat64, torch.float64, self.layout.width64)):
-            if (rows.dtype != dtype or tuple(rows.shape) != (batch, width)
-                    or (width > 1 and rows.stride(1) != 1) or rows.device.type != "cpu"):
-                raise ValueError(f"state rows must be {dtype} ({batch}, {width}) with unit "
-                                 f"column stride on the CPU, got {rows.dtype} "
-                                 f"{tuple(rows.shape)}")
+        count = batch if rows is None else flat32.shape[0]  # the pool's rows
+        for state, dtype, width in ((flat32, torch.float32, self.layout.width32),
+                                    (flat64, torch.float64, self.layout.width64)):
+            if (state.dtype != dtype or tuple(state.shape) != (count, width)
+                    or (width > 1 and state.stride(1) != 1) or state.device.type != "cpu"):
+                raise ValueError(f"state rows must be {dtype} ({count}, {width}) with unit "
+                                 f"column stride on the CPU, got {state.dtype} "
+                                 f"{tuple(state.shape)}")
         y = torch.empty(batch, steps, self._d_output)
-        if batch and steps and self._run(bound.ref, batch, steps, u.data_ptr(), u.stride(0),
-                                         flat32.data_ptr(), flat32.stride(0),
-                                         flat64.data_ptr(), flat64.stride(0),
-                                         y.data_ptr()) < 0:
+        if not (batch and steps):
+            return y
+        done = self._run(bound.ref, batch, steps, u.data_ptr(), u.stride(0), flat32.data_ptr(),
+                         flat32.stride(0), flat64.data_ptr(), flat64.stride(0), y.data_ptr(),
+                         None if rows is None else rows.ctypes.data, count)
+        if done == -2:
+            raise ValueError(f"rows must lie in [0, {count})")
+        if done < 0:
             raise MemoryError("the native step could not allocate its scratch rows")
         return y

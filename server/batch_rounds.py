@@ -95,6 +95,9 @@ class BatchRounds:
             if due.any():
                 groups.setdefault((batch.pool, batch.rate), []).append((batch, due))
         for (pool, rate), members in groups.items():
+            if pool.in_place:  # rows stepped where they lie: every due member in one call
+                self._step_members(pool, rate, members)
+                continue
             rest = []  # a whole batch on a run of rows steps alone: its rows are a view
             for batch, due in members:
                 run = self._run_of(batch) if due.all() else None
@@ -145,6 +148,8 @@ class BatchRounds:
         backend, model = pool.backend, self._models[pool]
         if run is not None:
             order, rows, index = None, run, slice(int(run[0]), int(run[-1]) + 1)
+        elif pool.in_place:  # stepped where they lie: in batch order
+            order, rows = None, np.fromiter((s.slot for s in streams), np.int64, len(streams))
         else:  # in slot order: consecutive rows gather as a view
             slots = np.fromiter((s.slot for s in streams), np.int64, len(streams))
             order = np.argsort(slots, kind="stable")
@@ -152,17 +157,22 @@ class BatchRounds:
             index = pool.index(rows.tolist())
         started = time.perf_counter()
         try:
-            flat32, flat64 = pool.gather(index)
             x = torch.from_numpy(u if order is None else u[order]).to(backend.device)
-            y_sorted, flat32, flat64 = backend.step_flat(x, flat32, flat64, rate)
-            y_sorted = y_sorted.to("cpu", torch.float32).numpy()
+            if pool.in_place:  # rows with a non-finite input or output are left as they were
+                y_sorted = backend.step_rows(x, pool.flat32, pool.flat64, rows, rate).numpy()
+            else:
+                flat32, flat64 = pool.gather(index)
+                y_sorted, flat32, flat64 = backend.step_flat(x, flat32, flat64, rate)
+                y_sorted = y_sorted.to("cpu", torch.float32).numpy()
         except Exception:  # the states were not written back: nothing is lost
             log.exception("batched call failed")
             return (np.zeros((len(u), backend.info.d_output), np.float32),
                     np.full(len(u), BATCH_FAILED, np.uint8))
         elapsed = time.perf_counter() - started
         fine_sorted = np.isfinite(y_sorted).all(1)
-        if fine_sorted.all():
+        if pool.in_place:  # written back in the call, finite rows only
+            pass
+        elif fine_sorted.all():
             pool.scatter(index, flat32, flat64)
         else:
             keep = np.flatnonzero(fine_sorted)

@@ -264,16 +264,19 @@ class Scheduler(BatchRounds):
         members.sort(key=_slot)  # consecutive rows gather as a view
         frames = [s.queue[0] for s in members]
         u = np.stack([f.samples[f.done] for f in frames])  # (B, d_input)
-        index = pool.index([s.slot for s in members])
+        slots, in_place = [s.slot for s in members], pool.in_place
+        index = None if in_place else pool.index(slots)
         for stream, frame in zip(members, frames, strict=True):
             if frame.done == 0 and len(frame.samples) > 1:  # a short frame spans a few rounds
                 frame.before = pool.rows(stream.slot)
         cpu = pool.on_cpu
         started = time.perf_counter()
         try:
-            flat32, flat64 = pool.gather(index)
             x = torch.from_numpy(u) if cpu else torch.from_numpy(u).to(backend.device)
-            y, flat32, flat64 = backend.step_flat(x, flat32, flat64, rate)
+            if in_place:  # rows where they lie; a non-finite input or output leaves its row
+                y = backend.step_rows(x, pool.flat32, pool.flat64, np.array(slots), rate)
+            else:
+                y, flat32, flat64 = backend.step_flat(x, *pool.gather(index), rate)
             y = y.to("cpu", torch.float32) if not cpu or y.dtype != torch.float32 else y
             y = y.numpy()  # (B, d_output) float32
         except Exception as exc:  # the states were not written back: nothing is lost
@@ -284,7 +287,8 @@ class Scheduler(BatchRounds):
         fine = None  # the usual case, checked at once: every input and output finite
         if not (np.isfinite(y).all() and np.isfinite(u).all()):
             fine = np.isfinite(y).all(1) & np.isfinite(u).all(1)
-        self._write_back(pool, members, index, flat32, flat64, fine)
+        if not in_place:
+            self._write_back(pool, members, index, flat32, flat64, fine)
         model.call("step", elapsed, rows, rows if fine is None else int(fine.sum()))
         latencies = model.latencies
         for i, (stream, frame) in enumerate(zip(members, frames, strict=True)):

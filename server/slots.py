@@ -30,6 +30,11 @@ class SlotPool:
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low slots first
         self._lock = threading.Lock()
 
+    @property
+    def in_place(self) -> bool:
+        """The backend steps this pool's rows where they lie (no gather or scatter)."""
+        return self.backend.rows_in_place
+
     def allocate(self) -> int | None:
         with self._lock:
             return self._free.pop() if self._free else None

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from model.fused import StateLayout
@@ -110,6 +111,16 @@ class ModelBackend(ABC):
         may advance the given rows in place and return them (the native step does)."""
         y, state = self.step(u, self.layout.split(flat32, flat64), rate)
         return (y, *self.layout.join(state))
+
+    # whether `step_rows` can advance a slot pool's rows where they lie
+    rows_in_place: bool = False
+
+    def step_rows(self, u: torch.Tensor, pool32: torch.Tensor, pool64: torch.Tensor,
+                  rows: np.ndarray, rate: float) -> torch.Tensor:
+        """y (B, d_output) with rows `rows` (distinct) of a slot pool's state advanced where
+        they lie, each only if its input and output are finite (when `rows_in_place`; else
+        the caller gathers, steps and scatters)."""
+        raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
 
     def chunk_flat(self, u: torch.Tensor, flat32: torch.Tensor, flat64: torch.Tensor,
                    rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -136,6 +136,16 @@ class TorchBackend(ModelBackend):
             return super().step_flat(u, flat32, flat64, rate)
         return self._fused(self._recurrence(rate), u, flat32, flat64)
 
+    @property
+    def rows_in_place(self) -> bool:
+        return isinstance(self._fused, NativeStep)
+
+    @torch.inference_mode()
+    def step_rows(self, u, pool32, pool64, rows, rate):
+        if not self.rows_in_place:
+            return super().step_rows(u, pool32, pool64, rows, rate)
+        return self._fused.at_rows(self._recurrence(rate), u, pool32, pool64, rows)
+
     @torch.inference_mode()
     def chunk(self, u, state, rate):
         return self._recurrence(rate).chunk(u, state)

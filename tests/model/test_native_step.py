@@ -3,6 +3,7 @@ rate and batch, in place on strided pool rows, and a rejected row left exactly a
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,27 @@ def test_only_the_given_rows_of_a_pool_change(cache):
     for rows in (slice(0, 3), slice(7, 10)):
         assert torch.equal(pool32[rows], before32[rows])
         assert torch.equal(pool64[rows], before64[rows])
+
+
+def test_rows_anywhere_in_a_pool_step_where_they_lie(cache):
+    net, rec, layout, step = _classifier(cache)
+    pool32, pool64 = layout.join(_random_state(rec, 10))
+    before32, before64 = pool32.clone(), pool64.clone()
+    rows = np.array([7, 2, 5])  # scattered, not ascending
+    u = torch.randn(3, net.config.d_input)
+    expected_y, expected_state = rec.step(u, layout.split(pool32[rows], pool64[rows]))
+    y = step.at_rows(rec, u, pool32, pool64, rows)
+    torch.testing.assert_close(y, expected_y, atol=2e-6, rtol=1e-5)
+    want32, want64 = layout.join(expected_state)
+    torch.testing.assert_close(pool32[rows], want32, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(pool64[rows], want64)
+    others = np.setdiff1d(np.arange(10), rows)
+    assert torch.equal(pool32[others], before32[others])
+    assert torch.equal(pool64[others], before64[others])
+    with pytest.raises(ValueError, match="rows must lie"):
+        step.at_rows(rec, u, pool32, pool64, np.array([1, 2, 10]))
+    with pytest.raises(ValueError, match="one index per input"):
+        step.at_rows(rec, u, pool32, pool64, np.array([1, 2]))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, 3e38])

@@ -199,10 +199,23 @@ async def test_replies_are_binary_whatever_the_first_session_id(server):
         assert reply[123].shape == (1, 3)
 
 
-async def test_sessions_opened_interleaved_are_moved_into_runs_with_their_numbers(server):
+@pytest.fixture(scope="module")
+def gathering(model_dirs, tmp_path_factory):
+    """A step that gathers and scatters rows (the native step advances them where they lie)."""
+    settings = make_settings(model_dirs, tmp_path_factory.mktemp("gather"),
+                             step_compiler="torchscript")
+    with ServerThread(settings) as running:
+        yield running
+
+
+@pytest.mark.parametrize("where", ["in_place", "gathered"])
+async def test_sessions_opened_interleaved_keep_their_numbers(where, server, gathering):
     """Two gateways open their sessions alternately, so each one's rows interleave with the
-    other's; a batch's rows are then moved into one run (to step as a view) while a plain
-    stream, snapshots and the per-entry path go on around them."""
+    other's. Gathered: a batch's rows are moved into one run (to step as a view); in place:
+    rows stay where they are and every due batch steps in one call. Either way, a plain stream,
+    snapshots and the per-entry path go on around them with their numbers."""
+    server = server if where == "in_place" else gathering
+    assert server.runtime.models["seq"].pool.in_place == (where == "in_place")
     inputs = [signal(16, 40 + i) for i in range(8)]
     plain = signal(16, 60)
     expected = [np.array(predict(server.url, "seq", u[None])["outputs"])[0]
@@ -228,7 +241,7 @@ async def test_sessions_opened_interleaved_are_moved_into_runs_with_their_number
                 assert (await a.snapshot(ids_a[0]))[0] == 8
         rows = _rows_by_connection(server)
     assert len(rows) == 2
-    for slots in rows:  # each gateway's sessions hold one run of rows now
+    for slots in rows if where == "gathered" else ():  # each one's sessions: one run now
         assert sorted(slots) == list(range(min(slots), min(slots) + 4)), rows
     assert pool.in_use == 0
     for want, have in zip(expected, got, strict=True):
