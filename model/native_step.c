@@ -254,17 +254,23 @@ static void sample(const Net *net, const float *u, const void *s32, const double
   else memcpy(y, x, sizeof(float) * (size_t)net->d_output);
 }
 
+/* Blocks of up to this many samples round the state to float32 at every sample, as steps do:
+ * they cost exactly that many steps (float64 arithmetic costs ~25% more per sample), and a
+ * stream of short frames behaves as one of single samples. Longer blocks (audio frames) keep
+ * the state in float64 until their end. */
+#define NARROW_STEPS 32
+
 /* Advances `batch` rows by `steps` samples each: u (batch, steps, d_input), row b at
  * u + b * u_stride; state rows s32, s64 with row strides (row b at index rows[b] when
  * `rows` is given: a pool's rows stepped where they lie; distinct); y (batch, steps, d_output)
- * contiguous. A block (steps > 1) keeps the state in float64 until its end. A row's state is
+ * contiguous. A block of more than NARROW_STEPS keeps the state in float64 until its end. A row's state is
  * replaced only when all its inputs and outputs are finite (else it stays as it was, whole).
  * Returns the number of rows replaced, -1 when scratch memory could not be had, -2 when a
  * row index is not in [0, n_rows) (nothing changed then). */
 long s4d_network_run(const Net *net, long batch, long steps, const float *u, long u_stride,
                      float *s32, long s32_stride, double *s64, long s64_stride, float *y,
                      const int64_t *rows, long n_rows) {
-  const int h = net->d_model, hc = net->channels * h, wide = steps > 1;
+  const int h = net->d_model, hc = net->channels * h, wide = steps > NARROW_STEPS;
   const long w32 = net->width32, w64 = net->width64;
   double *pool = scratch_for(sizeof(double) * (2 * (size_t)w64 + 2 * (size_t)w32) +
                              sizeof(float) * (5 * (size_t)h + 2 * (size_t)hc));
