@@ -170,14 +170,13 @@ class BatchRounds:
                     np.full(len(u), BATCH_FAILED, np.uint8))
         elapsed = time.perf_counter() - started
         fine_sorted = np.isfinite(y_sorted).all(1)
-        if pool.in_place:  # written back in the call, finite rows only
-            pass
-        elif fine_sorted.all():
-            pool.scatter(index, flat32, flat64)
-        else:
-            keep = np.flatnonzero(fine_sorted)
-            pool.scatter(torch.from_numpy(rows[keep]).to(backend.device), flat32[keep],
-                         flat64[keep])
+        if not pool.in_place:  # (in place: written back in the call, finite rows only)
+            if fine_sorted.all():
+                pool.scatter(index, flat32, flat64)
+            else:
+                keep = np.flatnonzero(fine_sorted)
+                pool.scatter(torch.from_numpy(rows[keep]).to(backend.device), flat32[keep],
+                             flat64[keep])
         if order is None:
             y, fine = y_sorted, fine_sorted
         else:
