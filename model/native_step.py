@@ -134,6 +134,10 @@ class _Bound:
 
     def __init__(self, rec: nn.Module, layout: StateLayout) -> None:
         cfg, keep = rec.config, []
+        hc, n2 = cfg.channels * cfg.d_model, cfg.d_state // 2
+        if (layout.width32 != len(rec.layers) * 2 * hc * n2
+                or layout.width64 != (cfg.d_model + 1 if rec.pooled else 0)):
+            raise ValueError("the state layout is not this network's")  # C would overrun
 
         def ptr(t: torch.Tensor | None) -> int | None:
             if t is None:
