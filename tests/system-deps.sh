@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The Debian packages the test suite starts for real (promtool, espeak-ng + sox for speech
-# data, Docker + debootstrap for the image smoke test, Chromium for the browser demo). Installs what is missing when it can
+# data, Docker + debootstrap for the image smoke test, Chromium for the browser demo, gcc and
+# g++ for the native and AOTInductor streaming steps). Installs what is missing when it can
 # (root with apt-get); otherwise stops at once with the exact command to run.
 set -euo pipefail
 declare -A package=(
   [promtool]=prometheus [espeak-ng]=espeak-ng [sox]=sox [dockerd]=docker.io
   [debootstrap]=debootstrap [docker-compose]=docker-compose [chromium]=chromium [curl]=curl
-  [redis-server]=redis-server [nginx]=nginx
+  [redis-server]=redis-server [nginx]=nginx [cc]=gcc [g++]=g++
 )
 need=()
 for cmd in "${!package[@]}"; do
