@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
+from loadtest.bench.cells import dur, num, trow, yes
 from loadtest.bench.conv_report import render_conv
-from loadtest.bench.model_bench import OFFICIAL_STEP_B1024_S
+from loadtest.bench.model_report import render_model
 from loadtest.bench.sessions_bench import render_sessions
 from loadtest.bench.sessions_bench import targets as sessions_targets
-
-
-def _t(entry: dict | None) -> str:
-    """'median unit (IQR x)', in the unit that puts the median between 1 and 1000."""
-    if not entry:
-        return "-"
-    med = entry["median_s"]
-    unit, scale = next(((u, k) for u, k in (("s", 1.0), ("ms", 1e3)) if med * k >= 1), ("µs", 1e6))
-    return f"{med * scale:.3g} {unit} (IQR {entry['iqr_s'] * scale:.2g})"
-
-
-def _f(value: float | None, fmt: str = ".3g") -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _row(*cells: object) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "NO"
 
 
 def _machine(m: dict, command: str) -> list[str]:
@@ -43,114 +23,13 @@ def _machine(m: dict, command: str) -> list[str]:
     ]
 
 
-def _model(r: dict) -> list[str]:
-    lines = [
-        "## Model (in process, 1 torch thread)", "",
-        f"Conv length L = {r['conv_length']}; accuracy length L = {r['accuracy_length']}. "
-        "Times: median (IQR) over repeats. Per-layer ratio = whole network / n_layers / official "
-        "per-layer anchor (S4D step 500 µs, S4 Woodbury step 2.04 ms, block forward at L=16000 "
-        "7.4 s S4D / 5.4 s S4); below 1 is faster than the official code.", "",
-        "| layer | shape | step B=1 | step B=1024 | chunk T=320 | conv cold | conv warm "
-        "| step/layer vs anchor | cold conv/layer vs anchor |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
-    for layer in ("s4d", "s4"):
-        e = r.get(layer)
-        if not e:
-            continue
-        c = e["config"]
-        ratios = e["ratios"]
-        lines.append(_row(
-            layer, f"{c['n_layers']}×{c['d_model']}, N={c['d_state']}", _t(e["step"][1]),
-            _t(e["step"][1024]), _t(e["chunk_320"]), _t(e["conv"]["cold"]),
-            _t(e["conv"]["warm"]), _f(ratios["step_per_layer_vs_anchor"]),
-            _f(ratios["conv_cold_per_layer_vs_anchor"]),
-        ))  # fmt: skip
-    lines += ["", *_served(r)]
-    lines += ["", "### Step variants (whole network, list-of-tensors state, one graph per rate)",
-              "", "The step columns above are the TorchScript graph (the served step where no C++ "
-              "compiler is installed). Eager is the plain Python `RecurrentNetwork.step`; "
-              "inductor is `compiled_step('inductor')` (torch.compile with the rate baked in).",
-              "", "| layer | variant | step B=1 | step B=1024 |", "|---|---|---|---|"]
-    for layer in ("s4d", "s4"):
-        e = r.get(layer)
-        if not e:
-            continue
-        variants = {"torchscript": e["step"], **e.get("step_variants", {})}
-        for name, t in variants.items():
-            lines.append(_row(layer, name, _t(t[1]), _t(t[1024])))
-    lines += ["", "### Agreement with a float64 dense reference (max abs error)", "",
-              _row("layer", "L", "step", "chunk (T=320)", "conv", "goal", "met"),
-              _row(*["---"] * 7)]  # fmt: skip
-    for layer in ("s4d", "s4"):
-        a = r.get(layer, {}).get("accuracy")
-        if a:
-            worst = max(a["step"], a["chunk"], a["conv"])
-            lines.append(
-                _row(
-                    layer,
-                    a["length"],
-                    f"{a['step']:.2e}",
-                    f"{a['chunk']:.2e}",
-                    f"{a['conv']:.2e}",
-                    f"{a['goal']:.0e}",
-                    _yes(worst <= a["goal"]),
-                )
-            )
-    lines += ["", "### Step cost vs state size (B=64; O(N) means flat ns per state element)", "",
-              "| layer | N | step | ns per state element |", "|---|---|---|---|"]  # fmt: skip
-    for layer in ("s4d", "s4"):
-        for row in r.get(layer, {}).get("scaling", []):
-            per = f"{row['ns_per_state_element']:.1f}"
-            lines.append(_row(layer, row["d_state"], _t(row), per))
-    return lines
-
-
-def _served(r: dict) -> list[str]:
-    """The served (fused) step next to the memory roofline pass and the official step."""
-    rows = []
-    for layer in ("s4d", "s4"):
-        e = r.get(layer) or {}
-        roof = e.get("roofline_1024")
-        for served in (e.get("served_step"), e.get("served_step_aoti")):
-            if not served or not roof:
-                continue
-            served = {int(k) if str(k).isdigit() else k: v for k, v in served.items()}
-            big = served[1024]["median_s"]
-            layers = e["config"]["n_layers"]
-            official = OFFICIAL_STEP_B1024_S.get(layer)
-            vs_official = _f(official * layers / big, ".3g") + "x" if official else "-"
-            rows.append(_row(layer, served["compiler"], _t(served[1]), _t(served[1024]),
-                             _t(roof), _f(big / roof["median_s"], ".2f"), vs_official))
-    if not rows:
-        return []
-    chunks = []
-    native = (r.get("s4d") or {}).get("served_step") or {}
-    if "chunk_32" in native and 1 in native:
-        one = native[1]["median_s"]
-        chunks = ["Native chunks (S4D, B=1; a block of T samples is T steps in one call): "
-                  + ", ".join(f"T={t} {_t(native[f'chunk_{t}'])} = "
-                              f"{native[f'chunk_{t}']['median_s'] / (t * one):.2f} × T steps"
-                              for t in (32, 320)) + ".", ""]
-    return ["### Served step (flat state rows, one compiled step per model; what streams run)",
-            "",
-            "native: the C step of S4D networks (model/native_step.c), rows advanced in place; "
-            "aoti: the AOTInductor package it replaced for S4D (still the S4 step), same run. "
-            "Roofline: one read and one write of the same B=1024 state (a copy), the least "
-            "traffic a step can do. Official: the state-spaces/s4 S4D step at B=1024, 101 ms per "
-            "layer (issue #9's measurement on this machine), times n_layers.", "",
-            _row("layer", "compiler", "step B=1", "step B=1024", "roofline pass B=1024",
-                 "step / roofline", "throughput vs official"),
-            _row(*["---"] * 7), *rows, "", *chunks]
-
-
 def _backends(r: dict) -> list[str]:
     lines = ["## Backends (server runtimes, reference-size S4D, 1 thread)", "",
              "| backend | step B=1 | step B=1024 |", "|---|---|---|"]  # fmt: skip
     for kind in ("torch", "onnx"):
         e = r.get(kind, {})
         if e.get("available"):
-            lines.append(_row(kind, _t(e[1]), _t(e[1024])))
+            lines.append(trow(kind, dur(e[1]), dur(e[1024])))
         else:
             lines.append(f"| {kind} | not available: {e.get('reason', '?')} | - |")
     if "onnx_vs_torch" in r:
@@ -175,19 +54,19 @@ def _server(r: dict) -> list[str]:
             batch = (e["server"].get("step_batch_size") or {}).get("mean")
             rate = f"{tp['frames_per_s']:.0f} ({tp['offered_frames_per_s']:.0f})"
             lines.append(
-                _row(
+                trow(
                     n,
                     target,
                     rate,
-                    _f(lat["p50"]),
-                    _f(lat["p99"]),
-                    _f(lat["max"]),
-                    _f(e["client_max_send_lag_ms"]),
-                    _f(batch),
-                    _yes(e["ok"]),
+                    num(lat["p50"]),
+                    num(lat["p99"]),
+                    num(lat["max"]),
+                    num(e["client_max_send_lag_ms"]),
+                    num(batch),
+                    yes(e["ok"]),
                 )
             )
-    ratios = [f"{n} sessions {_f(e['model_vs_echo'], '.2f')}" for n, e in r["sessions"].items()]
+    ratios = [f"{n} sessions {num(e['model_vs_echo'], '.2f')}" for n, e in r["sessions"].items()]
     lines += ["", "Model / echo message rate: " + ", ".join(ratios), ""]
     for n, entry in r["sessions"].items():
         for target in ("model", "echo"):
@@ -198,16 +77,16 @@ def _server(r: dict) -> list[str]:
         lat, tp = chunked["latency_hold_ms"], chunked["throughput"]
         lines += ["", f"{chunked['sessions']} sessions × 10 frames/s of {chunked['frame']} "
                   f"samples: {tp['frames_per_s']:.0f} frames/s answered (offered "
-                  f"{tp['offered_frames_per_s']:.0f}), p50 {_f(lat['p50'])} ms, p99 "
-                  f"{_f(lat['p99'])} ms, all replies ok: {_yes(chunked['ok'])}."]
+                  f"{tp['offered_frames_per_s']:.0f}), p50 {num(lat['p50'])} ms, p99 "
+                  f"{num(lat['p99'])} ms, all replies ok: {yes(chunked['ok'])}."]
     beside = r.get("beside_predict")
     if beside:
         p99, answer = beside["p99_ms"], beside["predict"]
         lines += ["", f"Streams beside the largest predict: {beside['body_mb']:.0f} MB of JSON "
                   f"(shape {tuple(beside['shape'])}), answered {answer.get('status')} in "
-                  f"{_f(answer.get('seconds'))} s; stream p99 {_f(p99['during'])} ms during it "
-                  f"vs {_f(p99['baseline'])} ms without (same run), all replies ok: "
-                  f"{_yes(beside['during']['ok'])}."]
+                  f"{num(answer.get('seconds'))} s; stream p99 {num(p99['during'])} ms during it "
+                  f"vs {num(p99['baseline'])} ms without (same run), all replies ok: "
+                  f"{yes(beside['during']['ok'])}."]
     mux = r.get("mux")
     if mux:
         tp, lat = mux["throughput"], mux["latency_ms"]
@@ -215,15 +94,15 @@ def _server(r: dict) -> list[str]:
                   f"{mux['sessions_per_gateway']} sessions × 100 Hz", "",
                   f"{tp['session_samples_per_s']:.0f} session-samples/s answered (offered "
                   f"{tp['offered_session_samples_per_s']:.0f}), {mux['counts']['lost']} "
-                  f"messages lost, p50 {_f(lat['p50'])} ms, p99 {_f(lat['p99'])} ms; "
+                  f"messages lost, p50 {num(lat['p50'])} ms, p99 {num(lat['p99'])} ms; "
                   f"{mux['verify']['sessions']} sessions verified against predict (max abs "
-                  f"error {mux['verify']['max_abs_err']:.1e}); all ok: {_yes(mux['ok'])}"
+                  f"error {mux['verify']['max_abs_err']:.1e}); all ok: {yes(mux['ok'])}"
                   + (f" ({'; '.join(mux['failures'])})" if mux["failures"] else "") + ".",
                   "", "Server CPU per session-sample "
-                  f"{_f(mux['server_cpu_per_session_sample_s'] * 1e6)} µs (all workers, "
+                  f"{num(mux['server_cpu_per_session_sample_s'] * 1e6)} µs (all workers, "
                   "transport included) vs the served batched step in process at B="
-                  f"{mux['step_batch']}: {_f(mux['step_per_session_s'] * 1e6)} µs per "
-                  f"session: {_f(mux['cost_vs_step'], '.2f')}x."]
+                  f"{mux['step_batch']}: {num(mux['step_per_session_s'] * 1e6)} µs per "
+                  f"session: {num(mux['cost_vs_step'], '.2f')}x."]
     drop = r.get("drop")
     if drop:
         idle = "not within 30 s" if drop["idle_s"] is None else f"{drop['idle_s']:.2f} s"
@@ -240,15 +119,15 @@ def _server(r: dict) -> list[str]:
     limit = f"p99 < {a['p99_limit_ms']:.0f} ms"
     lines += ["", f"### Real-time 16 kHz audio (digits, 20 ms int16 frames, {limit})", "",
               f"Sustained: **{bound}{a['max_streams']} streams**.", "",
-              _row("streams", "frames/s", "p99 ms", "all replies ok", "sustained"),
-              _row(*["---"] * 5)]  # fmt: skip
+              trow("streams", "frames/s", "p99 ms", "all replies ok", "sustained"),
+              trow(*["---"] * 5)]  # fmt: skip
     for s in a["ladder"]:
         lines.append(
-            _row(
+            trow(
                 s["streams"],
                 f"{s['frames_per_s']:.0f}",
-                _f(s["p99_ms"]),
-                _yes(s["ok"]),
+                num(s["p99_ms"]),
+                yes(s["ok"]),
                 "yes" if s["sustained"] else "no",
             )
         )
@@ -260,10 +139,10 @@ def _gpu(r: dict) -> list[str]:
     if not r.get("available"):
         return [*lines, f"Not run: {r.get('reason', '?')}."]
     lines += [f"{r['device']}: batch {r['batch']} × L {r['length']}, reference-size network.", "",
-              _row("layer", "cold", "warm", "max abs err vs CPU"), _row(*["---"] * 4)]  # fmt: skip
+              trow("layer", "cold", "warm", "max abs err vs CPU"), trow(*["---"] * 4)]  # fmt: skip
     for layer in ("s4d", "s4"):
         e = r[layer]
-        lines.append(_row(layer, _t(e["cold"]), _t(e["warm"]), f"{e['max_abs_err_vs_cpu']:.2e}"))
+        lines.append(trow(layer, dur(e["cold"]), dur(e["warm"]), f"{e['max_abs_err_vs_cpu']:.2e}"))
     return lines
 
 
@@ -275,8 +154,8 @@ def _k6(k: dict | None) -> list[str]:
     lat = k["latency_ms"]
     return ["", f"k6 cross-check (loadtest/k6/stream.js, {k['sessions']} sessions, model): "
             f"{k['frames_answered']:.0f} of {k['frames_sent']:.0f} frames answered "
-            f"({k['answered_per_s']:.0f}/s), latency ms p50 {_f(lat['med'])}, "
-            f"p90 {_f(lat['p(90)'])}, p99 {_f(lat['p(99)'])}, max {_f(lat['max'])} "
+            f"({k['answered_per_s']:.0f}/s), latency ms p50 {num(lat['med'])}, "
+            f"p90 {num(lat['p(90)'])}, p99 {num(lat['p(99)'])}, max {num(lat['max'])} "
             "(1 ms resolution); "
             f"checks {'passed' if k['passed'] else 'FAILED'}"
             + (f" ({_failed_checks(k)})." if not k["passed"] else ".")]  # fmt: skip
@@ -296,10 +175,10 @@ def _profile(p: dict | None) -> list[str]:
     if not p.get("available"):
         return [*lines, f"Profile not taken: {p.get('reason')}"]
     lines += [f"{p['samples']} samples of the server process (all threads, on-CPU only).", "",
-              _row("self time (leaf frame)", "share"), _row("---", "---"),
-              *(_row(f"`{f}`", f"{share:.0%}") for f, share in p["self"]), "",
-              _row("inclusive (s4serve code)", "share"), _row("---", "---"),
-              *(_row(f"`{f}`", f"{share:.0%}") for f, share in p["inclusive"])]  # fmt: skip
+              trow("self time (leaf frame)", "share"), trow("---", "---"),
+              *(trow(f"`{f}`", f"{share:.0%}") for f, share in p["self"]), "",
+              trow("inclusive (s4serve code)", "share"), trow("---", "---"),
+              *(trow(f"`{f}`", f"{share:.0%}") for f, share in p["inclusive"])]  # fmt: skip
     return lines
 
 
@@ -310,9 +189,9 @@ def _soak(r: dict) -> list[str]:
     return [f"## Soak ({r['sessions']} sessions × {r['rate']:.0f} Hz, {r['hold_s']:.0f} s, "
             f"{r['workers']} workers)", "",
             f"{tp['frames_per_s']:.0f} frames/s answered (offered "
-            f"{tp['offered_frames_per_s']:.0f}), {tp['lost']} lost, p50 {_f(lat['p50'])} ms, "
-            f"p99 {_f(lat['p99'])} ms; all replies "
-            f"ok and no session closed: {_yes(run['ok'])}"
+            f"{tp['offered_frames_per_s']:.0f}), {tp['lost']} lost, p50 {num(lat['p50'])} ms, "
+            f"p99 {num(lat['p99'])} ms; all replies "
+            f"ok and no session closed: {yes(run['ok'])}"
             + (f" ({'; '.join(run['failures'])})" if run["failures"] else "") + ". Server RSS "
             f"(all workers) {mib(r['rss_after_warmup'])} after warm-up, {mib(r['rss_end'])} at "
             f"the end: {'-' if growth is None else f'{growth:+.1%}'}.", ""]
@@ -325,7 +204,8 @@ def _targets(result: dict) -> list[str]:
     s4d = model.get("s4d")
     if s4d and "step" in s4d:
         step = s4d["step"][1]["median_s"]
-        rows.append(("whole-network S4D step, B=1", "≤ 200 µs", _t(s4d["step"][1]), step <= 200e-6))
+        rows.append(("whole-network S4D step, B=1", "≤ 200 µs", dur(s4d["step"][1]),
+                     step <= 200e-6))
     for layer, goal in (("s4d", 1e-4), ("s4", 2e-4)):
         acc = (model.get(layer) or {}).get("accuracy")
         if acc:
@@ -335,7 +215,7 @@ def _targets(result: dict) -> list[str]:
     served = (s4d or {}).get("served_step")
     roof = (s4d or {}).get("roofline_1024")
     if served and roof:
-        rows.append(("served S4D step, B=1", "≤ 100 µs", _t(served[1]),
+        rows.append(("served S4D step, B=1", "≤ 100 µs", dur(served[1]),
                      served[1]["median_s"] <= 100e-6))
         ratio = served[1024]["median_s"] / roof["median_s"]
         rows.append(("served S4D step B=1024 vs roofline pass", "≤ 2x", f"{ratio:.2f}x",
@@ -349,14 +229,14 @@ def _targets(result: dict) -> list[str]:
                      f"{ratio:.0%}, {lost} lost", good))
         if int(n) == 100:
             p99 = entry["model"]["latency_hold_ms"]["p99"]
-            rows.append(("p99 at 100 sessions × 100 Hz", "≤ 25 ms", f"{_f(p99)} ms",
+            rows.append(("p99 at 100 sessions × 100 Hz", "≤ 25 ms", f"{num(p99)} ms",
                          p99 is not None and p99 <= 25))
     mux = server.get("mux")
     if mux:
         p99 = mux["latency_ms"]["p99"]
         rows.append((f"mux {mux['gateways'] * mux['sessions_per_gateway']} sessions × 100 Hz via "
                      f"{mux['gateways']} connections", "0 lost, p99 ≤ 50 ms",
-                     f"{mux['counts']['lost']} lost, p99 {_f(p99)} ms",
+                     f"{mux['counts']['lost']} lost, p99 {num(p99)} ms",
                      mux["ok"] and p99 is not None and p99 <= 50))
         rows.append(("mux cost per session-sample vs in-process step", "≤ 2x",
                      f"{mux['cost_vs_step']:.2f}x", mux["cost_vs_step"] <= 2))
@@ -381,8 +261,8 @@ def _targets(result: dict) -> list[str]:
         rows.append(("real-time 16 kHz audio streams, p99 < 100 ms", "≥ 32", str(n), n >= 32))
     if not rows:
         return []
-    return ["## Targets", "", _row("target", "goal", "measured", "met"), _row(*["---"] * 4),
-            *(_row(name, goal, got, _yes(ok)) for name, goal, got, ok in rows), ""]  # fmt: skip
+    return ["## Targets", "", trow("target", "goal", "measured", "met"), trow(*["---"] * 4),
+            *(trow(name, goal, got, yes(ok)) for name, goal, got, ok in rows), ""]  # fmt: skip
 
 
 def render(result: dict, command: str) -> str:
@@ -391,7 +271,7 @@ def render(result: dict, command: str) -> str:
              "Medians with IQR over repeats; ratios are taken within this one run.", "",
              *_machine(result["machine"], command), "", *_targets(result)]  # fmt: skip
     for key, section in (
-        ("model", _model),
+        ("model", render_model),
         ("backends", _backends),
         ("server", _server),
         ("sessions", render_sessions),
