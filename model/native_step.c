@@ -104,91 +104,63 @@ static void linear(const float *in, int k, const float *w_t, const float *bias, 
   }
 }
 
-/* Eight floats; loads and stores through it need no alignment. */
+/* Eight floats, four doubles; loads and stores through them need no alignment. */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef double v4 __attribute__((vector_size(32), aligned(8)));
 
-static inline float hsum(v8 v) {
+static inline float hsum8(v8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-/* One layer's SSM on one row: reads `old`, writes `new` (both the row's re/im halves).
- * Explicit 8-wide vectors: the output's sum over n stays in a register until the row ends
- * (an `omp simd` reduction spilled its lanes to the stack on every row). */
-static void ssm(const Layer *l, int hc, int h, int n2, const float *z, const float *old,
-                float *new, float *y) {
-  const float *xr = old + l->off_re, *xi = old + l->off_im;
-  float *nr = new + l->off_re, *ni = new + l->off_im;
-  const int n8 = n2 - n2 % 8;
-  for (int row = 0; row < hc; row++) {
-    const long o = (long)row * n2;
-    const float u = z[row % h];
-    const float *ar = l->da_re + o, *ai = l->da_im + o, *br = l->db_re + o, *bi = l->db_im + o;
-    const float *cr = l->c_re + o, *ci = l->c_nim + o;
-    v8 acc = {0};
-    for (int n = 0; n < n8; n += 8) {
-      const v8 r = *(const v8 *)(xr + o + n), i = *(const v8 *)(xi + o + n);
-      const v8 a_r = *(const v8 *)(ar + n), a_i = *(const v8 *)(ai + n);
-      const v8 vr = r * a_r - i * a_i + u * *(const v8 *)(br + n);
-      const v8 vi = i * a_r + r * a_i + u * *(const v8 *)(bi + n);
-      *(v8 *)(nr + o + n) = vr;
-      *(v8 *)(ni + o + n) = vi;
-      acc += vr * *(const v8 *)(cr + n) + vi * *(const v8 *)(ci + n);
-    }
-    float sum = hsum(acc);
-    for (int n = n8; n < n2; n++) {
-      const float r = xr[o + n], i = xi[o + n];
-      const float vr = r * ar[n] - i * ai[n] + u * br[n];
-      const float vi = i * ar[n] + r * ai[n] + u * bi[n];
-      nr[o + n] = vr;
-      ni[o + n] = vi;
-      sum += vr * cr[n] + vi * ci[n];
-    }
-    y[row] = sum + l->skip[row] * u;
-  }
-}
-
-/* Four doubles; no alignment needed. */
-typedef double v4 __attribute__((vector_size(32), aligned(8)));
-
 static inline double hsum4(v4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+
+/* One layer's SSM on one row: reads `old`, writes `new` (both the row's re/im halves), in
+ * scalar type T with LANES-wide vectors V over the tables named:
+ * y_h = Re Σ_n 2 C_n x_n' + D_h z_h.
+ * Explicit vectors: the output's sum over n stays in a register until the row ends (an
+ * `omp simd` reduction spilled its lanes to the stack on every row). */
+#define DEFINE_SSM(NAME, T, V, LANES, HSUM, A_RE, A_IM, B_RE, B_IM, C_RE, C_NIM)                \
+  static void NAME(const Layer *l, int hc, int h, int n2, const float *z, const T *old, T *new,  \
+                   float *y) {                                                                   \
+    const T *xr = old + l->off_re, *xi = old + l->off_im;                                        \
+    T *nr = new + l->off_re, *ni = new + l->off_im;                                              \
+    const int nv = n2 - n2 % LANES;                                                              \
+    for (int row = 0; row < hc; row++) {                                                         \
+      const long o = (long)row * n2;                                                             \
+      const T u = z[row % h];                                                                    \
+      const T *ar = l->A_RE + o, *ai = l->A_IM + o, *br = l->B_RE + o, *bi = l->B_IM + o;        \
+      const T *cr = l->C_RE + o, *ci = l->C_NIM + o;                                             \
+      V acc = {0};                                                                               \
+      for (int n = 0; n < nv; n += LANES) {                                                      \
+        const V r = *(const V *)(xr + o + n), i = *(const V *)(xi + o + n);                      \
+        const V a_r = *(const V *)(ar + n), a_i = *(const V *)(ai + n);                          \
+        const V vr = r * a_r - i * a_i + u * *(const V *)(br + n);                               \
+        const V vi = i * a_r + r * a_i + u * *(const V *)(bi + n);                               \
+        *(V *)(nr + o + n) = vr;                                                                 \
+        *(V *)(ni + o + n) = vi;                                                                 \
+        acc += vr * *(const V *)(cr + n) + vi * *(const V *)(ci + n);                            \
+      }                                                                                          \
+      T sum = HSUM(acc);                                                                         \
+      for (int n = nv; n < n2; n++) {                                                            \
+        const T r = xr[o + n], i = xi[o + n];                                                    \
+        const T vr = r * ar[n] - i * ai[n] + u * br[n];                                          \
+        const T vi = i * ar[n] + r * ai[n] + u * bi[n];                                          \
+        nr[o + n] = vr;                                                                          \
+        ni[o + n] = vi;                                                                          \
+        sum += vr * cr[n] + vi * ci[n];                                                          \
+      }                                                                                          \
+      y[row] = (float)sum + l->skip[row] * (float)u;                                             \
+    }                                                                                            \
+  }
+
+DEFINE_SSM(ssm, float, v8, 8, hsum8, da_re, da_im, db_re, db_im, c_re, c_nim)
 
 /* `ssm` with the state and the tables in float64: within a block of samples the state is
  * rounded to float32 once, at the end, not at every sample. A slow mode (|Ā| near 1, as for
  * audio at 16 kHz) carries each sample's rounding for thousands of samples: rounded per sample,
  * a 16 kHz stream's outputs drift ~7e-5 from the float64 reference over 1 s; per 20 ms block,
  * as the FFT chunk did, ~2e-5. */
-static void ssm_wide(const Layer *l, int hc, int h, int n2, const float *z, const double *old,
-                     double *new, float *y) {
-  const double *xr = old + l->off_re, *xi = old + l->off_im;
-  double *nr = new + l->off_re, *ni = new + l->off_im;
-  const int n4 = n2 - n2 % 4;
-  for (int row = 0; row < hc; row++) {
-    const long o = (long)row * n2;
-    const double u = z[row % h];
-    const double *ar = l->wa_re + o, *ai = l->wa_im + o, *br = l->wb_re + o, *bi = l->wb_im + o;
-    const double *cr = l->wc_re + o, *ci = l->wc_nim + o;
-    v4 acc = {0};
-    for (int n = 0; n < n4; n += 4) {
-      const v4 r = *(const v4 *)(xr + o + n), i = *(const v4 *)(xi + o + n);
-      const v4 a_r = *(const v4 *)(ar + n), a_i = *(const v4 *)(ai + n);
-      const v4 vr = r * a_r - i * a_i + u * *(const v4 *)(br + n);
-      const v4 vi = i * a_r + r * a_i + u * *(const v4 *)(bi + n);
-      *(v4 *)(nr + o + n) = vr;
-      *(v4 *)(ni + o + n) = vi;
-      acc += vr * *(const v4 *)(cr + n) + vi * *(const v4 *)(ci + n);
-    }
-    double sum = hsum4(acc);
-    for (int n = n4; n < n2; n++) {
-      const double r = xr[o + n], i = xi[o + n];
-      const double vr = r * ar[n] - i * ai[n] + u * br[n];
-      const double vi = i * ar[n] + r * ai[n] + u * bi[n];
-      nr[o + n] = vr;
-      ni[o + n] = vi;
-      sum += vr * cr[n] + vi * ci[n];
-    }
-    y[row] = (float)sum + l->skip[row] * (float)u;
-  }
-}
+DEFINE_SSM(ssm_wide, double, v4, 4, hsum4, wa_re, wa_im, wb_re, wb_im, wc_re, wc_nim)
 
 /* GELU in place, then out (2H) = W y + b, then GLU into v (H). */
 static void tail(const Layer *l, int hc, int h, float *y, float *out, float *v) {
@@ -263,8 +235,9 @@ static void sample(const Net *net, const float *u, const void *s32, const double
 /* Advances `batch` rows by `steps` samples each: u (batch, steps, d_input), row b at
  * u + b * u_stride; state rows s32, s64 with row strides (row b at index rows[b] when
  * `rows` is given: a pool's rows stepped where they lie; distinct); y (batch, steps, d_output)
- * contiguous. A block of more than NARROW_STEPS keeps the state in float64 until its end. A row's state is
- * replaced only when all its inputs and outputs are finite (else it stays as it was, whole).
+ * contiguous. A block of more than NARROW_STEPS keeps the state in float64 until its end. A
+ * row's state is replaced only when all its inputs and outputs are finite (else it stays as it
+ * was, whole).
  * Returns the number of rows replaced, -1 when scratch memory could not be had, -2 when a
  * row index is not in [0, n_rows) (nothing changed then). */
 long s4d_network_run(const Net *net, long batch, long steps, const float *u, long u_stride,

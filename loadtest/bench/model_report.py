@@ -79,7 +79,6 @@ def _served(r: dict) -> list[str]:
         for served in (e.get("served_step"), e.get("served_step_aoti")):
             if not served or not roof:
                 continue
-            served = {int(k) if str(k).isdigit() else k: v for k, v in served.items()}
             big = served[1024]["median_s"]
             layers = e["config"]["n_layers"]
             official = OFFICIAL_STEP_B1024_S.get(layer)
