@@ -192,8 +192,7 @@ class NativeStep:
         """u (B, d_input) -> y (B, d_output); the rows advanced by one sample."""
         if u.dim() != 2:
             raise ValueError(f"u must be (batch, {self._d_input}), got {tuple(u.shape)}")
-        y = self._advance(rec, u[:, None], flat32, flat64)
-        return y[:, 0], flat32, flat64
+        return self._advance(rec, u, flat32, flat64), flat32, flat64
 
     def chunk(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
               flat64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,21 +206,23 @@ class NativeStep:
                 pool64: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """u (B, d_input) -> y (B, d_output); rows `rows` (B distinct indices) of the pool's
         (S, W32), (S, W64) state advanced by one sample where they lie: no gather, no scatter."""
-        rows = np.ascontiguousarray(rows, np.int64)
+        if type(rows) is not np.ndarray or rows.dtype != np.int64 or not rows.flags.c_contiguous:
+            rows = np.ascontiguousarray(rows, np.int64)
         if rows.ndim != 1 or len(rows) != u.shape[0]:
             raise ValueError(f"rows must be one index per input, got {rows.shape}")
-        return self._advance(rec, u[:, None], pool32, pool64, rows)[:, 0]
+        return self._advance(rec, u, pool32, pool64, rows)
 
     def _advance(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
                  flat64: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+        """u (B, d_input), one step, or (B, T, d_input) -> y (B, d_output) or (B, T, d_output)."""
         bound = rec.__dict__.get("_native")
         if bound is None:  # a rate's tables, bound once and kept with its recurrence
             bound = rec.__dict__["_native"] = _Bound(rec, self.layout)
-        batch, steps = u.shape[0], u.shape[1]
-        if u.dtype != torch.float32 or u.shape[2] != self._d_input or u.device.type != "cpu":
+        batch, steps = u.shape[0], 1 if u.dim() == 2 else u.shape[1]
+        if u.dtype != torch.float32 or u.shape[-1] != self._d_input or u.device.type != "cpu":
             raise ValueError(f"u must be float32 (..., {self._d_input}) on the CPU, got "
                              f"{u.dtype} {tuple(u.shape)}")
-        if u.stride(2) != 1 or u.stride(1) != self._d_input:
+        if u.stride(-1) != 1 or (steps > 1 and u.stride(1) != self._d_input):
             u = u.contiguous()
         count = batch if rows is None else flat32.shape[0]  # the pool's rows
         for state, dtype, width in ((flat32, torch.float32, self.layout.width32),
@@ -231,7 +232,7 @@ class NativeStep:
                 raise ValueError(f"state rows must be {dtype} ({count}, {width}) with unit "
                                  f"column stride on the CPU, got {state.dtype} "
                                  f"{tuple(state.shape)}")
-        y = torch.empty(batch, steps, self._d_output)
+        y = torch.empty(*u.shape[:-1], self._d_output)
         if not (batch and steps):
             return y
         done = self._run(bound.ref, batch, steps, u.data_ptr(), u.stride(0), flat32.data_ptr(),

@@ -5,7 +5,9 @@ in binary messages that carry samples for any subset of the connection's session
 one binary message with each entry's outputs in the same order (docs/protocol.md). Every entry
 is queued on its own session like a stream frame, so batching, ordering, the non-finite and
 overload rules and the numbers are those of a plain stream; a bad entry is answered with a
-status for that entry alone.
+status for that entry alone. The common message (one float32 sample for each of distinct
+sessions, none of them with anything queued) is stepped at once, in one call, and answered
+from the same callback.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import json
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,17 +24,15 @@ from fastapi import APIRouter, WebSocket
 from client import wire
 from client.wire import ENTRY_IN, ENTRY_OUT, HEADER, KIND_DATA, KIND_OUTPUTS, STATUS, WIRE_DTYPES
 from client.wire import MUX_VERSION as VERSION
-from server.errors import CLOSE_GOING_AWAY, ServeError
+from server.errors import ServeError
 from server.link import Link, peer_for
-from server.mux_table import HandleTable
+from server.mux_table import Handle, HandleTable, Message
 from server.protocol import binary_frame, parse_start, parse_text
 from server.scheduler import Batch, Control, Frame
 from server.sessions import Session
 from server.work import BATCH_FAILED, BATCH_GONE, BATCH_NON_FINITE, BATCH_OK
 
 router = APIRouter()
-
-
 
 # what a batch member's outcome is answered with
 _BATCH_CODES = {BATCH_GONE: "unknown_session", BATCH_NON_FINITE: "non_finite",
@@ -46,60 +45,17 @@ async def mux(websocket: WebSocket, name: str) -> None:
     await MuxConnection(websocket.app.state.runtime, peer_for(websocket), websocket).serve(name)
 
 
-@dataclass(eq=False)
-class _Message:
-    seq: int  # the client's number for it, echoed in the reply
-    parts: list[bytes | None]  # one per entry, or the whole body (fast path), or an error text
-    left: int  # entries not answered yet
-    count: int  # entries in the reply
-    text: bool = False  # parts[0] is a JSON error for the whole message
-    sids: np.ndarray | None = None  # fast path: the entries' sessions, in order
-
-
-@dataclass(eq=False)
-class _Handle:
-    """One session on this connection; the scheduler's sink and the session's owner."""
-
-    conn: MuxConnection
-    sid: int
-    session: Session | None = None
-    ref: Any = None
-
-    def frame_done(self, frame: Frame, outputs: np.ndarray) -> None:
-        self.conn._entry(frame.seq, frame.entry, self.sid, 0, outputs)
-
-    def frame_failed(self, frame: Frame, exc: Exception) -> None:
-        self.conn._entry(frame.seq, frame.entry, self.sid, STATUS["internal"], None)
-
-    def control_done(self, item: Control, value: Any) -> None:
-        self.conn._control_done(self, item, value)
-
-    def frames_dropped(self, frames: list[Frame]) -> None:
-        """Entries that will not be computed here (the session was taken over or left):
-        answered `unknown_session`, so their messages still complete."""
-        for frame in frames:
-            self.conn._entry(frame.seq, frame.entry, self.sid, STATUS["unknown_session"], None)
-
-    def kick(self, code: int, reason: str) -> None:
-        """Taken over elsewhere: this session leaves the connection (told with `closed`).
-        Shutting down: the whole connection closes, every session resumable."""
-        if code == CLOSE_GOING_AWAY:
-            self.conn.kick(code, reason)
-            return
-        if self.session is not None:
-            self.conn.rt.manager.detach(self.session, self)  # no-op once taken over
-        self.conn._drop(self, reason)
-
-
 class MuxConnection(Link):
     def __init__(self, runtime, peer, websocket) -> None:
         super().__init__(runtime, peer, websocket)
         self.handles = HandleTable()
         self._next_sid = 1
-        self._messages: dict[int, _Message] = {}
+        self._messages: dict[int, Message] = {}
         self._order: deque[int] = deque()
         self._next_message = 0
         self._inflight = 0
+        self._controls = 0  # control items on the queues of this connection's sessions
+        self._paths: dict = {}  # mux_messages by path, this model
         self._tasks: set[asyncio.Task] = set()
 
     # ----- lifecycle ---------------------------------------------------------------------
@@ -109,9 +65,11 @@ class MuxConnection(Link):
                 self.rt.manager.detach(handle.session, handle)
         self.handles.clear()
 
-    def _drop(self, handle: _Handle, reason: str) -> None:
+    def _drop(self, handle: Handle, reason: str) -> None:
         if self.handles.pop(handle.sid) is None:
             return
+        self._controls -= handle.controls  # dropped with its queue
+        handle.controls = 0
         self.peer.send_text(json.dumps({"type": "closed", "sid": handle.sid, "reason": reason}))
 
     # ----- incoming ----------------------------------------------------------------------
@@ -152,7 +110,7 @@ class MuxConnection(Link):
         if opts.received is not None:
             raise ServeError("bad_request", "received is for streams: a mux resumes its "
                              "sessions from `samples`")
-        handle = _Handle(self, self._next_sid, ref=ref)
+        handle = Handle(self, self._next_sid, ref=ref)
         manager = self.rt.manager
         if opts.resume is not None:
             elsewhere = manager.maybe_elsewhere(opts.resume, self.rt.handoff or self.rt.replicas)
@@ -174,14 +132,14 @@ class MuxConnection(Link):
         self._next_sid += 1
         self._opened(handle, session, samples)
 
-    def _opened(self, handle: _Handle, session: Session, samples: int) -> None:
+    def _opened(self, handle: Handle, session: Session, samples: int) -> None:
         handle.session = session
         self.handles.add(handle)
         opened = session.started_message(samples)
         opened.update(type="opened", sid=handle.sid, ref=handle.ref)
         self.peer.send_text(json.dumps(opened))
 
-    async def _resume_later(self, handle: _Handle, token: str, elsewhere: bool) -> None:
+    async def _resume_later(self, handle: Handle, token: str, elsewhere: bool) -> None:
         try:
             resumed = await self.resume_later(token, handle, elsewhere)
         except ServeError as err:
@@ -203,14 +161,16 @@ class MuxConnection(Link):
             self._bad_message(seq, f"at most {self.settings.mux_max_entries} entries")
             return
         received = time.perf_counter()
-        metric = self.rt.metrics.mux_messages
+        if not self._paths:  # a label lookup takes a lock: once per connection
+            self._paths = {path: self.rt.metrics.mux_messages.labels(self.model.info.name, path)
+                           for path in ("batched", "per_entry")}
         if self._fast(data, seq, count, received):
-            metric.labels(self.model.info.name, "batched").inc()
+            self._paths["batched"].inc()
             return
-        metric.labels(self.model.info.name, "per_entry").inc()
+        self._paths["per_entry"].inc()
         index = self._next_message
         self._next_message += 1
-        message = _Message(seq, [None] * count, count, count)
+        message = Message(seq, [None] * count, count, count)
         self._messages[index] = message
         self._order.append(index)
         at, scheduler = HEADER.size, self.rt.scheduler
@@ -254,21 +214,30 @@ class MuxConnection(Link):
         sids = entries["sid"]
         if (entries["T"] != 1).any():
             return False
-        route = self.handles.route(sids)
+        scheduler = self.rt.scheduler
+        route = self.handles.route(sids, scheduler.drops)
         if route is None:
             return False
-        streams, rate = route
         u = np.array(entries["x"][:, 0], np.float32)  # (count, d_input), a copy of transient data
         if not np.isfinite(u).all():
             return False
-        pool = streams[0].pool
-        if self.rt.scheduler.overloaded(pool):
+        pool = route.streams[0].pool
+        if scheduler.overloaded(pool):
             return False
+        if not self._inflight and not self._controls and pool.in_place:
+            # nothing of this connection is queued, so nothing is overtaken: step it now
+            y, status = scheduler.step_now(pool, route.rate, route.streams, u, route.rows,
+                                           received)
+            head = HEADER.pack(VERSION, KIND_OUTPUTS, 0, seq, count)
+            self.peer.send_bytes(head + self._reply_body(sids, y, status))
+            if not self.paused and not self.peer.can_write:
+                self._pause()
+            return True
         index = self._next_message
         self._next_message += 1
-        self._messages[index] = _Message(seq, [], count, count, sids=sids.copy())
+        self._messages[index] = Message(seq, [], count, count, sids=sids.copy())
         self._order.append(index)
-        self.rt.scheduler.submit_batch(Batch(pool, rate, streams, u, received, self, index))
+        scheduler.submit_batch(Batch(pool, route.rate, route.streams, u, received, self, index))
         self._sent_one()
         return True
 
@@ -276,26 +245,29 @@ class MuxConnection(Link):
         message = self._messages.get(batch.ref)
         if message is None:
             return
-        sids, count = message.sids, message.count
-        if not status.any():  # every entry ok: the reply body is one structured array
-            body = np.empty(count, wire.uniform_outputs(1, outputs.shape[1]))
-            body["sid"], body["status"], body["res"], body["rows"] = sids, 0, 0, 1
-            body["y"] = outputs[:, None]
-            message.parts = [body.tobytes()]
-        else:
-            message.parts = []
-            for sid, outcome, row in zip(sids.tolist(), status.tolist(), outputs, strict=True):
-                if outcome == BATCH_OK:
-                    message.parts.append(ENTRY_OUT.pack(sid, STATUS["ok"], 0, 1) + row.tobytes())
-                    continue
-                code = _BATCH_CODES[outcome]
-                self.rt.error(code)
-                message.parts.append(ENTRY_OUT.pack(sid, STATUS[code], 0, 0))
+        message.parts = [self._reply_body(message.sids, outputs, status)]
         message.left = 0
         if self._order and self._order[0] == batch.ref:
             self._flush()
 
-    def _submit(self, handle: _Handle, index: int, entry: int, payload: bytes, samples: int,
+    def _reply_body(self, sids: np.ndarray, outputs: np.ndarray, status: np.ndarray) -> bytes:
+        """The entries of a batch's reply, in order."""
+        if not status.any():  # every entry ok: the reply body is one structured array
+            body = np.empty(len(sids), wire.uniform_outputs(1, outputs.shape[1]))
+            body["sid"], body["status"], body["res"], body["rows"] = sids, 0, 0, 1
+            body["y"] = outputs[:, None]
+            return body.tobytes()
+        parts = []
+        for sid, outcome, row in zip(sids.tolist(), status.tolist(), outputs, strict=True):
+            if outcome == BATCH_OK:
+                parts.append(ENTRY_OUT.pack(sid, STATUS["ok"], 0, 1) + row.tobytes())
+                continue
+            code = _BATCH_CODES[outcome]
+            self.rt.error(code)
+            parts.append(ENTRY_OUT.pack(sid, STATUS[code], 0, 0))
+        return b"".join(parts)
+
+    def _submit(self, handle: Handle, index: int, entry: int, payload: bytes, samples: int,
                 received: float, scheduler) -> int:
         session = handle.session
         if samples == 0 or len(payload) != samples * self.model.info.d_input * (
@@ -320,16 +292,20 @@ class MuxConnection(Link):
         self._next_message += 1
         text = json.dumps({"type": "error", "code": "bad_request", "seq": seq,
                            "message": message})
-        self._messages[index] = _Message(seq, [text.encode()], 0, 0, text=True)
+        self._messages[index] = Message(seq, [text.encode()], 0, 0, text=True)
         self._order.append(index)
         self._sent_one()
 
-    def _queue(self, handle: _Handle, item: Frame | Control) -> None:
+    def _queue(self, handle: Handle, item: Frame | Control) -> None:
         stream = handle.session.stream
-        if type(item) is Control and not stream.queue:
-            self.rt.scheduler.apply(stream, item)
-        else:
-            self.rt.scheduler.submit(stream, item)
+        if type(item) is Control:
+            if not stream.queue:
+                self.rt.scheduler.apply(stream, item)
+                return
+            item.queued = True
+            handle.controls += 1
+            self._controls += 1
+        self.rt.scheduler.submit(stream, item)
 
     # ----- replies -----------------------------------------------------------------------
     def _entry(self, index: int, entry: int, sid: int, status: int,
@@ -359,7 +335,10 @@ class MuxConnection(Link):
         if not self.paused and not self.peer.can_write:
             self._pause()
 
-    def _control_done(self, handle: _Handle, item: Control, value: Any) -> None:
+    def _control_done(self, handle: Handle, item: Control, value: Any) -> None:
+        if item.queued:
+            handle.controls -= 1
+            self._controls -= 1
         if item.kind == "error":  # a rejected entry (non-finite outputs, say)
             self._entry(item.seq, item.entry, handle.sid,
                         STATUS.get(item.error.code, STATUS["internal"]), None)

@@ -1,13 +1,80 @@
-"""A mux connection's sessions by id, and the routes of its fast path."""
+"""A mux connection's sessions (handles) by id, the routes of its fast path, and its
+messages in flight."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from client.wire import STATUS
+from server.errors import CLOSE_GOING_AWAY
+from server.work import Control, Frame
+
+if TYPE_CHECKING:
+    from server.sessions import Session
+
 # routes kept per connection (a gateway that sends ever other subsets of its sessions)
 MAX_ROUTES = 64
+
+
+@dataclass(eq=False)
+class Message:
+    """A data message of a connection, until its reply is sent (in order)."""
+
+    seq: int  # the client's number for it, echoed in the reply
+    parts: list[bytes | None]  # one per entry, or the whole body (fast path), or an error text
+    left: int  # entries not answered yet
+    count: int  # entries in the reply
+    text: bool = False  # parts[0] is a JSON error for the whole message
+    sids: np.ndarray | None = None  # fast path: the entries' sessions, in order
+
+
+@dataclass(eq=False)
+class Handle:
+    """One session on this connection; the scheduler's sink and the session's owner."""
+
+    conn: Any  # the MuxConnection (server/mux_api.py)
+    sid: int
+    session: Session | None = None
+    ref: Any = None
+    controls: int = 0  # control items of this session on its queue
+
+    def frame_done(self, frame: Frame, outputs: np.ndarray) -> None:
+        self.conn._entry(frame.seq, frame.entry, self.sid, 0, outputs)
+
+    def frame_failed(self, frame: Frame, exc: Exception) -> None:
+        self.conn._entry(frame.seq, frame.entry, self.sid, STATUS["internal"], None)
+
+    def control_done(self, item: Control, value: Any) -> None:
+        self.conn._control_done(self, item, value)
+
+    def frames_dropped(self, frames: list[Frame]) -> None:
+        """Entries that will not be computed here (the session was taken over or left):
+        answered `unknown_session`, so their messages still complete."""
+        for frame in frames:
+            self.conn._entry(frame.seq, frame.entry, self.sid, STATUS["unknown_session"], None)
+
+    def kick(self, code: int, reason: str) -> None:
+        """Taken over elsewhere: this session leaves the connection (told with `closed`).
+        Shutting down: the whole connection closes, every session resumable."""
+        if code == CLOSE_GOING_AWAY:
+            self.conn.kick(code, reason)
+            return
+        if self.session is not None:
+            self.conn.rt.manager.detach(self.session, self)  # no-op once taken over
+        self.conn._drop(self, reason)
+
+
+@dataclass(eq=False, slots=True)
+class Route:
+    """The streams of one list of session ids, worked out once."""
+
+    streams: list  # distinct float32 streams owned by this connection, in list order
+    rate: float
+    rows: np.ndarray  # their slots (int64)
+    drops: int  # the scheduler's drop count then: while it stands, the streams are as they were
 
 
 class HandleTable:
@@ -17,7 +84,7 @@ class HandleTable:
 
     def __init__(self) -> None:
         self._by_sid: dict[int, Any] = {}
-        self._routes: dict[bytes, tuple[list, float]] = {}
+        self._routes: dict[bytes, Route] = {}
 
     def __len__(self) -> int:
         return len(self._by_sid)
@@ -41,13 +108,14 @@ class HandleTable:
         self._by_sid.clear()
         self._routes.clear()
 
-    def route(self, sids: np.ndarray) -> tuple[list, float] | None:
-        """The streams of `sids` and their rate, when they are distinct float32 sessions of
-        one rate; else None."""
+    def route(self, sids: np.ndarray, drops: int) -> Route | None:
+        """The route of `sids` when they are distinct float32 sessions of one rate, owned
+        here; else None. `drops`: the scheduler's drop count now (a stream dropped since a
+        route was worked out may have left, or moved to another epoch)."""
         key = sids.tobytes()
         route = self._routes.get(key)
-        if route is None:
-            route = self._work_out(sids.tolist())
+        if route is None or route.drops != drops:
+            route = self._work_out(sids.tolist(), drops)
             if route is None:
                 return None
             if len(self._routes) >= MAX_ROUTES:
@@ -55,12 +123,12 @@ class HandleTable:
             self._routes[key] = route
         return route
 
-    def _work_out(self, sids: list[int]) -> tuple[list, float] | None:
+    def _work_out(self, sids: list[int], drops: int) -> Route | None:
         streams, rate = [], None
         for sid in sids:
             handle = self._by_sid.get(sid)
             session = handle.session if handle is not None else None
-            if session is None or session.dtype != "float32":
+            if session is None or session.dtype != "float32" or session.stream.sink is not handle:
                 return None
             stream = session.stream
             if rate is None:
@@ -68,4 +136,7 @@ class HandleTable:
             elif stream.rate != rate:
                 return None
             streams.append(stream)
-        return (streams, rate) if len(set(map(id, streams))) == len(streams) else None
+        if len(set(map(id, streams))) != len(streams):
+            return None
+        rows = np.fromiter((s.slot for s in streams), np.int64, len(streams))
+        return Route(streams, rate, rows, drops)

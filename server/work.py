@@ -34,6 +34,7 @@ class Control:
     error: ServeError | None = None
     seq: int | None = None
     entry: int = -1  # for a rejected frame of a multiplexed message: its position
+    queued: bool = False  # put on the stream's queue (not applied at once)
 
 
 class Sink(Protocol):
@@ -73,6 +74,8 @@ class Batch:
     left: int = 0  # how many
     outputs: np.ndarray | None = None  # (B, d_output) float32
     status: np.ndarray | None = None  # (B,) uint8, BATCH_*
+    rows: np.ndarray | None = None  # direct batches (not queued): the members' slots
+    drops: int = 0  # direct batches: the scheduler's drop count when submitted
 
 
 class BatchSink(Protocol):

@@ -14,7 +14,7 @@ import websockets
 
 from client import AsyncClient, StreamError
 from client.wire import HEADER, encode_data
-from server.mux_api import _Handle
+from server.mux_table import Handle
 from tests.server.client import connect, predict, start, stream_binary
 from tests.server.conftest import ServerThread, make_settings
 
@@ -252,6 +252,32 @@ def _rows_by_connection(server) -> list[list[int]]:
     """The state rows of the live mux sessions, per connection."""
     rows: dict[int, list[int]] = {}
     for session in server.runtime.manager.live.values():
-        if isinstance(session.owner, _Handle):
+        if isinstance(session.owner, Handle):
             rows.setdefault(id(session.owner.conn), []).append(session.stream.slot)
     return list(rows.values())
+
+
+async def test_controls_pipelined_between_messages_keep_their_place(server):
+    """Messages, snapshots and resets sent without waiting for each other: a message stepped
+    at once (nothing of its connection queued) and one queued behind earlier work answer
+    alike, and every control sees exactly the samples sent before it."""
+    u = signal(24, 70)
+    after_reset = np.array(predict(server.url, "seq", u[None, 12:])["outputs"])[0]
+    whole = np.array(predict(server.url, "seq", u[None, :12])["outputs"])[0]
+    async with AsyncClient(server.url) as c, c.mux("seq") as m:
+        a, b = await m.open(), await m.open()
+        sent, controls = [], []
+        go = asyncio.ensure_future  # started in this order: each is written in its first step
+        for t in range(24):
+            if t == 12:
+                controls.append(go(m.reset(a)))
+            sent.append(go(m.send({a: u[t:t + 1], b: u[t:t + 1]})))
+            if t % 5 == 4:
+                controls.append(go(m.snapshot(b)))
+        replies = await asyncio.gather(*sent)
+        done = await asyncio.gather(*controls)
+        assert [d[0] for d in done if d is not None] == [5, 10, 15, 20]
+        assert (await m.snapshot(a))[0] == 12
+    got_a = np.concatenate([r[a] for r in replies])
+    np.testing.assert_allclose(got_a[:12], whole, atol=1e-4)
+    np.testing.assert_allclose(got_a[12:], after_reset, atol=1e-4)
