@@ -62,10 +62,7 @@ class BatchRounds:
         model, now = self._models[pool], time.perf_counter()
         answered = len(status) if not status.any() else int((status == BATCH_OK).sum())
         model.waited.append(np.full(answered, now - received))
-        if now - model.flushed >= model.FLUSH_S:
-            model.flush(now)
-        else:
-            self.flush_later(now)
+        self.flushes.ticked(now, quiet=not self._pending)
         return y, status
 
     def _run_of(self, batch: Batch) -> np.ndarray | None:

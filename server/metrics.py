@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,43 @@ class ModelMetrics:
             self.samples.inc(self.advanced)
             self.advanced = 0
         self.queue.set(self.queued)
+
+
+class FlushTimer:
+    """When the models' observations reach prometheus_client: every ModelMetrics.FLUSH_S
+    while ticks run, and once IDLE_S pass without a tick. (Timed from the last flush instead,
+    a mux connection at 100 Hz, quiet between its messages, paid a ~90 us flush every 5 ms.)"""
+
+    IDLE_S = 0.005
+
+    def __init__(self, models: dict) -> None:
+        self.models = models  # ModelMetrics by pool, shared with the scheduler
+        self.loop = None  # the event loop, once started
+        self._timer = None
+        self._active = 0.0  # perf_counter of the last tick
+
+    def ticked(self, now: float, quiet: bool) -> None:
+        """After a tick (or a mux step) at `now`; `quiet`: no other tick is due."""
+        self._active = now
+        for model in self.models.values():
+            model.answered(now)
+            if now - model.flushed >= model.FLUSH_S:
+                model.flush(now)
+        if quiet and self._timer is None and any(m.pending for m in self.models.values()):
+            self._timer = self.loop.call_later(self.IDLE_S, self._if_quiet)
+
+    def _if_quiet(self) -> None:
+        self._timer = None
+        quiet = time.perf_counter() - self._active
+        if quiet < self.IDLE_S:
+            self._timer = self.loop.call_later(self.IDLE_S - quiet, self._if_quiet)
+        else:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = time.perf_counter()
+        for model in self.models.values():
+            model.flush(now)

@@ -29,7 +29,7 @@ import torch
 
 from server.batch_rounds import BatchRounds
 from server.errors import ServeError
-from server.metrics import Metrics, ModelMetrics
+from server.metrics import FlushTimer, Metrics, ModelMetrics
 from server.slots import SlotPool
 from server.work import (
     Batch,
@@ -46,10 +46,6 @@ log = logging.getLogger("s4serve.scheduler")
 # Frames this short are advanced one sample per round, batched with the per-sample sessions:
 # measured (motion, B=1 and B=1000), a chunk of T=2 costs 1.5-1.9x two steps; T=10, 0.4-0.5x.
 STEPPED_FRAMES = 4
-# after the last tick of a busy spell, its metrics are flushed within this many seconds of the
-# last flush (a mux connection at 100 Hz is "idle" between its messages: at 5 ms the flushes
-# were ~35 us per message)
-FLUSH_IDLE_S = 0.05
 
 
 class Scheduler(BatchRounds):
@@ -73,11 +69,12 @@ class Scheduler(BatchRounds):
         self._models: dict[SlotPool, ModelMetrics] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
-        self._flush_timer: asyncio.TimerHandle | None = None
+        self.flushes = FlushTimer(self._models)
 
     # ----- lifecycle ---------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.flushes.loop = loop
 
     def stop(self) -> None:
         self._ready.clear()
@@ -185,33 +182,15 @@ class Scheduler(BatchRounds):
         self.lag = self._round(started)
         while (self._ready or self._batches) and time.perf_counter() - started < self.budget:
             self._round(started)
-        done = time.perf_counter()
-        for model in self._models.values():
-            model.answered(done)
-            if done - model.flushed >= model.FLUSH_S:
-                model.flush(done)
         if (self._ready or self._batches) and not self._pending:
             self._pending = True
             self._loop.call_soon(self._tick)
-        else:
-            self.flush_later(done)
-
-    def flush_later(self, now: float) -> None:
-        """Quiet now: what the last ticks observed reaches /metrics within FLUSH_IDLE_S."""
-        if not self._flush_timer and any(m.pending for m in self._models.values()):
-            last = min(model.flushed for model in self._models.values())
-            self._flush_timer = self._loop.call_later(
-                max(0.0, FLUSH_IDLE_S - (now - last)), self.flush_metrics)
+        self.flushes.ticked(time.perf_counter(), quiet=not self._pending)
 
     def flush_metrics(self) -> None:
-        """Hand every observation so far to prometheus_client (ticks do it at most every
-        ModelMetrics.FLUSH_S; a scrape of this process calls it first)."""
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        now = time.perf_counter()
-        for model in self._models.values():
-            model.flush(now)
+        """Hand every observation so far to prometheus_client (a scrape of this process
+        calls it first)."""
+        self.flushes.flush()
 
     def _round(self, now: float) -> float:
         """One batched call per group over the ready streams; returns the age of the oldest
