@@ -102,7 +102,12 @@ def _server(r: dict) -> list[str]:
                   f"{num(mux['server_cpu_per_session_sample_s'] * 1e6)} µs (all workers, "
                   "transport included) vs the served batched step in process at B="
                   f"{mux['step_batch']}: {num(mux['step_per_session_s'] * 1e6)} µs per "
-                  f"session: {num(mux['cost_vs_step'], '.2f')}x."]
+                  f"session: {num(mux['cost_vs_step'], '.2f')}x on the same rows every call"
+                  + (f"; cycling over the rows of {mux['cycled_sessions']} sessions (a worker's "
+                     f"share, as the server holds them): "
+                     f"{num(mux['step_cycled_per_session_s'] * 1e6)} µs, "
+                     f"{num(mux['cost_vs_step_cycled'], '.2f')}x"
+                     if "cost_vs_step_cycled" in mux else "") + "."]
     drop = r.get("drop")
     if drop:
         idle = "not within 30 s" if drop["idle_s"] is None else f"{drop['idle_s']:.2f} s"
@@ -238,8 +243,12 @@ def _targets(result: dict) -> list[str]:
                      f"{mux['gateways']} connections", "0 lost, p99 ≤ 50 ms",
                      f"{mux['counts']['lost']} lost, p99 {num(p99)} ms",
                      mux["ok"] and p99 is not None and p99 <= 50))
-        rows.append(("mux cost per session-sample vs in-process step", "≤ 2x",
-                     f"{mux['cost_vs_step']:.2f}x", mux["cost_vs_step"] <= 2))
+        cycled = mux.get("cost_vs_step_cycled")
+        rows.append(("mux cost per session-sample vs in-process step (over the served "
+                     "sessions' rows)", "≤ 2x",
+                     f"{cycled:.2f}x ({mux['cost_vs_step']:.2f}x vs the same rows every call)"
+                     if cycled else f"{mux['cost_vs_step']:.2f}x",
+                     (cycled or mux["cost_vs_step"]) <= 2))
     drop = server.get("drop")
     if drop:
         idle = drop["idle_s"]
