@@ -22,7 +22,6 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Callable
 
 from cachetools import LRUCache
 
@@ -51,10 +50,9 @@ class _Mappings(LRUCache):
 class MappedFiles:
     """Writable mappings of files by path. Thread-safe."""
 
-    def __init__(self, limit: int = 8192, adopt: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, limit: int = 8192) -> None:
         self._maps = _Mappings(maxsize=limit)
         self._lock = threading.Lock()
-        self._adopt = adopt  # puts a spare file at a path that does not exist yet
 
     def write(self, path: str, parts: list) -> None:
         """Overwrite the start of the file at `path` with `parts` (bytes-like, in order);
@@ -74,8 +72,6 @@ class MappedFiles:
         old = self._maps.pop(path, None)
         if old is not None:
             old.close()
-        if self._adopt is not None and not os.path.exists(path):
-            self._adopt(path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             # room to grow (a reply ring fills up, sample counts get longer) without remapping

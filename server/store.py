@@ -32,7 +32,6 @@ from pathlib import Path
 from zlib_ng.zlib_ng import crc32  # the same CRC-32 as zlib's, ~10x faster on state blobs
 
 from server.mapped_files import MappedFiles
-from server.spare_files import SpareFiles
 
 _EPOCH_KEEP = 3600.0  # seconds an epoch outlives its records (each write refreshes it)
 # magic, expires_at (local store; 0 in Redis), write sequence, meta, state and ring lengths
@@ -175,8 +174,7 @@ class LocalDirectoryStore(SessionStore):
         self._seq = time.time_ns()
         self._turn: dict[str, int] = {}  # which of a record's two files is written next
         self._checked: dict[str, int] = {}  # the take count when a record's epoch was read
-        self._spares = SpareFiles(self.directory, _RECORD.size)
-        self._files = MappedFiles(adopt=self._spares.adopt)
+        self._files = MappedFiles()
 
     def _path(self, name: str) -> str:
         return f"{self._root}/{name}"
@@ -301,20 +299,6 @@ class LocalDirectoryStore(SessionStore):
             return True
         return _RECORD.unpack(head)[1] < now
 
-    @staticmethod
-    def _detached(paths: list[Path]) -> bool:
-        """The newest record of these files was written by a detach or a drain, whose writer
-        let go of its mappings then (a live record's writer may be a stalled process that
-        would write into the file again, so those files are removed, never reused)."""
-        newest = None
-        for path in paths:
-            with contextlib.suppress(OSError, ValueError, IndexError, struct.error), \
-                    open(path, "rb") as f:
-                magic, _, seq, meta_len, _, _ = _RECORD.unpack(f.read(_RECORD.size))
-                if magic == _MAGIC and (newest is None or seq > newest[0]):
-                    newest = (seq, json.loads(f.read(meta_len))[6])
-        return newest is not None and newest[1] is False
-
     def put(self, token: str, record: SessionRecord, ttl: float, epoch: int = 0) -> bool:
         """A record this process hands over (a detach, a drain): its mappings are let go."""
         ok = self.put_many([(token, record, epoch)], ttl)[0]
@@ -349,8 +333,9 @@ class LocalDirectoryStore(SessionStore):
     def forget(self, token: str, epoch: int) -> None:
         name = f"{token_hash(token)}-{epoch}"
         self._let_go(name)
-        for turn in (0, 1):  # its owner (the caller) has let go: nobody writes them any more
-            self._spares.retire(self._path(f"{name}.{turn}.rec"))
+        for turn in (0, 1):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(f"{name}.{turn}.rec"))
 
     def purge_expired(self) -> int:
         """Records past their time or of an epoch gone by; returns how many sessions."""
@@ -366,12 +351,8 @@ class LocalDirectoryStore(SessionStore):
                     self._expired(path, now) for path in paths):
                 continue
             self._let_go(name)
-            reuse = self._detached(paths)  # nobody maps it: its files may be used again
             for path in paths:
-                if reuse:
-                    self._spares.retire(str(path))
-                else:
-                    path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             gone.add(name)
         # the epoch of a session taken long ago and not written since (ended, or idle); counted
         # like a take, since a writer at that epoch must now be told it lost the session
