@@ -65,7 +65,9 @@ def run_server_benches(scratch: Path, quick: bool, log=print) -> dict:
     logs = scratch / "logs"
     logs.mkdir(exist_ok=True)
     channels = load_config(motion_dir).d_input  # same bytes per frame as the model's stream
-    serve_workers = ["--workers", str(workers)]
+    # a fresh session store per run: records left by earlier runs on this disk would make
+    # the janitor's purges (and file creation among many deleted files) part of the figures
+    serve_workers = ["--workers", str(workers), "--snapshot-dir", str(scratch / "sessions")]
     with (
         ServerProcess.echo(channels=channels, workers=workers, log_path=logs / "echo.log") as echo,
         ServerProcess.s4serve([motion_dir], extra=serve_workers,
@@ -289,8 +291,9 @@ def run_soak(scratch: Path, quick: bool, log=print) -> dict:
     motion_dir, _ = served_model("motion", scratch)
     workers = 1 if quick else cpu_cores()
     samples: list[tuple[float, int]] = []
-    with ServerProcess.s4serve([motion_dir], extra=["--workers", str(workers)],
-                               log_path=scratch / "s4serve-soak.log") as server:
+    with ServerProcess.s4serve([motion_dir], log_path=scratch / "s4serve-soak.log",
+                               extra=["--workers", str(workers), "--snapshot-dir",
+                                      str(scratch / "soak-sessions")]) as server:
         log(f"soak: {sessions} sessions × 20 Hz for {hold_s:.0f} s")
         stop = threading.Event()
 
