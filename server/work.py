@@ -74,8 +74,6 @@ class Batch:
     left: int = 0  # how many
     outputs: np.ndarray | None = None  # (B, d_output) float32
     status: np.ndarray | None = None  # (B,) uint8, BATCH_*
-    rows: np.ndarray | None = None  # direct batches (not queued): the members' slots
-    drops: int = 0  # direct batches: the scheduler's drop count when submitted
 
 
 class BatchSink(Protocol):
