@@ -206,8 +206,7 @@ class NativeStep:
                 pool64: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """u (B, d_input) -> y (B, d_output); rows `rows` (B distinct indices) of the pool's
         (S, W32), (S, W64) state advanced by one sample where they lie: no gather, no scatter."""
-        if type(rows) is not np.ndarray or rows.dtype != np.int64 or not rows.flags.c_contiguous:
-            rows = np.ascontiguousarray(rows, np.int64)
+        rows = np.ascontiguousarray(rows, np.int64)
         if rows.ndim != 1 or len(rows) != u.shape[0]:
             raise ValueError(f"rows must be one index per input, got {rows.shape}")
         return self._advance(rec, u, pool32, pool64, rows)

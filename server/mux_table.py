@@ -73,7 +73,7 @@ class Route:
 
     streams: list  # distinct float32 streams owned by this connection, in list order
     rate: float
-    rows: np.ndarray  # their slots (int64)
+    rows: np.ndarray  # their slots (int64): used only where rows never move (in-place pools)
     drops: int  # the scheduler's drop count then: while it stands, the streams are as they were
 
 

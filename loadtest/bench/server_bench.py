@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -154,11 +155,12 @@ def _step_per_session(model_dir: Path, batches: tuple[int, ...],
         runs.append((batches[0], max(1, -(-sessions // batches[0]))))
     seconds = []
     for batch, sets in runs:
-        rows = [backend.layout.join(backend.initial_state(batch)) for _ in range(sets)]
-        u, turn = torch.zeros(batch, backend.info.d_input), iter(range(1 << 62))
+        rows = itertools.cycle([backend.layout.join(backend.initial_state(batch))
+                                for _ in range(sets)])
+        u = torch.zeros(batch, backend.info.d_input)
 
-        def call(rows=rows, u=u, turn=turn) -> None:
-            backend.step_flat(u, *rows[next(turn) % len(rows)], 1.0)
+        def call(rows=rows, u=u) -> None:
+            backend.step_flat(u, *next(rows), 1.0)
 
         call()
         seconds.append(time_call(call, 5, inner_for(0.2, call)).median_s / batch)
