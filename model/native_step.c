@@ -234,15 +234,16 @@ static void sample(const Net *net, const float *u, const void *s32, const double
 
 /* Advances `batch` rows by `steps` samples each: u (batch, steps, d_input), row b at
  * u + b * u_stride; state rows s32, s64 with row strides (row b at index rows[b] when
- * `rows` is given: a pool's rows stepped where they lie; distinct); y (batch, steps, d_output)
- * contiguous. A block of more than NARROW_STEPS keeps the state in float64 until its end. A
- * row's state is replaced only when all its inputs and outputs are finite (else it stays as it
- * was, whole).
+ * `rows` is given: a pool's rows stepped where they lie; distinct); y (batch, steps, d_output),
+ * row b at y + b * y_stride (strides let a caller read its inputs from, and write its outputs
+ * into, the records of a wire message). A block of more than NARROW_STEPS keeps the state in
+ * float64 until its end. A row's state is replaced only when all its inputs and outputs are
+ * finite (else it stays as it was, whole); `kept` (batch, or NULL) says which were.
  * Returns the number of rows replaced, -1 when scratch memory could not be had, -2 when a
  * row index is not in [0, n_rows) (nothing changed then). */
 long s4d_network_run(const Net *net, long batch, long steps, const float *u, long u_stride,
                      float *s32, long s32_stride, double *s64, long s64_stride, float *y,
-                     const int64_t *rows, long n_rows) {
+                     long y_stride, const int64_t *rows, long n_rows, uint8_t *kept) {
   const int h = net->d_model, hc = net->channels * h, wide = steps > NARROW_STEPS;
   const long w32 = net->width32, w64 = net->width64;
   double *pool = scratch_for(sizeof(double) * (2 * (size_t)w64 + 2 * (size_t)w32) +
@@ -257,7 +258,7 @@ long s4d_network_run(const Net *net, long batch, long steps, const float *u, lon
   for (long b = 0; b < batch; b++) {
     const float *ub = u + b * u_stride;
     const long r = rows ? (long)rows[b] : b;
-    float *row32 = s32 + r * s32_stride, *yb = y + b * steps * net->d_output;
+    float *row32 = s32 + r * s32_stride, *yb = y + b * y_stride;
     double *row64 = s64 + r * s64_stride;
     const void *cur32 = row32; /* read from the row, written to scratch: the row stays */
     const double *cur64 = row64;
@@ -271,9 +272,10 @@ long s4d_network_run(const Net *net, long batch, long steps, const float *u, lon
       cur32 = buf[t & 1];
       cur64 = pool_buf[t & 1];
     }
-    if (!finite_all(ub, (int)(steps * net->d_input)) ||
-        !finite_all(yb, (int)(steps * net->d_output)))
-      continue;
+    const int fine = finite_all(ub, (int)(steps * net->d_input)) &&
+                     finite_all(yb, (int)(steps * net->d_output));
+    if (kept) kept[b] = (uint8_t)fine;
+    if (!fine) continue;
     if (wide) {
       for (long k = 0; k < w32; k++) row32[k] = (float)((const double *)cur32)[k];
     } else {

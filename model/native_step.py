@@ -112,7 +112,8 @@ def library(cache_dir: Path) -> ctypes.CDLL:
     fn.restype = ctypes.c_long
     fn.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                    ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                   ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+                   ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                   ctypes.c_long, ctypes.c_void_p]
     _loaded[path] = lib
     return lib
 
@@ -211,19 +212,40 @@ class NativeStep:
             raise ValueError(f"rows must be one index per input, got {rows.shape}")
         return self._advance(rec, u, pool32, pool64, rows)
 
-    def _advance(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
-                 flat64: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
-        """u (B, d_input), one step, or (B, T, d_input) -> y (B, d_output) or (B, T, d_output)."""
+    def at_rows_into(self, rec: nn.Module, u: np.ndarray, pool32: torch.Tensor,
+                     pool64: torch.Tensor, rows: np.ndarray, y: np.ndarray,
+                     kept: np.ndarray) -> int:
+        """`at_rows` on numpy views that may have any row stride (the records of a wire
+        message): u (B, d_input) read, y (B, d_output) written, kept (B) uint8 set to whether
+        each row's state was replaced. Returns how many were."""
+        batch = len(rows)
+        for name, a, width, writable in (("u", u, self._d_input, False),
+                                         ("y", y, self._d_output, True)):
+            if (a.dtype != np.float32 or a.shape != (batch, width) or a.strides[1] != 4
+                    or a.strides[0] % 4 or (writable and not a.flags.writeable)):
+                raise ValueError(f"{name} must be float32 ({batch}, {width}) rows of whole "
+                                 f"floats{', writable' if writable else ''}, got {a.dtype} "
+                                 f"{a.shape} strides {a.strides}")
+        if (rows.dtype != np.int64 or kept.dtype != np.uint8 or kept.shape != (batch,)
+                or not (rows.flags.c_contiguous and kept.flags.c_contiguous)):
+            raise ValueError("rows must be contiguous int64 and kept contiguous uint8, one "
+                             "per input")
+        self._check_states(pool32, pool64, pool32.shape[0])
+        if not batch:
+            return 0
+        return self._done(self._run(
+            self._bound(rec).ref, batch, 1, u.ctypes.data, u.strides[0] // 4, pool32.data_ptr(),
+            pool32.stride(0), pool64.data_ptr(), pool64.stride(0), y.ctypes.data,
+            y.strides[0] // 4, rows.ctypes.data, pool32.shape[0], kept.ctypes.data),
+            pool32.shape[0])
+
+    def _bound(self, rec: nn.Module) -> _Bound:
         bound = rec.__dict__.get("_native")
         if bound is None:  # a rate's tables, bound once and kept with its recurrence
             bound = rec.__dict__["_native"] = _Bound(rec, self.layout)
-        batch, steps = u.shape[0], 1 if u.dim() == 2 else u.shape[1]
-        if u.dtype != torch.float32 or u.shape[-1] != self._d_input or u.device.type != "cpu":
-            raise ValueError(f"u must be float32 (..., {self._d_input}) on the CPU, got "
-                             f"{u.dtype} {tuple(u.shape)}")
-        if u.stride(-1) != 1 or (steps > 1 and u.stride(1) != self._d_input):
-            u = u.contiguous()
-        count = batch if rows is None else flat32.shape[0]  # the pool's rows
+        return bound
+
+    def _check_states(self, flat32: torch.Tensor, flat64: torch.Tensor, count: int) -> None:
         for state, dtype, width in ((flat32, torch.float32, self.layout.width32),
                                     (flat64, torch.float64, self.layout.width64)):
             if (state.dtype != dtype or tuple(state.shape) != (count, width)
@@ -231,14 +253,33 @@ class NativeStep:
                 raise ValueError(f"state rows must be {dtype} ({count}, {width}) with unit "
                                  f"column stride on the CPU, got {state.dtype} "
                                  f"{tuple(state.shape)}")
-        y = torch.empty(*u.shape[:-1], self._d_output)
-        if not (batch and steps):
-            return y
-        done = self._run(bound.ref, batch, steps, u.data_ptr(), u.stride(0), flat32.data_ptr(),
-                         flat32.stride(0), flat64.data_ptr(), flat64.stride(0), y.data_ptr(),
-                         None if rows is None else rows.ctypes.data, count)
+
+    @staticmethod
+    def _done(done: int, count: int) -> int:
         if done == -2:
             raise ValueError(f"rows must lie in [0, {count})")
         if done < 0:
             raise MemoryError("the native step could not allocate its scratch rows")
+        return done
+
+    def _advance(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
+                 flat64: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+        """u (B, d_input), one step, or (B, T, d_input) -> y (B, d_output) or (B, T, d_output)."""
+        bound = self._bound(rec)
+        batch, steps = u.shape[0], 1 if u.dim() == 2 else u.shape[1]
+        if u.dtype != torch.float32 or u.shape[-1] != self._d_input or u.device.type != "cpu":
+            raise ValueError(f"u must be float32 (..., {self._d_input}) on the CPU, got "
+                             f"{u.dtype} {tuple(u.shape)}")
+        if u.stride(-1) != 1 or (steps > 1 and u.stride(1) != self._d_input):
+            u = u.contiguous()
+        count = batch if rows is None else flat32.shape[0]  # the pool's rows
+        self._check_states(flat32, flat64, count)
+        y = torch.empty(*u.shape[:-1], self._d_output)
+        if not (batch and steps):
+            return y
+        self._done(self._run(
+            bound.ref, batch, steps, u.data_ptr(), u.stride(0), flat32.data_ptr(),
+            flat32.stride(0), flat64.data_ptr(), flat64.stride(0), y.data_ptr(),
+            steps * self._d_output, None if rows is None else rows.ctypes.data, count, None),
+            count)
         return y

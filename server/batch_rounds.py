@@ -55,15 +55,17 @@ class BatchRounds:
         self._wake()
 
     def step_now(self, pool: SlotPool, rate: float, streams: list[Stream], u: np.ndarray,
-                 rows: np.ndarray, received: float) -> tuple[np.ndarray, np.ndarray]:
+                 rows: np.ndarray, y: np.ndarray, received: float) -> np.ndarray:
         """One step of `streams` (rows `rows` of an in-place pool) now, observed as a round
-        would: for members with nothing queued, so that nothing is overtaken."""
-        y, status = self._step_rows(pool, rate, streams, u, rows=rows)
+        would: for members with nothing queued, so that nothing is overtaken. u (B, d_input)
+        is read and y (B, d_output) written where they lie (views of any row stride: the
+        records of a message and of its reply). Returns BATCH_* per member."""
+        _, status = self._step_rows(pool, rate, streams, u, rows=rows, y=y)
         model, now = self._models[pool], time.perf_counter()
         answered = len(status) if not status.any() else int((status == BATCH_OK).sum())
         model.waited.append(np.full(answered, now - received))
         self.flushes.ticked(now, quiet=not self._pending)
-        return y, status
+        return status
 
     def _run_of(self, batch: Batch) -> np.ndarray | None:
         """The rows of the batch's members if they are one ascending run, in batch order;
@@ -161,10 +163,10 @@ class BatchRounds:
 
     def _step_rows(self, pool: SlotPool, rate: float, streams: list[Stream], u: np.ndarray,
                    run: np.ndarray | None = None, rows: np.ndarray | None = None,
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One step of `streams` on inputs u (B, d_input): (outputs, BATCH_* per row). `run`:
         their rows, known to be one ascending run (a view, no permutation); `rows`: their
-        rows, known (in place only)."""
+        rows, known, and `y`: where the outputs go (in place only)."""
         backend, model = pool.backend, self._models[pool]
         if run is not None:
             order, rows, index = None, run, slice(int(run[0]), int(run[-1]) + 1)
@@ -179,10 +181,13 @@ class BatchRounds:
             index = pool.index(rows.tolist())
         started = time.perf_counter()
         try:
-            x = torch.from_numpy(u if order is None else u[order]).to(backend.device)
             if pool.in_place:  # rows with a non-finite input or output are left as they were
-                y_sorted = backend.step_rows(x, pool.flat32, pool.flat64, rows, rate).numpy()
+                y_sorted = np.empty((len(u), backend.info.d_output), np.float32) if y is None else y
+                kept = np.empty(len(u), np.uint8)
+                backend.step_rows_into(u, pool.flat32, pool.flat64, rows, rate, y_sorted, kept)
+                fine_sorted = kept.view(bool)
             else:
+                x = torch.from_numpy(u if order is None else u[order]).to(backend.device)
                 flat32, flat64 = pool.gather(index)
                 y_sorted, flat32, flat64 = backend.step_flat(x, flat32, flat64, rate)
                 y_sorted = y_sorted.to("cpu", torch.float32).numpy()
@@ -191,8 +196,8 @@ class BatchRounds:
             return (np.zeros((len(u), backend.info.d_output), np.float32),
                     np.full(len(u), BATCH_FAILED, np.uint8))
         elapsed = time.perf_counter() - started
-        fine_sorted = np.isfinite(y_sorted).all(1)
         if not pool.in_place:  # (in place: written back in the call, finite rows only)
+            fine_sorted = np.isfinite(y_sorted).all(1)
             if fine_sorted.all():
                 pool.scatter(index, flat32, flat64)
             else:

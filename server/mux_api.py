@@ -218,21 +218,27 @@ class MuxConnection(Link):
         route = self.handles.route(sids, scheduler.drops)
         if route is None:
             return False
-        u = np.array(entries["x"][:, 0], np.float32)  # (count, d_input), a copy of transient data
-        if not np.isfinite(u).all():
-            return False
         pool = route.streams[0].pool
         if scheduler.overloaded(pool):
             return False
         if not self._inflight and not self._controls and pool.in_place:
-            # nothing of this connection is queued, so nothing is overtaken: step it now
-            y, status = scheduler.step_now(pool, route.rate, route.streams, u, route.rows,
-                                           received)
+            # nothing of this connection is queued, so nothing is overtaken: step it now, from
+            # the message's records into the reply's (a non-finite input is rejected there)
+            if route.reply is None:
+                route.reply = self._ok_records(sids)
+            reply = route.reply.copy()
+            y = reply["y"][:, 0]  # (count, d_output), a view of the reply's records
+            status = scheduler.step_now(pool, route.rate, route.streams, entries["x"][:, 0],
+                                        route.rows, y, received)
             head = HEADER.pack(VERSION, KIND_OUTPUTS, 0, seq, count)
-            self.peer.send_bytes(head + self._reply_body(sids, y, status))
+            self.peer.send_bytes(head + (self._reply_body(sids, y, status) if status.any()
+                                         else reply.tobytes()))
             if not self.paused and not self.peer.can_write:
                 self._pause()
             return True
+        u = np.array(entries["x"][:, 0], np.float32)  # (count, d_input), a copy of transient data
+        if not np.isfinite(u).all():
+            return False
         index = self._next_message
         self._next_message += 1
         self._messages[index] = Message(seq, [], count, count, sids=sids.copy())
@@ -250,11 +256,16 @@ class MuxConnection(Link):
         if self._order and self._order[0] == batch.ref:
             self._flush()
 
+    def _ok_records(self, sids: np.ndarray) -> np.ndarray:
+        """A reply's records for `sids`, each ok with one row (outputs not filled in)."""
+        body = np.empty(len(sids), wire.uniform_outputs(1, self.model.info.d_output))
+        body["sid"], body["status"], body["res"], body["rows"] = sids, 0, 0, 1
+        return body
+
     def _reply_body(self, sids: np.ndarray, outputs: np.ndarray, status: np.ndarray) -> bytes:
         """The entries of a batch's reply, in order."""
         if not status.any():  # every entry ok: the reply body is one structured array
-            body = np.empty(len(sids), wire.uniform_outputs(1, outputs.shape[1]))
-            body["sid"], body["status"], body["res"], body["rows"] = sids, 0, 0, 1
+            body = self._ok_records(sids)
             body["y"] = outputs[:, None]
             return body.tobytes()
         parts = []

@@ -75,6 +75,7 @@ class Route:
     rate: float
     rows: np.ndarray  # their slots (int64): used only where rows never move (in-place pools)
     drops: int  # the scheduler's drop count then: while it stands, the streams are as they were
+    reply: np.ndarray | None = None  # a reply's records for these ids, ok (mux_api fills it)
 
 
 class HandleTable:

@@ -122,6 +122,14 @@ class ModelBackend(ABC):
         the caller gathers, steps and scatters)."""
         raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
 
+    def step_rows_into(self, u: np.ndarray, pool32: torch.Tensor, pool64: torch.Tensor,
+                       rows: np.ndarray, rate: float, y: np.ndarray, kept: np.ndarray) -> int:
+        """`step_rows` on numpy views of any row stride (when `rows_in_place`): u (B, d_input)
+        read, y (B, d_output) written, kept (B) uint8 set to whether each row advanced (its
+        input and output finite). Returns how many did. Lets a caller step the records of a
+        wire message and write the outputs into its reply's records, with no copy between."""
+        raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
+
     def chunk_flat(self, u: torch.Tensor, flat32: torch.Tensor, flat64: torch.Tensor,
                    rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`chunk` on flat states: u (B, T, d_input) -> y (B, T, d_output), new rows."""

@@ -174,6 +174,38 @@ def test_rows_anywhere_in_a_pool_step_where_they_lie(cache):
         step.at_rows(rec, u, pool32, pool64, np.array([1, 2]))
 
 
+def test_rows_step_from_and_into_strided_records(cache):
+    """at_rows_into reads inputs from, and writes outputs into, records of a larger dtype
+    (a wire message and its reply): the same numbers as at_rows; a row with a NaN input is
+    neither advanced nor counted."""
+    net, rec, layout, step = _classifier(cache)
+    d_in, d_out = net.config.d_input, net.config.d_output
+    pool32, pool64 = layout.join(_random_state(rec, 10))
+    twin32, twin64 = pool32.clone(), pool64.clone()
+    rows = np.array([7, 2, 5, 0])
+    u = torch.randn(4, d_in)
+    u[3, 0] = math.nan
+    message = np.zeros(4, [("sid", "<u4"), ("T", "<u4"), ("x", "<f4", (1, d_in))])
+    message["x"][:, 0] = u.numpy()
+    reply = np.zeros(4, [("sid", "<u4"), ("status", "<u2"), ("res", "<u2"), ("rows", "<u4"),
+                         ("y", "<f4", (1, d_out))])
+    reply["sid"] = [11, 12, 13, 14]
+    kept = np.full(4, 7, np.uint8)
+    done = step.at_rows_into(rec, message["x"][:, 0], pool32, pool64, rows, reply["y"][:, 0],
+                             kept)
+    expected = step.at_rows(rec, u[:3], twin32, twin64, rows[:3])
+    assert done == 3 and kept.tolist() == [1, 1, 1, 0]
+    assert torch.equal(torch.from_numpy(reply["y"][:3, 0].copy()), expected)
+    assert reply["sid"].tolist() == [11, 12, 13, 14]  # the records around the outputs stay
+    assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)  # row 0 not advanced
+    with pytest.raises(ValueError, match="writable"):
+        step.at_rows_into(rec, message["x"][:, 0], pool32, pool64, rows,
+                          np.frombuffer(reply.tobytes(), reply.dtype)["y"][:, 0], kept)
+    with pytest.raises(ValueError, match="rows must lie"):
+        step.at_rows_into(rec, message["x"][:, 0], pool32, pool64, np.array([1, 2, 3, 10]),
+                          reply["y"][:, 0], kept)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, 3e38])
 def test_a_row_whose_input_or_output_is_not_finite_is_left_as_it_was(bad, cache):
     """3e38 is finite, but its output is not: that row must not advance either."""

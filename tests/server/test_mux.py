@@ -160,7 +160,8 @@ async def test_one_sample_messages_are_batched_with_the_same_numbers(server):
             for i, sid in enumerate(sids):
                 if sid in whole:
                     got[i].append(whole[sid])
-        # the per-entry path: a NaN, a session twice, two samples
+        # a NaN among one-sample entries: rejected in the batched step, the others advance;
+        # then the per-entry path: a session twice
         nan = np.array([[np.nan, 0.0]], np.float32)
         mixed = await m.send({sids[0]: nan, sids[1]: inputs[1][11:12]})
         assert mixed[sids[0]].code == "non_finite" and mixed[sids[1]].shape == (1, 3)
