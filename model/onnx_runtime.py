@@ -7,7 +7,6 @@ the exported block lengths, largest first, and the rest is stepped sample by sam
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,17 +19,11 @@ from model.checkpoint import load_model
 from model.network import S4Network
 from model.onnx_export import SAMPLES, export_onnx, read_manifest
 
-THREADS_ENV = "S4SERVE_ONNX_THREADS"
-
-
-def default_threads() -> int:
-    """intra-op threads: $S4SERVE_ONNX_THREADS, else 0 (onnxruntime's choice: physical cores)."""
-    return int(os.environ.get(THREADS_ENV, "0"))
-
 
 def make_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+    """`threads`: intra-op threads; None or 0: onnxruntime's choice (the physical cores)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = default_threads() if threads is None else threads
+    options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1  # the graphs are chains; parallel branches gain nothing
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

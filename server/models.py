@@ -39,7 +39,8 @@ def load_models(settings: Settings) -> dict[str, LoadedModel]:
     for model_dir in settings.model_dirs():
         kind = settings.backend_for(model_name(model_dir))
         backend = load_backend(kind, model_dir, settings.device, settings.max_rates,
-                               settings.step_compiler, settings.compile_cache)
+                               settings.step_compiler, settings.compile_cache,
+                               settings.onnx_cache, settings.onnx_threads)
         name = backend.info.name
         if name in loaded:
             raise ValueError(f"two model directories are both named {name!r}")

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         Path("var/compiled"), description="where compiled step packages are kept, named by a "
         "fingerprint of the model, the code and the machine (built when missing)"
     )
+    onnx_cache: Path | None = Field(
+        None, description="onnx backend: where graphs exported at load time are kept "
+        "(None: ~/.cache/s4serve/onnx)")
+    onnx_threads: int = Field(
+        0, ge=0, description="onnx backend: intra-op threads per onnxruntime session (0: "
+        "onnxruntime's choice, the physical cores)")
 
     max_sessions: int = Field(1000, ge=1, description="concurrent streaming sessions")
     max_frame_bytes: int = Field(1 << 20, ge=64, description="largest WebSocket message")

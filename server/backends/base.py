@@ -197,10 +197,12 @@ class ModelBackend(ABC):
 
 
 def load_backend(kind: str, model_dir: Path, device: str, max_rates: int = 8,
-                 step_compiler: str = "auto", compile_cache: Path | None = None) -> ModelBackend:
+                 step_compiler: str = "auto", compile_cache: Path | None = None,
+                 onnx_cache: Path | None = None, onnx_threads: int = 0) -> ModelBackend:
     """Instantiate the backend registered under `kind` for one model directory;
     `step_compiler` applies to the torch backend (auto, aoti, inductor or torchscript),
-    `compile_cache` to the torch backends (where compiled step packages are kept)."""
+    `compile_cache` to the torch backends (where compiled step packages are kept),
+    `onnx_cache` and `onnx_threads` to the onnx backend (exported graphs, intra-op threads)."""
     try:
         target = _REGISTRY[kind]
     except KeyError:
@@ -210,6 +212,8 @@ def load_backend(kind: str, model_dir: Path, device: str, max_rates: int = 8,
     options: dict = {"step_compiler": step_compiler} if kind == "torch" else {}
     if kind in ("torch", "torch-inductor"):
         options["compile_cache"] = compile_cache
+    elif kind == "onnx":
+        options.update(cache_dir=onnx_cache, threads=onnx_threads)
     return backend_class(Path(model_dir), device=device, max_rates=max_rates, **options)
 
 

@@ -3,7 +3,8 @@
 Graphs bake in the discretisation, so each sample rate has its own export. At load time the
 backend uses graphs pre-exported into `<model_dir>/onnx/` when their manifest matches the
 checkpoint (same weights fingerprint) and rate; otherwise it exports into a cache directory
-($S4SERVE_ONNX_CACHE, default ~/.cache/s4serve/onnx), keyed by fingerprint, rate and block
+(the `onnx_cache` setting, $S4SERVE_ONNX_CACHE; default ~/.cache/s4serve/onnx), keyed by
+fingerprint, rate and block
 length, and reuses it on the next start. A client at a new sample rate waits for one export
 (seconds); at most `max_rates` rates are kept loaded.
 
@@ -14,7 +15,6 @@ runs the ONNX chunk graphs, like a stream does. ModelInfo says backend "onnx", d
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -30,15 +30,13 @@ from model.onnx_runtime import OnnxRecurrence
 from server.backends.base import ModelBackend
 from server.backends.torch import TorchBackend
 
-CACHE_ENV = "S4SERVE_ONNX_CACHE"
 PREEXPORTED_DIR = "onnx"
 LADDER_FACTOR = 4  # extra block lengths T/4, T/16, ... so any frame needs few graph calls
 LADDER_MIN = 4
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "s4serve" / "onnx"
+    return Path.home() / ".cache" / "s4serve" / "onnx"
 
 
 def ladder(block: int) -> tuple[int, ...]:

@@ -42,10 +42,8 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request, tmp_path_factory, cache):
     model_dir = perturbed_dir(tmp_path_factory.mktemp("models"), request.param)
-    with pytest.MonkeyPatch.context() as patch:  # the registry path, with the env cache dir
-        patch.setenv("S4SERVE_ONNX_CACHE", str(cache))
-        from_registry = load_backend("onnx", model_dir, "cpu")
-    assert isinstance(from_registry, OnnxBackend)
+    from_registry = load_backend("onnx", model_dir, "cpu", onnx_cache=cache, onnx_threads=1)
+    assert isinstance(from_registry, OnnxBackend) and from_registry.threads == 1
     assert from_registry.export_dir(1.0).is_relative_to(cache)
     return TorchBackend(model_dir, device="cpu"), OnnxBackend(model_dir, "cpu", cache_dir=cache)
 
@@ -125,8 +123,9 @@ def test_refuses_gpu_devices(pair):
         OnnxBackend(pair[1].model_dir, device="cuda:0")
 
 
-def test_server_serves_a_model_on_onnx(tmp_path, cache, monkeypatch):
-    monkeypatch.setenv("S4SERVE_ONNX_CACHE", str(cache))
+def test_server_serves_a_model_on_onnx(tmp_path, monkeypatch):
+    cache = tmp_path / "onnx-cache"
+    monkeypatch.setenv("S4SERVE_ONNX_CACHE", str(cache))  # read by Settings, as in a deployment
     dirs = {"seq": perturbed_dir(tmp_path, "seq")}
     settings = make_settings(dirs, tmp_path, backends={"seq": "onnx"})
     u = np.random.default_rng(0).standard_normal((1, 20, 2)).tolist()
@@ -135,5 +134,6 @@ def test_server_serves_a_model_on_onnx(tmp_path, cache, monkeypatch):
         answer = httpx.post(server.url + "/v1/models/seq/predict",
                             json={"inputs": u, "return_state": True}).json()
     assert info["backend"] == "onnx" and info["device"] == "cpu"
+    assert list(cache.glob("*/rate1-T*/manifest.json"))  # its graphs were exported there
     expected = TorchBackend(dirs["seq"], "cpu").predict(torch.tensor(u, dtype=torch.float32), 1.0)
     np.testing.assert_allclose(np.array(answer["outputs"]), expected[0].numpy(), **TOL)
