@@ -222,14 +222,17 @@ class NativeStep:
         for name, a, width, writable in (("u", u, self._d_input, False),
                                          ("y", y, self._d_output, True)):
             if (a.dtype != np.float32 or a.shape != (batch, width) or a.strides[1] != 4
-                    or a.strides[0] % 4 or (writable and not a.flags.writeable)):
+                    or a.strides[0] % 4 or not a.flags.aligned
+                    or (writable and not a.flags.writeable)):
                 raise ValueError(f"{name} must be float32 ({batch}, {width}) rows of whole "
                                  f"floats{', writable' if writable else ''}, got {a.dtype} "
                                  f"{a.shape} strides {a.strides}")
-        if (rows.dtype != np.int64 or kept.dtype != np.uint8 or kept.shape != (batch,)
-                or not (rows.flags.c_contiguous and kept.flags.c_contiguous)):
-            raise ValueError("rows must be contiguous int64 and kept contiguous uint8, one "
-                             "per input")
+        if (rows.dtype != np.int64 or rows.ndim != 1 or kept.dtype != np.uint8
+                or kept.shape != (batch,) or not (rows.flags.c_contiguous and rows.flags.aligned
+                                                  and kept.flags.c_contiguous)
+                or not kept.flags.writeable):
+            raise ValueError("rows must be contiguous int64 and kept contiguous, writable "
+                             "uint8, one per input")
         self._check_states(pool32, pool64, pool32.shape[0])
         if not batch:
             return 0

@@ -350,7 +350,8 @@ class MuxConnection(Link):
         if item.queued:
             handle.controls -= 1
             self._controls -= 1
-        if item.kind == "error":  # a rejected entry (non-finite outputs, say)
+        if item.kind == "error":  # a rejected entry (a non-finite one): counted as streams do
+            self.rt.error(item.error.code)
             self._entry(item.seq, item.entry, handle.sid,
                         STATUS.get(item.error.code, STATUS["internal"]), None)
             return

@@ -26,7 +26,8 @@ def _split_csv(value: object) -> object:
 class Settings(BaseSettings):
     """Every knob of the server. Sizes are bytes, times are seconds."""
 
-    model_config = SettingsConfigDict(env_prefix="S4SERVE_", extra="ignore")
+    # an empty variable (FOO= in a compose file) means "not set", not "" or Path(".")
+    model_config = SettingsConfigDict(env_prefix="S4SERVE_", extra="ignore", env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     workers: int = Field(

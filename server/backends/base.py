@@ -127,8 +127,15 @@ class ModelBackend(ABC):
         """`step_rows` on numpy views of any row stride (when `rows_in_place`): u (B, d_input)
         read, y (B, d_output) written, kept (B) uint8 set to whether each row advanced (its
         input and output finite). Returns how many did. Lets a caller step the records of a
-        wire message and write the outputs into its reply's records, with no copy between."""
-        raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
+        wire message and write the outputs into its reply's records, with no copy between.
+        This version copies, through `step_rows`; the native step reads and writes in place."""
+        if not self.rows_in_place:
+            raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
+        out = self.step_rows(torch.from_numpy(np.ascontiguousarray(u)), pool32, pool64, rows,
+                             rate).to("cpu", torch.float32).numpy()
+        y[:] = out
+        kept[:] = np.isfinite(u).all(1) & np.isfinite(out).all(1)
+        return int(kept.sum())
 
     def chunk_flat(self, u: torch.Tensor, flat32: torch.Tensor, flat64: torch.Tensor,
                    rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -41,3 +41,36 @@ def test_every_step_compiler_serves_the_eager_numbers_on_flat_rows(tmp_path):
         for got, want in zip(backend.layout.split(flat32, flat64), expected_state, strict=True):
             assert torch.allclose(got, want, atol=1e-5)
     assert len(list((tmp_path / "cache").glob("*.pt2"))) == 1
+
+
+def test_step_rows_into_in_place_and_through_the_base_copy_agree(tmp_path):
+    """The native step writes outputs into strided records in place; the base class's version
+    (for any backend with rows in place) copies through step_rows: same outputs, same rows
+    kept, the same pool rows advanced; a NaN input row is left as it was."""
+    import numpy as np
+
+    from server.backends.base import ModelBackend
+
+    net = perturbed_network(layer="s4d", task="classification", labels=list("abcde"))
+    save_model(net, tmp_path / "m")
+    backend = load_backend("torch", tmp_path / "m", "cpu", step_compiler="native",
+                           compile_cache=tmp_path / "cache")
+    backend.warmup()
+    assert backend.rows_in_place
+    rows = np.array([4, 1, 6], np.int64)
+    u = np.random.default_rng(0).standard_normal((3, 3)).astype(np.float32)
+    u[2, 1] = np.nan
+    records = np.zeros(3, [("id", "<u4"), ("y", "<f4", (5,))])
+    pools, kept, done = [], [], []
+    for step in (backend.step_rows_into, lambda *a: ModelBackend.step_rows_into(backend, *a)):
+        pool32, pool64 = backend.layout.join(backend.initial_state(8))
+        pool32 += 0.01
+        y = records.copy()["y"] if step is backend.step_rows_into else np.zeros((3, 5), np.float32)
+        flags = np.zeros(3, np.uint8)
+        done.append(step(u, pool32, pool64, rows, 1.0, y, flags))
+        pools.append((pool32, pool64, y[:2].copy()))
+        kept.append(flags.tolist())
+    assert done == [2, 2] and kept == [[1, 1, 0], [1, 1, 0]]
+    (a32, a64, ya), (b32, b64, yb) = pools
+    assert torch.allclose(a32, b32, atol=1e-6) and torch.equal(a64, b64)
+    assert np.allclose(ya, yb, atol=1e-6) and torch.all(a32[6] == 0.01)

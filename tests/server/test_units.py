@@ -158,8 +158,11 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("S4SERVE_MODELS", f"{tmp_path}/x,{tmp_path}/y")
     monkeypatch.setenv("S4SERVE_BACKENDS", '{"speech": "onnx"}')
     monkeypatch.setenv("S4SERVE_MAX_SESSIONS", "5")
+    monkeypatch.setenv("S4SERVE_ONNX_THREADS", "2")
+    monkeypatch.setenv("S4SERVE_ONNX_CACHE", "")  # empty: not set (not the current directory)
     settings = Settings()
     assert settings.api_keys == ["a", "b"] and settings.max_sessions == 5
+    assert settings.onnx_threads == 2 and settings.onnx_cache is None
     assert settings.model_dirs() == [tmp_path / "x", tmp_path / "y"]
     assert settings.backend_for("speech") == "onnx" and settings.backend_for("x") == "torch"
 
