@@ -203,21 +203,16 @@ class NativeStep:
                              f"{tuple(u.shape)}")
         return self._advance(rec, u, flat32, flat64), flat32, flat64
 
-    def at_rows(self, rec: nn.Module, u: torch.Tensor, pool32: torch.Tensor,
-                pool64: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """u (B, d_input) -> y (B, d_output); rows `rows` (B distinct indices) of the pool's
-        (S, W32), (S, W64) state advanced by one sample where they lie: no gather, no scatter."""
-        rows = np.ascontiguousarray(rows, np.int64)
-        if rows.ndim != 1 or len(rows) != u.shape[0]:
-            raise ValueError(f"rows must be one index per input, got {rows.shape}")
-        return self._advance(rec, u, pool32, pool64, rows)
-
     def at_rows_into(self, rec: nn.Module, u: np.ndarray, pool32: torch.Tensor,
                      pool64: torch.Tensor, rows: np.ndarray, y: np.ndarray,
                      kept: np.ndarray) -> int:
-        """`at_rows` on numpy views that may have any row stride (the records of a wire
-        message): u (B, d_input) read, y (B, d_output) written, kept (B) uint8 set to whether
-        each row's state was replaced. Returns how many were."""
+        """Rows `rows` (B distinct indices) of the pool's (S, W32), (S, W64) state advanced by
+        one sample where they lie (no gather, no scatter), on numpy views that may have any
+        row stride (the records of a wire message and of its reply): u (B, d_input) read,
+        y (B, d_output) written, kept (B) uint8 set to whether each row's state was replaced.
+        Returns how many were."""
+        if rows.ndim != 1 or len(rows) != len(u):
+            raise ValueError(f"rows must be one index per input, got {rows.shape}")
         batch = len(rows)
         for name, a, width, writable in (("u", u, self._d_input, False),
                                          ("y", y, self._d_output, True)):
@@ -266,7 +261,7 @@ class NativeStep:
         return done
 
     def _advance(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
-                 flat64: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+                 flat64: torch.Tensor) -> torch.Tensor:
         """u (B, d_input), one step, or (B, T, d_input) -> y (B, d_output) or (B, T, d_output)."""
         bound = self._bound(rec)
         batch, steps = u.shape[0], 1 if u.dim() == 2 else u.shape[1]
@@ -275,14 +270,12 @@ class NativeStep:
                              f"{u.dtype} {tuple(u.shape)}")
         if u.stride(-1) != 1 or (steps > 1 and u.stride(1) != self._d_input):
             u = u.contiguous()
-        count = batch if rows is None else flat32.shape[0]  # the pool's rows
-        self._check_states(flat32, flat64, count)
+        self._check_states(flat32, flat64, batch)
         y = torch.empty(*u.shape[:-1], self._d_output)
         if not (batch and steps):
             return y
         self._done(self._run(
             bound.ref, batch, steps, u.data_ptr(), u.stride(0), flat32.data_ptr(),
             flat32.stride(0), flat64.data_ptr(), flat64.stride(0), y.data_ptr(),
-            steps * self._d_output, None if rows is None else rows.ctypes.data, count, None),
-            count)
+            steps * self._d_output, None, batch, None), batch)
         return y

@@ -254,21 +254,26 @@ class Scheduler(BatchRounds):
                 frame.before = pool.rows(stream.slot)
         cpu = pool.on_cpu
         started = time.perf_counter()
+        rows = len(members)
         try:
-            x = torch.from_numpy(u) if cpu else torch.from_numpy(u).to(backend.device)
             if in_place:  # rows where they lie; a non-finite input or output leaves its row
-                y = backend.step_rows(x, pool.flat32, pool.flat64, np.array(slots), rate)
+                y = np.empty((rows, backend.info.d_output), np.float32)
+                kept = np.empty(rows, np.uint8)
+                backend.step_rows_into(u, pool.flat32, pool.flat64, np.array(slots), rate, y,
+                                       kept)
             else:
+                x = torch.from_numpy(u) if cpu else torch.from_numpy(u).to(backend.device)
                 y, flat32, flat64 = backend.step_flat(x, *pool.gather(index), rate)
-            y = y.to("cpu", torch.float32) if not cpu or y.dtype != torch.float32 else y
-            y = y.numpy()  # (B, d_output) float32
+                y = y.to("cpu", torch.float32) if not cpu or y.dtype != torch.float32 else y
+                y = y.numpy()  # (B, d_output) float32
         except Exception as exc:  # the states were not written back: nothing is lost
             self._failed(members, frames, exc)
             return
         elapsed = time.perf_counter() - started
-        rows = len(members)
         fine = None  # the usual case, checked at once: every input and output finite
-        if not (np.isfinite(y).all() and np.isfinite(u).all()):
+        if in_place:  # checked in the step
+            fine = None if kept.all() else kept.view(bool)
+        elif not (np.isfinite(y).all() and np.isfinite(u).all()):
             fine = np.isfinite(y).all(1) & np.isfinite(u).all(1)
         if not in_place:
             self._write_back(pool, members, index, flat32, flat64, fine)

@@ -112,30 +112,18 @@ class ModelBackend(ABC):
         y, state = self.step(u, self.layout.split(flat32, flat64), rate)
         return (y, *self.layout.join(state))
 
-    # whether `step_rows` can advance a slot pool's rows where they lie
+    # whether `step_rows_into` can advance a slot pool's rows where they lie
     rows_in_place: bool = False
-
-    def step_rows(self, u: torch.Tensor, pool32: torch.Tensor, pool64: torch.Tensor,
-                  rows: np.ndarray, rate: float) -> torch.Tensor:
-        """y (B, d_output) with rows `rows` (distinct) of a slot pool's state advanced where
-        they lie, each only if its input and output are finite (when `rows_in_place`; else
-        the caller gathers, steps and scatters)."""
-        raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
 
     def step_rows_into(self, u: np.ndarray, pool32: torch.Tensor, pool64: torch.Tensor,
                        rows: np.ndarray, rate: float, y: np.ndarray, kept: np.ndarray) -> int:
-        """`step_rows` on numpy views of any row stride (when `rows_in_place`): u (B, d_input)
-        read, y (B, d_output) written, kept (B) uint8 set to whether each row advanced (its
-        input and output finite). Returns how many did. Lets a caller step the records of a
-        wire message and write the outputs into its reply's records, with no copy between.
-        This version copies, through `step_rows`; the native step reads and writes in place."""
-        if not self.rows_in_place:
-            raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
-        out = self.step_rows(torch.from_numpy(np.ascontiguousarray(u)), pool32, pool64, rows,
-                             rate).to("cpu", torch.float32).numpy()
-        y[:] = out
-        kept[:] = np.isfinite(u).all(1) & np.isfinite(out).all(1)
-        return int(kept.sum())
+        """Rows `rows` (distinct) of a slot pool's state advanced by one sample where they lie
+        (when `rows_in_place`; else the caller gathers, steps and scatters): u (B, d_input)
+        read, y (B, d_output) written, both numpy views of any row stride (the records of a
+        wire message and of its reply need no copy); kept (B) uint8 set to whether each row
+        advanced (its input and output finite; the others are left as they were). Returns
+        how many did."""
+        raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
 
     def chunk_flat(self, u: torch.Tensor, flat32: torch.Tensor, flat64: torch.Tensor,
                    rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

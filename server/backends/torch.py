@@ -140,15 +140,10 @@ class TorchBackend(ModelBackend):
     def rows_in_place(self) -> bool:
         return isinstance(self._fused, NativeStep)
 
-    def step_rows(self, u, pool32, pool64, rows, rate):
-        if not self.rows_in_place:
-            return super().step_rows(u, pool32, pool64, rows, rate)
-        # no inference_mode: the C step records no autograd graph (it cost ~5 us a call)
-        return self._fused.at_rows(self._recurrence(rate), u, pool32, pool64, rows)
-
     def step_rows_into(self, u, pool32, pool64, rows, rate, y, kept):
         if not self.rows_in_place:
             return super().step_rows_into(u, pool32, pool64, rows, rate, y, kept)
+        # no inference_mode: the C step records no autograd graph (it cost ~5 us a call)
         return self._fused.at_rows_into(self._recurrence(rate), u, pool32, pool64, rows, y, kept)
 
     @torch.inference_mode()

@@ -159,8 +159,9 @@ def test_rows_anywhere_in_a_pool_step_where_they_lie(cache):
     rows = np.array([7, 2, 5])  # scattered, not ascending
     u = torch.randn(3, net.config.d_input)
     expected_y, expected_state = rec.step(u, layout.split(pool32[rows], pool64[rows]))
-    y = step.at_rows(rec, u, pool32, pool64, rows)
-    torch.testing.assert_close(y, expected_y, atol=2e-6, rtol=1e-5)
+    y, kept = np.empty((3, net.config.d_output), np.float32), np.empty(3, np.uint8)
+    assert step.at_rows_into(rec, u.numpy(), pool32, pool64, rows, y, kept) == 3
+    torch.testing.assert_close(torch.from_numpy(y), expected_y, atol=2e-6, rtol=1e-5)
     want32, want64 = layout.join(expected_state)
     torch.testing.assert_close(pool32[rows], want32, atol=2e-6, rtol=1e-5)
     # the running mean sums float32 features, which agree within float32 rounding
@@ -169,15 +170,15 @@ def test_rows_anywhere_in_a_pool_step_where_they_lie(cache):
     assert torch.equal(pool32[others], before32[others])
     assert torch.equal(pool64[others], before64[others])
     with pytest.raises(ValueError, match="rows must lie"):
-        step.at_rows(rec, u, pool32, pool64, np.array([1, 2, 10]))
+        step.at_rows_into(rec, u.numpy(), pool32, pool64, np.array([1, 2, 10]), y, kept)
     with pytest.raises(ValueError, match="one index per input"):
-        step.at_rows(rec, u, pool32, pool64, np.array([1, 2]))
+        step.at_rows_into(rec, u.numpy(), pool32, pool64, np.array([1, 2]), y, kept)
 
 
 def test_rows_step_from_and_into_strided_records(cache):
     """at_rows_into reads inputs from, and writes outputs into, records of a larger dtype
-    (a wire message and its reply): the same numbers as at_rows; a row with a NaN input is
-    neither advanced nor counted."""
+    (a wire message and its reply): the same numbers as from contiguous arrays; a row with a
+    NaN input is neither advanced nor counted."""
     net, rec, layout, step = _classifier(cache)
     d_in, d_out = net.config.d_input, net.config.d_output
     pool32, pool64 = layout.join(_random_state(rec, 10))
@@ -193,9 +194,11 @@ def test_rows_step_from_and_into_strided_records(cache):
     kept = np.full(4, 7, np.uint8)
     done = step.at_rows_into(rec, message["x"][:, 0], pool32, pool64, rows, reply["y"][:, 0],
                              kept)
-    expected = step.at_rows(rec, u[:3], twin32, twin64, rows[:3])
+    expected = np.empty((3, d_out), np.float32)
+    step.at_rows_into(rec, u[:3].numpy(), twin32, twin64, rows[:3], expected,
+                      np.empty(3, np.uint8))
     assert done == 3 and kept.tolist() == [1, 1, 1, 0]
-    assert torch.equal(torch.from_numpy(reply["y"][:3, 0].copy()), expected)
+    assert np.array_equal(reply["y"][:3, 0], expected)
     assert reply["sid"].tolist() == [11, 12, 13, 14]  # the records around the outputs stay
     assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)  # row 0 not advanced
     with pytest.raises(ValueError, match="writable"):

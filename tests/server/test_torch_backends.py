@@ -43,13 +43,11 @@ def test_every_step_compiler_serves_the_eager_numbers_on_flat_rows(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt2"))) == 1
 
 
-def test_step_rows_into_in_place_and_through_the_base_copy_agree(tmp_path):
-    """The native step writes outputs into strided records in place; the base class's version
-    (for any backend with rows in place) copies through step_rows: same outputs, same rows
-    kept, the same pool rows advanced; a NaN input row is left as it was."""
+def test_step_rows_into_steps_the_rows_where_they_lie(tmp_path):
+    """The served in-place step writes outputs into strided records: the eager recurrence's
+    numbers for the rows it names; a NaN input row is not kept and left as it was; the
+    other rows of the pool are untouched."""
     import numpy as np
-
-    from server.backends.base import ModelBackend
 
     net = perturbed_network(layer="s4d", task="classification", labels=list("abcde"))
     save_model(net, tmp_path / "m")
@@ -57,20 +55,23 @@ def test_step_rows_into_in_place_and_through_the_base_copy_agree(tmp_path):
                            compile_cache=tmp_path / "cache")
     backend.warmup()
     assert backend.rows_in_place
+    rec = net.to_recurrent(rate=1.0)
     rows = np.array([4, 1, 6], np.int64)
     u = np.random.default_rng(0).standard_normal((3, 3)).astype(np.float32)
     u[2, 1] = np.nan
+    pool32, pool64 = backend.layout.join(backend.initial_state(8))
+    pool32 += 0.01
+    before32, before64 = pool32.clone(), pool64.clone()
+    expected, state = rec.step(torch.from_numpy(u[:2]),
+                               backend.layout.split(pool32[rows[:2]], pool64[rows[:2]]))
+    want32, want64 = backend.layout.join(state)
     records = np.zeros(3, [("id", "<u4"), ("y", "<f4", (5,))])
-    pools, kept, done = [], [], []
-    for step in (backend.step_rows_into, lambda *a: ModelBackend.step_rows_into(backend, *a)):
-        pool32, pool64 = backend.layout.join(backend.initial_state(8))
-        pool32 += 0.01
-        y = records.copy()["y"] if step is backend.step_rows_into else np.zeros((3, 5), np.float32)
-        flags = np.zeros(3, np.uint8)
-        done.append(step(u, pool32, pool64, rows, 1.0, y, flags))
-        pools.append((pool32, pool64, y[:2].copy()))
-        kept.append(flags.tolist())
-    assert done == [2, 2] and kept == [[1, 1, 0], [1, 1, 0]]
-    (a32, a64, ya), (b32, b64, yb) = pools
-    assert torch.allclose(a32, b32, atol=1e-6) and torch.equal(a64, b64)
-    assert np.allclose(ya, yb, atol=1e-6) and torch.all(a32[6] == 0.01)
+    flags = np.zeros(3, np.uint8)
+    done = backend.step_rows_into(u, pool32, pool64, rows, 1.0, records["y"], flags)
+    assert done == 2 and flags.tolist() == [1, 1, 0]
+    assert np.allclose(records["y"][:2], expected.numpy(), atol=1e-5)
+    assert torch.allclose(pool32[rows[:2]], want32, atol=1e-5)
+    assert torch.allclose(pool64[rows[:2]], want64, atol=1e-5)
+    others = [0, 2, 3, 5, 6, 7]  # row 6 had the NaN input
+    assert torch.equal(pool32[others], before32[others])
+    assert torch.equal(pool64[others], before64[others])
