@@ -23,6 +23,7 @@ import torch
 from server.scheduler import Frame
 from server.sessions import Session, SessionManager
 from server.state_blob import BlobWriter
+from server.store import RowBatch
 
 log = logging.getLogger("s4serve.checkpoints")
 SLICE = 256
@@ -78,11 +79,13 @@ class Checkpointer:
             started = time.thread_time()
             live = self.manager.live
             sessions = [s for s in due[at:at + SLICE] if live.get(s.token) is s]
-            items = self._records(sessions)
+            batches = self._records(sessions)
             busy += time.thread_time() - started
-            if items:
-                done, store_s = await self._store(items)
-                written += self._settled(sessions, items, done)
+            if batches:
+                done, store_s = await self._store([batch for batch, _ in batches])
+                items = [item for batch, _ in batches for item in batch.items]
+                order = [session for _, members in batches for session in members]
+                written += self._settled(order, items, done)
                 busy += store_s
         # the pass's own work, without the ticks that ran between its slices: what it costs
         self.manager.metrics.checkpoint_seconds.observe(busy)
@@ -96,8 +99,9 @@ class Checkpointer:
                                             self.manager.secret)
         return self._writers[key]
 
-    def _records(self, sessions: list[Session]) -> list[tuple]:
-        """(token, record, epoch) for each session, its state taken now (on the loop)."""
+    def _records(self, sessions: list[Session]) -> list[tuple[RowBatch, list[Session]]]:
+        """The sessions' records, their state taken now (on the loop): a batch per model (and
+        its sessions, in its order), its blobs cut from one indexed copy of their state rows."""
         if not sessions:
             return []
         manager = self.manager
@@ -105,7 +109,7 @@ class Checkpointer:
         by_pool: dict = {}
         for i, session in enumerate(sessions):
             by_pool.setdefault(session.stream.pool, []).append(i)
-        blobs: list[tuple] = [()] * len(sessions)
+        batches = []
         for pool, members in by_pool.items():
             index = torch.tensor([sessions[i].stream.slot for i in members], dtype=torch.long,
                                  device=pool.flat32.device)
@@ -116,24 +120,27 @@ class Checkpointer:
                 if saved is not None:  # mid-frame: the rows from before the frame
                     flat32[row].copy_(saved[0])
                     flat64[row].copy_(saved[1])
-            made = self._writer(sessions[members[0]]).blob_parts(
+            heads, parts, tails = self._writer(sessions[members[0]]).blob_rows(
                 [points[i][0] for i in members], [sessions[i].sample_rate for i in members],
                 flat32.cpu().numpy(), flat64.cpu().numpy())
-            for i, blob in zip(members, made, strict=True):
-                blobs[i] = blob
+            items = [(sessions[i].token,
+                      manager.record(sessions[i], points[i][0], live=True, blob=b""),
+                      sessions[i].epoch) for i in members]
+            batches.append((RowBatch(items, heads, parts, tails), [sessions[i] for i in members]))
         for session in sessions:
             session.stored = True  # an end from now on forgets the record this write leaves
-        return [(s.token, manager.record(s, samples, live=True, blob=blob), s.epoch)
-                for s, (samples, _), blob in zip(sessions, points, blobs, strict=True)]
+        return batches
 
-    async def _store(self, items: list[tuple]) -> tuple[list[bool], float]:
-        """The store's answers for `items`, written by the writer thread; and the thread's CPU
-        seconds for it (its wall time also counts waits for the GIL and the disk)."""
+    async def _store(self, batches: list[RowBatch]) -> tuple[list[bool], float]:
+        """The store's answers for the batches' records, written by the writer thread; and
+        the thread's CPU seconds for it (its wall time also counts waits for the GIL and the
+        disk)."""
         store, ttl = self.manager.store, self.manager.resume_ttl
 
         def put() -> tuple[list[bool], float]:
             began = time.thread_time()
-            return store.put_many(items, ttl), time.thread_time() - began
+            done = [ok for batch in batches for ok in store.put_rows(batch, ttl)]
+            return done, time.thread_time() - began
 
         future = self._thread.submit(put)
         self.manager.writing(future)

@@ -16,8 +16,8 @@ import logging
 
 import redis
 
+from server.local_store import LocalDirectoryStore
 from server.store import (
-    LocalDirectoryStore,
     SessionRecord,
     SessionStore,
     pack_record,

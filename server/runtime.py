@@ -11,6 +11,7 @@ from pathlib import Path
 from server.auth import Guard
 from server.errors import ServeError
 from server.handoff import Handoff
+from server.local_store import LocalDirectoryStore
 from server.metrics import Metrics
 from server.models import LoadedModel
 from server.predict_worker import PredictPool
@@ -18,7 +19,7 @@ from server.replica_handoff import ReplicaHandoff
 from server.scheduler import Scheduler
 from server.sessions import SessionManager
 from server.settings import Settings
-from server.store import LocalDirectoryStore, SessionStore
+from server.store import SessionStore
 
 log = logging.getLogger("s4serve.runtime")
 

@@ -117,8 +117,8 @@ class BlobWriter:
     """The raw blobs of many sessions of one model at once, byte for byte what
     `encode_state_raw` writes, from their flat state rows (model/fused.py `StateLayout`): the
     header is a template per sample rate with the sample count left open, and the tensor
-    bytes of all sessions are cut from the rows in one vectorised copy. A checkpoint pass
-    encodes hundreds of sessions per slice; one by one that cost ~50 us each."""
+    bytes are views of the rows, which a store copies where they go (server/local_store.py
+    copies a slice's rows into their slab halves at once). One by one a blob cost ~50 us."""
 
     def __init__(self, model: str, version: str, layout, secret: str | None = None) -> None:
         self.model, self.version, self.layout, self.secret = model, version, layout, secret
@@ -139,31 +139,41 @@ class BlobWriter:
             self._heads[sample_rate] = ((before + '"samples":').encode(), after.encode())
         return self._heads[sample_rate]
 
-    def blob_parts(self, samples: Sequence[int], rates: Sequence[float | None],
-                   flat32: np.ndarray, flat64: np.ndarray) -> list[tuple]:
-        """The blobs of sessions whose rows are flat32 (B, W32) and flat64 (B, W64), each as
-        the pieces that make it up (header, tensor bytes, tag): joined, they are the blob
-        `encode_state_raw` writes. The tensor bytes are views into one array cut for all."""
+    def _runs(self) -> list[tuple[bool, int, int]]:
+        """(wide, start, size) of the tensors in blob order, neighbours in one flat array
+        merged: the rows' bytes are cut in as few pieces as the layout allows."""
+        runs: list[list] = []
+        for wide, start, size, _ in self._segments:
+            if runs and runs[-1][0] == wide and runs[-1][1] + runs[-1][2] == start:
+                runs[-1][2] += size
+            else:
+                runs.append([wide, start, size])
+        return [tuple(run) for run in runs]
+
+    def blob_rows(self, samples: Sequence[int], rates: Sequence[float | None],
+                  flat32: np.ndarray, flat64: np.ndarray
+                  ) -> tuple[list[bytes], list[np.ndarray], list[bytes]]:
+        """The blobs of sessions whose rows are flat32 (B, W32) and flat64 (B, W64), as
+        (heads, parts, tails): session i's blob, byte for byte what `encode_state_raw` writes,
+        is heads[i], then row i of each part (uint8 (B, n) views of the rows, no copy), then
+        tails[i] (its signature, or nothing)."""
         if not _NATIVE_LE:  # the template writes native bytes: keep the general path
-            return [(encode_state_raw(StateRecord(
+            blobs = [encode_state_raw(StateRecord(
                 self.model, self.version, n, [v[0] for v in self.layout.split(
                     flat32[i:i + 1], flat64[i:i + 1])], list(self.layout.names), rate),
-                self.secret),) for i, (n, rate) in enumerate(zip(samples, rates, strict=True))]
+                self.secret) for i, (n, rate) in enumerate(zip(samples, rates, strict=True))]
+            return blobs, [np.zeros((len(blobs), 0), np.uint8)], [b""] * len(blobs)
         parts = [(flat64 if wide else flat32)[:, start:start + size].view(np.uint8)
-                 for wide, start, size, _ in self._segments]
-        body = (np.concatenate(parts, axis=1) if parts
-                else np.zeros((len(samples), 0), np.uint8))  # (B, body bytes)
-        width = body.shape[1]
-        rows = memoryview(body.reshape(-1))  # slicing a memoryview is cheaper than body[i]
+                 for wide, start, size in self._runs()]
         version = SIGNED_VERSION if self.secret else FORMAT_VERSION
-        out = []
+        heads, tails = [], []
         for i, (n, rate) in enumerate(zip(samples, rates, strict=True)):
             before, after = self._head(rate)
             head = before + str(int(n)).encode() + after
-            pieces = (_PREFIX.pack(MAGIC, version, len(head)) + head,
-                      rows[i * width:(i + 1) * width])
-            out.append((*pieces, _tag(self.secret, *pieces)) if self.secret else pieces)
-        return out
+            heads.append(_PREFIX.pack(MAGIC, version, len(head)) + head)
+            tails.append(_tag(self.secret, heads[i], *(part[i] for part in parts))
+                         if self.secret else b"")
+        return heads, parts, tails
 
 
 def decode_state(blob: object, secret: str | None = None) -> StateRecord:

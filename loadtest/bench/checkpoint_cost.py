@@ -9,7 +9,7 @@ from server.runtime import Runtime
 from server.models import load_models
 from server.checkpoints import Checkpointer
 from server.protocol import StartOptions
-from server.store import LocalDirectoryStore
+from server.local_store import LocalDirectoryStore
 from server.redis_store import RedisStore
 
 class Owner:

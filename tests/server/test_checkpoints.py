@@ -137,16 +137,15 @@ async def test_checkpoint_writes_leave_the_loop_and_keep_their_order(model_dirs,
     u = np.random.default_rng(5).standard_normal((20, 2)).astype(np.float32)
     with ServerThread(settings) as server:
         store = server.runtime.manager.store
-        real = store.put_many
+        real = store.put_rows
         entered, release = threading.Event(), threading.Event()
 
-        def gated(items, ttl):
-            if any(record.live for _, record, _ in items):  # checkpoints, not detaches
-                entered.set()
-                assert release.wait(20)
-            return real(items, ttl)
+        def gated(batch, ttl):  # checkpoints (a detach writes with put)
+            entered.set()
+            assert release.wait(20)
+            return real(batch, ttl)
 
-        store.put_many = gated
+        store.put_rows = gated
         async with await connect(server.ws_url, "seq") as ws:
             token = (await start(ws))["resume_token"]
             await stream_binary(ws, [u[:10]], 3)

@@ -13,8 +13,9 @@ import pytest
 import websockets
 
 from loadtest.cluster import metric, redis_server
+from server.local_store import LocalDirectoryStore
 from server.redis_store import RedisStore
-from server.store import LocalDirectoryStore, SessionRecord
+from server.store import SessionRecord
 from tests.server.client import connect, predict, start, stream_binary
 from tests.server.conftest import ServerThread, free_port, make_settings
 

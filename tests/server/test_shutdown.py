@@ -16,6 +16,7 @@ import pytest
 import websockets
 
 from loadtest.processes import wait_ready
+from server.local_store import LocalDirectoryStore
 from tests.server.client import connect, predict, start, stream_binary
 from tests.server.conftest import free_port
 
@@ -63,7 +64,7 @@ async def test_sigterm_drains_snapshots_and_resumes_after_restart(model_dirs, tm
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
     finally:
         process.kill()
-    assert len({p.name.split("-")[0] for p in snapshots.glob("*.rec")}) == 1
+    assert len({digest for digest, _ in LocalDirectoryStore(snapshots).records()}) == 1
 
     process = launch(model_dirs["seq"], port, snapshots)
     try:

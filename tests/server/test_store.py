@@ -7,7 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-from server.store import LocalDirectoryStore, SessionRecord, pack_record, unpack_record
+from server.local_store import LocalDirectoryStore
+from server.store import SessionRecord, pack_record, unpack_record
 
 
 def record(samples: int) -> SessionRecord:
