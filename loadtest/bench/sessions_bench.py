@@ -3,10 +3,12 @@ lost replica costs its sessions.
 
 - Checkpoint overhead: `s4serve serve` (shipped `motion`) under one mux load (1000 sessions at
   100 Hz; quick: 40), checkpoints off and on (1 s), alternating, 5 rounds; the server's CPU
-  seconds over the load (all its processes, /proc); the overhead is the median over rounds of
-  on vs the off run just before it. It moves by several % between rounds on this VM, so the
-  runs with checkpoints also read the server's own `s4serve_checkpoint_seconds` (the passes'
-  working time, all workers): their share of the server's CPU is the cost measured directly.
+  seconds over the load (all its processes, /proc). The VM's interference slows whole runs
+  by up to ~35%, with checkpoints off as often as on, so three figures: the least CPU with
+  checkpoints on vs the least with them off (the runs least disturbed, as timeit takes the
+  least of its repeats: the target), the median over rounds of on vs the off run just before
+  it, and the server's own `s4serve_checkpoint_seconds` (the passes' working time, all
+  workers) as a share of its CPU: the cost measured directly.
 - Failover: loadtest/failover.py through nginx in front of 3 replicas sharing Redis, 30
   sessions (quick: 6) of `motion` at 20 frames/s; the replica holding the most is SIGKILLed.
   Per moved session: the longest wait between two outputs (SIGKILL to streaming again,
@@ -87,11 +89,17 @@ def checkpoint_overhead(scratch: Path, quick: bool, log=print) -> dict:
     # to ±10%, cancels out of the pairs
     pairs = [b["cpu_s"] / a["cpu_s"] - 1 for a, b in zip(runs["0"], runs["1.0"], strict=True)
              if a["cpu_s"]]
+    # the VM's interference only adds CPU, in episodes that slow a whole run by up to ~35%
+    # (measured with checkpoints off as often as on): the least CPU of each condition is the
+    # run least disturbed, as timeit takes the least of its repeats
+    least = {k: min(r["cpu_s"] for r in v) for k, v in runs.items()}
     on = runs["1.0"]
     shares = [r["pass_s"] / r["cpu_s"] for r in on if r["cpu_s"]]
     per_pass = [r["pass_s"] / r["passes"] for r in on if r["passes"]]
     return {"sessions": gateways * per, "hold_s": hold, "rounds": rounds, "cpu_s": cpu,
             "overhead": float(np.median(pairs)) if pairs else None, "pairs": pairs,
+            "least_s": least,
+            "overhead_least": least["1.0"] / least["0"] - 1 if least["0"] else None,
             "pass_share": float(np.median(shares)) if shares else None,
             "pass_ms": float(np.median(per_pass)) * 1e3 if per_pass else None,
             "passes": float(np.median([r["passes"] for r in on])),
@@ -137,8 +145,10 @@ def render_sessions(r: dict) -> list[str]:
         f"{ck['hold_s']:.0f} s, {ck['rounds']} round(s), alternating: server CPU "
         f"{ck['cpu_s']['0']:.1f} s with checkpoints off, {ck['cpu_s']['1.0']:.1f} s with a 1 s "
         f"interval (local directory store) (medians); on vs off in each round: "
-        f"{', '.join(f'{p:+.1%}' for p in ck.get('pairs', []))}, median {overhead}; every "
-        f"reply checked: "
+        f"{', '.join(f'{p:+.1%}' for p in ck.get('pairs', []))}, median {overhead}; the "
+        f"least CPU of each condition: {f(ck.get('least_s', {}).get('0'), '.2f')} s off, "
+        f"{f(ck.get('least_s', {}).get('1.0'), '.2f')} s on, "
+        f"{f(ck.get('overhead_least'), '+.1%')}; every reply checked: "
         f"{'yes' if ck['ok'] else 'no'}. Measured in the server (its "
         f"`s4serve_checkpoint_seconds`): {f(ck.get('passes'), '.0f')} passes per run (all "
         f"workers), {f(ck.get('pass_ms'), '.1f')} ms of work each, "
@@ -156,6 +166,10 @@ def render_sessions(r: dict) -> list[str]:
 def targets(r: dict) -> list[tuple[str, str, str, bool]]:
     ck, fo = r["checkpoints"], r["failover"]
     rows = []
+    if ck.get("overhead_least") is not None:
+        rows.append((f"checkpoint overhead, {ck['sessions']} sessions (server CPU, least on vs "
+                     "least off of the rounds)", "≤ 5%", f"{ck['overhead_least']:+.1%}",
+                     ck["overhead_least"] <= 0.05 and ck["ok"]))
     if ck["overhead"] is not None:
         rows.append((f"checkpoint overhead, {ck['sessions']} sessions (server CPU, on vs off, "
                       "median of rounds)",
