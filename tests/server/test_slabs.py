@@ -36,9 +36,12 @@ def batch(count: int, rng, order=None) -> tuple[RowBatch, list[bytes]]:
 
 def test_a_checkpoint_slice_reads_back_as_the_records_it_carries(tmp_path):
     store, rng = LocalDirectoryStore(tmp_path), np.random.default_rng(0)
+    count = PAIRS + 2 * PAIRS + 5  # more sessions than the first two slab files hold
     for _ in range(3):  # both halves written, then the first again
-        rows, blobs = batch(PAIRS + 5, rng)  # more sessions than one slab file holds
-        assert store.put_rows(rows, ttl=30) == [True] * (PAIRS + 5)
+        rows, blobs = batch(count, rng)
+        assert store.put_rows(rows, ttl=30) == [True] * count
+    sizes = sorted(len(slab.halves) // 2 for slab in store._slabs.own.values())
+    assert sizes == [PAIRS, 2 * PAIRS, 4 * PAIRS]  # each next file of a class twice as large
     for i, blob in enumerate(blobs):
         got = store.take(f"tok{i}")
         assert (got.state, got.samples, got.ring, got.replies, got.live) == (
@@ -156,3 +159,41 @@ def test_a_full_disk_is_an_error_not_a_crash(tmp_path, monkeypatch):
 
 def test_a_half_that_does_not_check_is_no_record():
     assert parse(b"") is None and parse(b"S4SL" + bytes(200)) is None
+
+
+def _keep_writing(directory: str, sessions: int, seconds: float) -> None:
+    import time
+
+    store, k, end = LocalDirectoryStore(directory), 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        k += 1
+        items = [(f"tok{i}", record(k), 0) for i in range(sessions)]
+        part = np.full((sessions, 65536), k % 256, np.uint8)
+        store.put_rows(RowBatch(items, [b"head"] * sessions, [part], [b""] * sessions), 30)
+
+
+def test_takes_racing_a_writer_in_another_process_get_whole_records(tmp_path):
+    """A checkpointing process rewrites 40 sessions of 64 KB as fast as it can while this one
+    takes them over: every record taken is one whole write of that session (its state bytes
+    all say the write its options came from), never a mix of two. (A half read while it is
+    overwritten is seldom the newer one: the CRC's own check is the cut-short test above.)"""
+    import time
+
+    writer = multiprocessing.get_context("spawn").Process(
+        target=_keep_writing, args=(str(tmp_path), 40, 4.0))
+    writer.start()
+    try:
+        store, deadline = LocalDirectoryStore(tmp_path), time.monotonic() + 30
+        while not store.records() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        taken = 0
+        for i in range(40):
+            got = store.take(f"tok{i}")
+            if got is None:
+                continue
+            assert got.state == b"head" + bytes([got.samples % 256]) * 65536
+            taken += 1
+            time.sleep(0.01)
+        assert taken >= 36  # the ones never written yet when taken are the only misses
+    finally:
+        writer.join(30)
