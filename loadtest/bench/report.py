@@ -107,7 +107,12 @@ def _server(r: dict) -> list[str]:
                      f"share, as the server holds them): "
                      f"{num(mux['step_cycled_per_session_s'] * 1e6)} µs, "
                      f"{num(mux['cost_vs_step_cycled'], '.2f')}x"
-                     if "cost_vs_step_cycled" in mux else "") + "."]
+                     if "cost_vs_step_cycled" in mux else "")
+                  + (f"; the same, each call after {num(mux['paced_gap_s'] * 1e3)} ms of idle "
+                     "(the mean gap between a worker's messages: a core that waited runs cold): "
+                     f"{num(mux['step_paced_per_session_s'] * 1e6)} µs, "
+                     f"{num(mux['cost_vs_step_paced'], '.2f')}x"
+                     if "cost_vs_step_paced" in mux else "") + "."]
     drop = r.get("drop")
     if drop:
         idle = "not within 30 s" if drop["idle_s"] is None else f"{drop['idle_s']:.2f} s"
@@ -249,6 +254,11 @@ def _targets(result: dict) -> list[str]:
                      f"{cycled:.2f}x ({mux['cost_vs_step']:.2f}x vs the same rows every call)"
                      if cycled else f"{mux['cost_vs_step']:.2f}x",
                      (cycled or mux["cost_vs_step"]) <= 2))
+        paced = mux.get("cost_vs_step_paced")
+        if paced:
+            rows.append(("mux cost per session-sample vs in-process step paced as the "
+                         "server's messages arrive (information: the target is the row above)",
+                         "≤ 2x", f"{paced:.2f}x", paced <= 2))
     drop = server.get("drop")
     if drop:
         idle = drop["idle_s"]

@@ -167,6 +167,31 @@ def _step_per_session(model_dir: Path, batches: tuple[int, ...],
     return seconds
 
 
+def _step_paced(model_dir: Path, batch: int, sessions: int, gap_s: float,
+                calls: int = 300) -> float:
+    """CPU seconds per session of the served step at `batch`, cycling over the rows of
+    `sessions`, each call after `gap_s` of idle, as a worker's messages arrive: on this VM the
+    same mux path cost 485 µs per message back to back and 762 / 898 / 1234 µs after 0.5 / 2 /
+    8 ms of idle (BENCHMARKS.md, session 15): a core that waited runs cold."""
+    import torch
+
+    from server.backends.torch import TorchBackend
+
+    torch.set_num_threads(1)
+    backend = TorchBackend(model_dir, device="cpu")
+    backend.warmup()
+    rows = itertools.cycle([backend.layout.join(backend.initial_state(batch))
+                            for _ in range(max(1, -(-sessions // batch)))])
+    u = torch.zeros(batch, backend.info.d_input)
+    taken = []
+    for _ in range(calls):
+        time.sleep(gap_s)
+        began = time.thread_time()
+        backend.step_flat(u, *next(rows), 1.0)
+        taken.append(time.thread_time() - began)
+    return float(np.median(taken)) / batch
+
+
 def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s: float,
          workers: int) -> dict:
     cfg = MuxLoadConfig(url=server.url, model="motion", gateways=gateways,
@@ -179,6 +204,8 @@ def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s
     served = max(1, round(rows / max(calls, 1)))  # mean sessions per step call, as served
     batch = max(1, gateways * per // workers)  # every session of a worker in one call
     step, step_all, cycled = _step_per_session(model_dir, (served, batch), batch)
+    gap = workers / max(1.0, result.throughput["messages_per_s"])  # between a worker's messages
+    paced = _step_paced(model_dir, served, batch, gap)
     per_sample = cpu / max(samples, 1)
     return {"gateways": gateways, "sessions_per_gateway": per, "ok": result.ok,
             "failures": result.failures, "counts": result.counts,
@@ -189,6 +216,8 @@ def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s
             "cost_vs_step": per_sample / step,
             "step_cycled_per_session_s": cycled, "cycled_sessions": batch,
             "cost_vs_step_cycled": per_sample / cycled,
+            "step_paced_per_session_s": paced, "paced_gap_s": gap,
+            "cost_vs_step_paced": per_sample / paced,
             "step_all_per_session_s": step_all, "step_all_batch": batch,
             "cost_vs_step_all": per_sample / step_all}
 

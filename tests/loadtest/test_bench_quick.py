@@ -40,6 +40,7 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path):
     mux = data["server"]["mux"]
     assert mux["ok"], mux["failures"]
     assert mux["verify"]["sessions"] == 2 and mux["cost_vs_step"] > 0
+    assert mux["step_paced_per_session_s"] > 0 and mux["cost_vs_step_paced"] > 0
     drop = data["server"]["drop"]
     assert drop["idle_s"] is not None and drop["new_sessions_started"] == drop["sessions"]
     assert "### Served step" in text and "Disconnect:" in text and "## Soak" in text
