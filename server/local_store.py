@@ -145,7 +145,8 @@ class LocalDirectoryStore(SessionStore):
         if pair is not None:
             self._slabs.release(pair.slab, pair.pair)
 
-    def _halves(self, name: str, digest: bytes, epoch: int, need: int) -> tuple[_Pair, _Pair]:
+    def _halves(self, name: str, digest: bytes, epoch: int,
+                need: int) -> tuple[_Pair, _Pair | None]:
         """The pair `name` writes (a larger one when the record outgrew its halves) and the
         one it leaves, to clear once the record is written elsewhere."""
         old = self._pairs.get(name)
