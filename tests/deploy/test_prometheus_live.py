@@ -104,6 +104,9 @@ def prometheus_url(server_url, tmp_path_factory) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
+        # until its storage is open Prometheus answers 503 "Service Unavailable", not JSON
+        wait_for(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200,
+                 "prometheus /-/ready", process=process)
         wait_for(lambda: query(url, 'up{job="s4serve"} == 1'), "the first scrape",
                  process=process)
         yield url
