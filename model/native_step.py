@@ -222,7 +222,7 @@ class NativeStep:
                 raise ValueError(f"{name} must be float32 ({batch}, {width}) rows of whole "
                                  f"floats{', writable' if writable else ''}, got {a.dtype} "
                                  f"{a.shape} strides {a.strides}")
-        if (rows.dtype != np.int64 or rows.ndim != 1 or kept.dtype != np.uint8
+        if (rows.dtype != np.int64 or kept.dtype != np.uint8
                 or kept.shape != (batch,) or not (rows.flags.c_contiguous and rows.flags.aligned
                                                   and kept.flags.c_contiguous)
                 or not kept.flags.writeable):

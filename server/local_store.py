@@ -145,44 +145,49 @@ class LocalDirectoryStore(SessionStore):
         if pair is not None:
             self._slabs.release(pair.slab, pair.pair)
 
-    def _halves(self, name: str, digest: bytes, epoch: int,
-                need: int) -> tuple[_Pair, _Pair | None]:
+    def _halves(self, name: str, epoch: int, need: int) -> tuple[_Pair, _Pair | None]:
         """The pair `name` writes (a larger one when the record outgrew its halves) and the
         one it leaves, to clear once the record is written elsewhere."""
         old = self._pairs.get(name)
         if old is not None and old.slab.half >= need:
             return old, None
         slab, index = self._slabs.allocate(need)
+        digest = bytes.fromhex(name.rpartition("-")[0])
         self._pairs[name] = pair = _Pair(slab, index, digest, epoch)
         return pair, old
+
+    def _seal(self, pair: _Pair, half: memoryview, meta: bytes, state_at: int, state_len: int,
+              ring_len: int, expires_at: float, old: _Pair | None) -> None:
+        """The meta in place and the half sealed (its state and ring already are); the pair
+        the record left, cleared."""
+        half[HEAD:HEAD + len(meta)] = meta
+        commit(half, pair.digest, pair.epoch, expires_at, self._next_seq(), len(meta), state_at,
+               state_len, ring_len)
+        if old is not None:
+            self._slabs.release(old.slab, old.pair)
 
     def _next_seq(self) -> int:
         self._seq = max(self._seq + 1, time.time_ns())
         return self._seq
 
-    def _write(self, name: str, digest: bytes, epoch: int, record: SessionRecord,
-               expires_at: float) -> None:
+    def _write(self, name: str, epoch: int, record: SessionRecord, expires_at: float) -> None:
         meta = meta_bytes(record)
         state = record.state if isinstance(record.state, tuple) else (record.state,)
         data = b"".join((*state, record.ring))
         state_at = HEAD + len(meta)
-        pair, old = self._halves(name, digest, epoch, state_at + len(data))
+        pair, old = self._halves(name, epoch, state_at + len(data))
         half = pair.slab.at(pair.next_half())
-        half[HEAD:state_at] = meta
         half[state_at:state_at + len(data)] = data
-        commit(half, digest, epoch, expires_at, self._next_seq(), len(meta), state_at,
-               len(data) - len(record.ring), len(record.ring))
-        if old is not None:
-            self._slabs.release(old.slab, old.pair)
+        self._seal(pair, half, meta, state_at, len(data) - len(record.ring), len(record.ring),
+                   expires_at, old)
 
     def put_many(self, items: list[tuple[str, SessionRecord, int]], ttl: float) -> list[bool]:
         expires_at = self._clock() + ttl
         with self._lock:
             written = []
             for token, record, epoch in items:
-                digest = token_hash(token)
-                name = f"{digest}-{epoch}"
-                self._write(name, bytes.fromhex(digest), epoch, record, expires_at)
+                name = f"{token_hash(token)}-{epoch}"
+                self._write(name, epoch, record, expires_at)
                 written.append((name, epoch))
             return self._confirm(written)
 
@@ -194,16 +199,14 @@ class LocalDirectoryStore(SessionStore):
         with self._lock:
             placed, by_slab, written = [], {}, []
             for i, (token, record, epoch) in enumerate(batch.items):
-                digest = token_hash(token)
-                name = f"{digest}-{epoch}"
+                name = f"{token_hash(token)}-{epoch}"
                 meta = meta_bytes(record)
                 head, tail = batch.heads[i], batch.tails[i]
                 if HEAD + len(meta) + len(head) > BODY_AT:  # long options: cut as a whole
-                    self._write(name, bytes.fromhex(digest), epoch, batch.item(i)[1],
-                                expires_at)
+                    self._write(name, epoch, batch.item(i)[1], expires_at)
                 else:
                     need = BODY_AT + width + len(tail) + len(record.ring)
-                    pair, old = self._halves(name, bytes.fromhex(digest), epoch, need)
+                    pair, old = self._halves(name, epoch, need)
                     index = pair.next_half()
                     placed.append((i, pair, index, meta, old))
                     rows, halves = by_slab.setdefault(pair.slab, ([], []))
@@ -217,16 +220,13 @@ class LocalDirectoryStore(SessionStore):
                     slab.halves[dst, at:at + part.shape[1]] = part[src]
                     at += part.shape[1]
             for i, pair, index, meta, old in placed:
-                record, head, tail = batch.items[i][1], batch.heads[i], batch.tails[i]
+                ring, head, tail = batch.items[i][1].ring, batch.heads[i], batch.tails[i]
                 half = pair.slab.at(index)
-                state_at, end = BODY_AT - len(head), BODY_AT + width
-                half[HEAD:HEAD + len(meta)] = meta
-                half[state_at:BODY_AT] = head
-                half[end:end + len(tail) + len(record.ring)] = tail + record.ring
-                commit(half, pair.digest, pair.epoch, expires_at, self._next_seq(), len(meta),
-                       state_at, len(head) + width + len(tail), len(record.ring))
-                if old is not None:
-                    self._slabs.release(old.slab, old.pair)
+                end = BODY_AT + width
+                half[BODY_AT - len(head):BODY_AT] = head
+                half[end:end + len(tail) + len(ring)] = tail + ring
+                self._seal(pair, half, meta, BODY_AT - len(head), len(head) + width + len(tail),
+                           len(ring), expires_at, old)
             return self._confirm(written)
 
     def _confirm(self, written: list[tuple[str, int]]) -> list[bool]:
@@ -256,7 +256,8 @@ class LocalDirectoryStore(SessionStore):
         hits = []
         for slab in self._slabs.all():
             for index in slab.find(digest):
-                if slab.epoch_of(index) == epoch:
+                head = slab.head_of(index)  # None: cleared since the scan
+                if head is not None and head[1] == epoch:
                     hits.append((slab, index))
         return hits
 

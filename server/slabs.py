@@ -18,9 +18,9 @@ whose CRC does not check is not a record.
 
 Files are named `<uuid>-<half bytes>.slab`; the process that made one holds a shared flock on
 it while it lives, so a purge elsewhere removes only the files of dead processes, and only
-once none of their records can still be taken. Space is reserved with `posix_fallocate` (real
-zeros where it is missing), so a full disk is an error when a file is made, not a SIGBUS in
-a copy; on copy-on-write file systems (btrfs, ZFS) keep `snapshot_dir` elsewhere.
+once none of their records can still be taken. A file is reserved with `posix_fallocate` and
+zero-filled when made, so a full disk is an error then, not a SIGBUS in a copy; on
+copy-on-write file systems (btrfs, ZFS) keep `snapshot_dir` elsewhere.
 """
 
 from __future__ import annotations
@@ -136,9 +136,6 @@ class Slab:
         """(digest, epoch, expires_at) of a half with a record header (not checked)."""
         magic, digest, epoch, expires_at, *_ = _HEAD.unpack_from(self.view, index * self.half)
         return (digest, epoch, expires_at) if magic == MAGIC else None
-
-    def epoch_of(self, index: int) -> int:
-        return _HEAD.unpack_from(self.view, index * self.half)[2]
 
     def clear_half(self, index: int) -> None:
         self.view[index * self.half:index * self.half + 4] = bytes(4)

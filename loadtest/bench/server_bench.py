@@ -135,14 +135,17 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
-def _step_per_session(model_dir: Path, batches: tuple[int, ...],
-                      sessions: int = 0) -> list[float]:
+def _step_per_session(model_dir: Path, batches: tuple[int, ...], sessions: int = 0,
+                      gap_s: float = 0.0, paced_calls: int = 300) -> list[float]:
     """Seconds per session of the served batched step, in this process, at each batch size
     (one backend, loaded and compiled once), on the same rows every call; then, with
     `sessions`, at the first batch size cycling over the rows of that many sessions, as a
     server holding them does (their states need not stay in the core's caches: motion in one
     process, 1000 sessions in sets of 100 took 1.3x the time of the same 100 rows, 500
-    sessions 1.0-1.3x)."""
+    sessions 1.0-1.3x); and, with `gap_s` too, the same cycling with `gap_s` of idle before
+    each call (the median of its CPU time), as a worker's messages arrive: on this VM the same
+    mux path cost 485 µs per message back to back and 762 / 898 / 1234 µs after 0.5 / 2 / 8 ms
+    of idle (BENCHMARKS.md, session 15): a core that waited runs cold."""
     import torch
 
     from server.backends.torch import TorchBackend
@@ -164,32 +167,15 @@ def _step_per_session(model_dir: Path, batches: tuple[int, ...],
 
         call()
         seconds.append(time_call(call, 5, inner_for(0.2, call)).median_s / batch)
+    if sessions and gap_s:  # `call` and `batch` are the cycling run's
+        taken = []
+        for _ in range(paced_calls):
+            time.sleep(gap_s)
+            began = time.thread_time()
+            call()
+            taken.append(time.thread_time() - began)
+        seconds.append(float(np.median(taken)) / batch)
     return seconds
-
-
-def _step_paced(model_dir: Path, batch: int, sessions: int, gap_s: float,
-                calls: int = 300) -> float:
-    """CPU seconds per session of the served step at `batch`, cycling over the rows of
-    `sessions`, each call after `gap_s` of idle, as a worker's messages arrive: on this VM the
-    same mux path cost 485 µs per message back to back and 762 / 898 / 1234 µs after 0.5 / 2 /
-    8 ms of idle (BENCHMARKS.md, session 15): a core that waited runs cold."""
-    import torch
-
-    from server.backends.torch import TorchBackend
-
-    torch.set_num_threads(1)
-    backend = TorchBackend(model_dir, device="cpu")
-    backend.warmup()
-    rows = itertools.cycle([backend.layout.join(backend.initial_state(batch))
-                            for _ in range(max(1, -(-sessions // batch)))])
-    u = torch.zeros(batch, backend.info.d_input)
-    taken = []
-    for _ in range(calls):
-        time.sleep(gap_s)
-        began = time.thread_time()
-        backend.step_flat(u, *next(rows), 1.0)
-        taken.append(time.thread_time() - began)
-    return float(np.median(taken)) / batch
 
 
 def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s: float,
@@ -203,9 +189,8 @@ def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s
     samples = result.counts["messages_answered"] * per
     served = max(1, round(rows / max(calls, 1)))  # mean sessions per step call, as served
     batch = max(1, gateways * per // workers)  # every session of a worker in one call
-    step, step_all, cycled = _step_per_session(model_dir, (served, batch), batch)
     gap = workers / max(1.0, result.throughput["messages_per_s"])  # between a worker's messages
-    paced = _step_paced(model_dir, served, batch, gap)
+    step, step_all, cycled, paced = _step_per_session(model_dir, (served, batch), batch, gap)
     per_sample = cpu / max(samples, 1)
     return {"gateways": gateways, "sessions_per_gateway": per, "ok": result.ok,
             "failures": result.failures, "counts": result.counts,
