@@ -3,10 +3,9 @@
 One file per session cost its creation (open, fallocate, mmap, first-touch faults: ~150 us per
 record, two per session, measured in session 14) and an unlink at its end, and past a few
 thousand sessions the mappings no longer fitted their LRU. A slab file is created and mapped
-once for many sessions (`PAIRS`, twice as many in each next file of a size class): a session
-takes a pair of slots ("halves") and writes them in turn, so a write cut short (a SIGKILL
-mid-copy, or read while it lands) leaves the other one whole.
-A write is a copy into the mapping: no system call, no GIL hand-off (see docs/server.md), and
+once for `PAIRS` sessions: a session takes a pair of slots ("halves") and writes them in
+turn, so a write cut short (a SIGKILL mid-copy, or read while it lands) leaves the other one
+whole. A write is a copy into the mapping: no system call, no GIL hand-off (see docs/server.md), and
 the bytes are in the page cache at once, so a SIGKILL right after it keeps them.
 
 A half: header (`_HEAD`: magic, token digest, epoch, expires_at, write sequence, where its
@@ -42,8 +41,10 @@ _CRC = struct.Struct("<I")              # state_at, state_len, ring_len; then th
 HEAD = _HEAD.size + _CRC.size
 BODY_AT = 4096  # where a checkpoint copies a state's tensor bytes in each half
 MAGIC = b"S4SL"
-PAIRS = 64  # in a process's first file of a size class; each next file of it holds twice as
-MAX_PAIRS = 1024  # many, up to this: a few files for ten thousand sessions, none large idle
+# sessions per file: a file is zero-filled when made, so a larger one pays up front for pairs
+# nobody uses yet (files doubling up to 1024 pairs made the first pass of 1000 new sessions
+# 228-321 ms instead of 101-134 ms, in process)
+PAIRS = 64
 _PAGE = mmap.PAGESIZE
 _CRC_PIECE = 4096
 
@@ -179,17 +180,16 @@ class SlabFiles:
         for slab in self._classes.get(half, ()):
             if slab.free:
                 return slab, slab.free.pop()
-        made = len(self._classes.get(half, ()))
-        slab = self._create(half, min(PAIRS << made, MAX_PAIRS))
+        slab = self._create(half)
         return slab, slab.free.pop()
 
-    def _create(self, half: int, pairs: int) -> Slab:
+    def _create(self, half: int) -> Slab:
         name = f"{uuid.uuid4().hex}-{half}.slab"
         tmp = f"{self.root}/.{name}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            _reserve(fd, 2 * half * pairs)
+            _reserve(fd, 2 * half * PAIRS)
             os.rename(tmp, f"{self.root}/{name}")  # whole before anyone scans it
         except BaseException:
             os.close(fd)
