@@ -20,6 +20,9 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -101,6 +104,25 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _scratch_tmpdir() -> Iterator[None]:
+    """TMPDIR pointed at a fresh directory, removed afterwards. torch's package loader unpacks
+    the package's shared library into `$TMPDIR/aotinductor_*` and never removes it: ~3 MB left
+    in /tmp by every load (517 had piled up on our development machine). The library
+    stays mapped once loaded, so its file can go at once."""
+    scratch = tempfile.mkdtemp(prefix="s4serve-aoti-")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def package_for(template: nn.Module, layout: StateLayout, cache_dir: Path) -> Path:
     """The package of this network in `cache_dir`, built first if it is not there."""
     device = next(template.buffers()).device
@@ -126,7 +148,8 @@ class AotStep:
     def __init__(self, template: nn.Module, layout: StateLayout, cache_dir: Path) -> None:
         self.path = package_for(template, layout, cache_dir)
         self.names = list(tables(template))
-        package = torch._inductor.aoti_load_package(str(self.path))
+        with _scratch_tmpdir():
+            package = torch._inductor.aoti_load_package(str(self.path))
         # the package's loader runs a flat list of inputs; its Python __call__ would first
         # parse the call's tree specs from JSON and flatten them, ~50 us on every call
         self._run = getattr(package.loader, "run", None)

@@ -1,6 +1,8 @@
 """The AOTInductor step package: the eager step's numbers at every rate and batch size, built
 once per fingerprint and loaded from disk afterwards."""
 
+import os
+
 import pytest
 import torch
 
@@ -59,3 +61,21 @@ def test_package_is_built_once_and_named_by_the_weights(packages, monkeypatch):
     with torch.no_grad():
         net.blocks[0].layer.D.add_(1.0)  # other weights: another package
     assert fingerprint(net.to_recurrent(1.0), layout, torch.device("cpu")) != before
+
+
+def test_loading_leaves_nothing_in_the_temporary_directory(packages, tmp_path, monkeypatch):
+    # torch's loader unpacks each package into $TMPDIR/aotinductor_* and keeps it there
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    net = _network("s4d")
+    template = net.to_recurrent(1.0)
+    layout = StateLayout.of(template.state_spec)
+    step = AotStep(template, layout, packages)
+    assert list(tmp_path.iterdir()) == []
+    assert os.environ["TMPDIR"] == str(tmp_path)
+    rec = net.to_recurrent(0.5)  # the unpacked library is gone, and the loaded one still runs
+    u = torch.randn(2, 3)
+    state = rec.initial_state(2)
+    with torch.no_grad():
+        expected_y, _ = rec.step(u, state)
+        y, _, _ = step(rec, u, *layout.join(state))
+    assert torch.allclose(y, expected_y, atol=1e-5)
