@@ -113,6 +113,12 @@ def _server(r: dict) -> list[str]:
                      f"{num(mux['step_paced_per_session_s'] * 1e6)} µs, "
                      f"{num(mux['cost_vs_step_paced'], '.2f')}x"
                      if "cost_vs_step_paced" in mux else "") + "."]
+    if mux and "step_in_server_per_session_s" in mux:
+        inside = mux["step_in_server_per_session_s"]
+        lines[-1] += (f" Inside the server its step calls took {num(inside * 1e6)} µs per session "
+                      "(wall time, from its step histogram), so everything else (transport, "
+                      "parsing, replies, metrics) came to "
+                      f"{num((mux['server_cpu_per_session_sample_s'] - inside) * 1e6)} µs.")
     drop = r.get("drop")
     if drop:
         idle = "not within 30 s" if drop["idle_s"] is None else f"{drop['idle_s']:.2f} s"

@@ -185,7 +185,8 @@ def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s
     before, batches_before = _cpu_seconds(server.pid), _batch_totals(server.url)
     result = run_loop(run_mux_load(cfg))
     cpu = _cpu_seconds(server.pid) - before
-    rows, calls = (a - b for a, b in zip(_batch_totals(server.url), batches_before, strict=True))
+    rows, calls, stepping = (a - b for a, b in zip(_batch_totals(server.url), batches_before,
+                                                   strict=True))
     samples = result.counts["messages_answered"] * per
     served = max(1, round(rows / max(calls, 1)))  # mean sessions per step call, as served
     batch = max(1, gateways * per // workers)  # every session of a worker in one call
@@ -204,15 +205,19 @@ def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s
             "step_paced_per_session_s": paced, "paced_gap_s": gap,
             "cost_vs_step_paced": per_sample / paced,
             "step_all_per_session_s": step_all, "step_all_batch": batch,
-            "cost_vs_step_all": per_sample / step_all}
+            "cost_vs_step_all": per_sample / step_all,
+            # the served step as timed inside the server (its step histogram): the rest of
+            # the CPU per session-sample is the transport, parsing, replies and metrics
+            "step_in_server_per_session_s": stepping / max(rows, 1)}
 
 
-def _batch_totals(url: str) -> tuple[float, float]:
-    """(sessions advanced, batched calls) so far, from /metrics, all workers."""
+def _batch_totals(url: str) -> tuple[float, float, float]:
+    """(sessions advanced, batched calls, seconds in those calls) so far, from /metrics, all
+    workers."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    return tuple(sum(float(v) for v in re.findall(
-        rf"^s4serve_step_batch_size_{part}\{{[^}}]*\}} (\S+)$", text, re.M))
-        for part in ("sum", "count"))
+    return tuple(sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+                 for name in ("s4serve_step_batch_size_sum", "s4serve_step_batch_size_count",
+                              "s4serve_step_seconds_sum"))
 
 
 def _server_counts(url: str) -> tuple[float, float]:

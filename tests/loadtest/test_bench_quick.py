@@ -41,6 +41,8 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path):
     assert mux["ok"], mux["failures"]
     assert mux["verify"]["sessions"] == 2 and mux["cost_vs_step"] > 0
     assert mux["step_paced_per_session_s"] > 0 and mux["cost_vs_step_paced"] > 0
+    # the step as timed inside the server is a part of the server's CPU per session-sample
+    assert 0 < mux["step_in_server_per_session_s"] < mux["server_cpu_per_session_sample_s"]
     drop = data["server"]["drop"]
     assert drop["idle_s"] is not None and drop["new_sessions_started"] == drop["sessions"]
     assert "### Served step" in text and "Disconnect:" in text and "## Soak" in text
