@@ -157,20 +157,19 @@ class LocalDirectoryStore(SessionStore):
         return pair, old
 
     def _seal(self, pair: _Pair, half: memoryview, meta: bytes, state_at: int, state_len: int,
-              ring_len: int, expires_at: float, old: _Pair | None) -> None:
-        """The meta in place and the half sealed (its state and ring already are); the pair
-        the record left, cleared."""
+              ring_len: int, expires_at: float) -> None:
+        """The meta in place and the half sealed (its state and ring already are)."""
         half[HEAD:HEAD + len(meta)] = meta
         commit(half, pair.digest, pair.epoch, expires_at, self._next_seq(), len(meta), state_at,
                state_len, ring_len)
-        if old is not None:
-            self._slabs.release(old.slab, old.pair)
 
     def _next_seq(self) -> int:
         self._seq = max(self._seq + 1, time.time_ns())
         return self._seq
 
-    def _write(self, name: str, epoch: int, record: SessionRecord, expires_at: float) -> None:
+    def _write(self, name: str, epoch: int, record: SessionRecord,
+               expires_at: float) -> _Pair | None:
+        """The record in its next half; returns the pair it left (it outgrew its halves)."""
         meta = meta_bytes(record)
         state = record.state if isinstance(record.state, tuple) else (record.state,)
         data = b"".join((*state, record.ring))
@@ -179,17 +178,20 @@ class LocalDirectoryStore(SessionStore):
         half = pair.slab.at(pair.next_half())
         half[state_at:state_at + len(data)] = data
         self._seal(pair, half, meta, state_at, len(data) - len(record.ring), len(record.ring),
-                   expires_at, old)
+                   expires_at)
+        return old
 
     def put_many(self, items: list[tuple[str, SessionRecord, int]], ttl: float) -> list[bool]:
         expires_at = self._clock() + ttl
         with self._lock:
-            written = []
+            written, left = [], {}
             for token, record, epoch in items:
                 name = f"{token_hash(token)}-{epoch}"
-                self._write(name, epoch, record, expires_at)
+                left[name] = self._write(name, epoch, record, expires_at)
                 written.append((name, epoch))
-            return self._confirm(written)
+            results, fenced = self._confirm(written, left)
+        self._fence(fenced)
+        return results
 
     def put_rows(self, batch: RowBatch, ttl: float) -> list[bool]:
         """The slice's state bytes go to their halves with one indexed copy per part and slab
@@ -197,105 +199,146 @@ class LocalDirectoryStore(SessionStore):
         expires_at = self._clock() + ttl
         width = sum(part.shape[1] for part in batch.parts)
         with self._lock:
-            placed, by_slab, written = [], {}, []
-            for i, (token, record, epoch) in enumerate(batch.items):
-                name = f"{token_hash(token)}-{epoch}"
-                meta = meta_bytes(record)
-                head, tail = batch.heads[i], batch.tails[i]
-                if HEAD + len(meta) + len(head) > BODY_AT:  # long options: cut as a whole
-                    self._write(name, epoch, batch.item(i)[1], expires_at)
-                else:
-                    need = BODY_AT + width + len(tail) + len(record.ring)
-                    pair, old = self._halves(name, epoch, need)
-                    index = pair.next_half()
-                    placed.append((i, pair, index, meta, old))
-                    rows, halves = by_slab.setdefault(pair.slab, ([], []))
-                    rows.append(i)
-                    halves.append(index)
-                written.append((name, epoch))
+            placed, by_slab, written, left = [], {}, [], {}
+            try:
+                for i, (token, record, epoch) in enumerate(batch.items):
+                    name = f"{token_hash(token)}-{epoch}"
+                    meta = meta_bytes(record)
+                    head, tail = batch.heads[i], batch.tails[i]
+                    if HEAD + len(meta) + len(head) > BODY_AT:  # long options: cut as a whole
+                        left[name] = self._write(name, epoch, batch.item(i)[1], expires_at)
+                    else:
+                        need = BODY_AT + width + len(tail) + len(record.ring)
+                        pair, left[name] = self._halves(name, epoch, need)
+                        placed.append((i, pair, pair.next_half(), meta))
+                        rows, halves = by_slab.setdefault(pair.slab, ([], []))
+                        rows.append(i)
+                        halves.append(placed[-1][2])
+                    written.append((name, epoch))
+            except BaseException:  # no room for a larger pair, say: nothing placed is written
+                self._unplace(placed, left)
+                raise
             for slab, (rows, halves) in by_slab.items():
                 src, dst = _run(rows, 1), _run(halves, 2)
                 at = BODY_AT
                 for part in batch.parts:  # (B, n): the rows of this slab's sessions
                     slab.halves[dst, at:at + part.shape[1]] = part[src]
                     at += part.shape[1]
-            for i, pair, index, meta, old in placed:
+            for i, pair, index, meta in placed:
                 ring, head, tail = batch.items[i][1].ring, batch.heads[i], batch.tails[i]
                 half = pair.slab.at(index)
                 end = BODY_AT + width
                 half[BODY_AT - len(head):BODY_AT] = head
                 half[end:end + len(tail) + len(ring)] = tail + ring
                 self._seal(pair, half, meta, BODY_AT - len(head), len(head) + width + len(tail),
-                           len(ring), expires_at, old)
-            return self._confirm(written)
-
-    def _confirm(self, written: list[tuple[str, int]]) -> list[bool]:
-        # read back after the write: a take that has not moved the epoch on yet reads this
-        # record (or a later one), so the write counts. The count is read before any epoch,
-        # so a take that moves one after it has counted itself after it too.
-        takes, results = self._takes(), []
-        for name, epoch in written:
-            if takes is not None and self._checked.get(name) == takes:
-                results.append(True)
-                continue
-            digest = name.rpartition("-")[0]
-            ok = self._epoch(digest) == epoch
-            if ok:
-                if takes is not None:
-                    self._checked[name] = takes
-                if epoch:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.utime(self._path(digest + ".epoch"))  # purge keeps a used epoch
-            else:
-                self._let_go(name)
-            results.append(ok)
+                           len(ring), expires_at)
+            results, fenced = self._confirm(written, left)
+        self._fence(fenced)
         return results
 
-    def _found(self, digest: bytes, epoch: int) -> list[tuple[Slab, int]]:
-        """The halves of any slab file that carry this record's name (whole or not)."""
-        hits = []
-        for slab in self._slabs.all():
-            for index in slab.find(digest):
-                head = slab.head_of(index)  # None: cleared since the scan
-                if head is not None and head[1] == epoch:
-                    hits.append((slab, index))
-        return hits
+    def _unplace(self, placed: list[tuple], left: dict[str, _Pair | None]) -> None:
+        """Undo the placing of records not written: each writes the half it would have
+        written next time, and one that was given a larger pair keeps its old one."""
+        for _, pair, _, _ in placed:
+            pair.turn = 1 - pair.turn
+        for name, old in left.items():
+            pair = self._pairs.get(name)
+            if old is not None and pair is not None and pair is not old:
+                self._slabs.release(pair.slab, pair.pair)
+                self._pairs[name] = old
+
+    def _confirm(self, written: list[tuple[str, int]],
+                 left: dict[str, _Pair | None]) -> tuple[list[bool], list[tuple]]:
+        """Whether each write counts, and the names of those that do not (fenced).
+
+        Read back after the write: a take that has not moved the epoch on yet reads this
+        record (or a later one), since a take moves the epoch before it looks for the record;
+        so the write counts. The count is read before any epoch, so a take that moves one
+        after it has counted itself after it too. The pair a record left (it outgrew it) is
+        cleared once the write counts; a fenced record's pairs are left to `_fence`."""
+        takes, results, fenced = self._takes(), [], []
+        for name, epoch in written:
+            ok = takes is not None and self._checked.get(name) == takes
+            if not ok:
+                digest = name.rpartition("-")[0]
+                ok = self._epoch(digest) == epoch
+                if ok:
+                    if takes is not None:
+                        self._checked[name] = takes
+                    if epoch:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.utime(self._path(digest + ".epoch"))  # purge keeps a used epoch
+            old = left.get(name)
+            if not ok:
+                fenced.append((name, old))
+            elif old is not None:
+                self._slabs.release(old.slab, old.pair)
+            results.append(ok)
+        return results, fenced
+
+    def _fence(self, fenced: list[tuple[str, _Pair | None]]) -> None:
+        """Let fenced records go (and the pairs they left), holding the directory's lock: a
+        take (in any process) that moved their epoch may be reading these halves, and a pair
+        freed now could be handed to another session and written while it does."""
+        if fenced:
+            with self._locked(), self._lock:
+                for name, old in fenced:
+                    self._let_go(name)
+                    if old is not None:
+                        self._slabs.release(old.slab, old.pair)
+
+    def _halves_of(self, slab: Slab, digest: bytes, epoch: int) -> list[int]:
+        """The halves of a slab file that carry this record's name (whole or not)."""
+        found = []
+        for index in slab.find(digest):
+            head = slab.head_of(index)  # None: cleared since the scan
+            if head is not None and head[1] == epoch:
+                found.append(index)
+        return found
 
     def take(self, token: str) -> SessionRecord | None:
         digest = token_hash(token)
         raw_digest = bytes.fromhex(digest)
         with self._locked(), self._lock:
             epoch = self._epoch(digest)
-            hits = self._found(raw_digest, epoch)
-            if not hits:
-                return None
-            # the epoch moves on before the record is read: a write that lands before the
-            # read is taken with it, a later one is never read (and its writer is told)
+            if not any(self._halves_of(slab, raw_digest, epoch) for slab in self._slabs.each()):
+                return None  # nothing to take: the epoch stays (its owner may not have written)
+            # The epoch moves on, then the record is looked for and read: a write its writer
+            # was told counts landed before the move, so it is found (a later one may be read
+            # too, being newer, but its writer is told it does not count). Each half is
+            # checked to carry this name when it is read and again when it is cleared: our
+            # processes free a pair only under this lock, so none is handed to another
+            # session meanwhile, but the check costs nothing.
             tmp = self._path(f".{uuid.uuid4().hex}.tmp")
             with open(tmp, "wb") as f:
                 f.write(str(epoch + 1).encode())
             with self._moving_epoch():
                 os.replace(tmp, self._path(digest + ".epoch"))
             best = None
-            for slab, index in hits:
-                got = parse(bytes(slab.at(index)))
-                if got is not None and (best is None or got[3] > best[3]):
-                    best = got
-                slab.clear_half(index)
+            for slab in self._slabs.each():
+                for index in self._halves_of(slab, raw_digest, epoch):
+                    got = parse(bytes(slab.at(index)))
+                    if (got is not None and got[0] == raw_digest and got[1] == epoch
+                            and (best is None or got[3] > best[3])):
+                        best = got
+                    head = slab.head_of(index)
+                    if head is not None and head[:2] == (raw_digest, epoch):
+                        slab.clear_half(index)
             self._let_go(f"{digest}-{epoch}")
         if best is None or best[2] < self._clock():
             return None
         return record_from(best[4], best[5], best[6], epoch + 1)
 
     def forget(self, token: str, epoch: int) -> None:
-        with self._lock:
+        # under the directory's lock: the pair it frees must not be reused while a take reads
+        with self._locked(), self._lock:
             self._let_go(f"{token_hash(token)}-{epoch}")
 
     def records(self) -> list[tuple[str, int]]:
         """(token digest, epoch) of every whole, unexpired record in the directory."""
         now, out = self._clock(), set()
         with self._lock:
-            for slab in self._slabs.all():
+            for slab in self._slabs.each():
                 for index, digest, epoch, expires_at in slab.heads():
                     if expires_at >= now and parse(bytes(slab.at(index))) is not None:
                         out.add((digest.hex(), epoch))
@@ -305,14 +348,15 @@ class LocalDirectoryStore(SessionStore):
         """Records past their time, and slab files of dead processes with nothing left to
         take; returns how many records went."""
         now, gone, named = self._clock(), 0, set()
-        with self._lock:
+        # under the directory's lock: pairs freed here must not be reused while a take reads
+        with self._locked(), self._lock:
             for name, pair in list(self._pairs.items()):
                 heads = [pair.slab.head_of(2 * pair.pair + turn) for turn in (0, 1)]
                 if any(h is not None and h[2] >= now for h in heads):
                     continue  # a live owner always has one half written within resume_ttl / 2
                 gone += any(h is not None for h in heads)
                 self._let_go(name)
-            for slab in self._slabs.all():
+            for slab in self._slabs.each():
                 heads = slab.heads()
                 named.update(digest.hex() for _, digest, _, _ in heads)
                 if slab.own or not self._slabs.orphan(slab):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import time
 import uuid
 from concurrent.futures import Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from server.backends.base import refuse_unstreamable
@@ -160,6 +161,14 @@ class SessionManager:
         )
         session.epoch = record.epoch  # the take made this process its owner
         session.ring = ReplyRing(self.ring_bytes, record.replies, ReplyRing.unpack(record.ring))
+        # back in the store at once, under its new epoch: the take left no record of it, and
+        # a SIGKILL before the first checkpoint would otherwise lose the whole session
+        if not self.store.put(token, replace(record, live=True), self.resume_ttl,
+                              record.epoch):
+            self._release(session)  # taken again meanwhile, by another process
+            raise ServeError("resume_not_found", "this session was resumed elsewhere")
+        session.checkpointed, session.stored = state.samples, True
+        session.written_at = time.monotonic()
         log.info("session %s resumed at sample %d", session.id, state.samples)
         return session, state.samples
 

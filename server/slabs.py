@@ -31,6 +31,7 @@ import mmap
 import os
 import struct
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 from cachetools import LRUCache
@@ -206,33 +207,46 @@ class SlabFiles:
         if slab.own:
             slab.free.append(pair)
 
-    def all(self) -> list[Slab]:
-        """Every slab file of the directory, this process's and the others' (mapped once)."""
-        slabs, present = list(self.own.values()), set()
+    def each(self) -> Iterator[Slab]:
+        """Every slab file of the directory, this process's and the others' (mapped once),
+        one at a time: a caller is done with a slab before it asks for the next, since mapping
+        one more may unmap (close) one handed out before when there are more than the LRU
+        keeps."""
+        yield from list(self.own.values())
+        present = set()
         with os.scandir(self.root) as entries:
-            for entry in entries:
-                path = f"{self.root}/{entry.name}"
-                if not entry.name.endswith(".slab") or path in self.own:
-                    continue
-                present.add(path)
-                slab = self._seen.get(path)
+            paths = [f"{self.root}/{entry.name}" for entry in entries
+                     if entry.name.endswith(".slab")]
+        for path in paths:
+            if path in self.own:
+                continue
+            present.add(path)
+            slab = self._seen.get(path)
+            if slab is None:
+                slab = self._map(path)
                 if slab is None:
-                    slab = self._map(path)
-                    if slab is None:
-                        continue
-                slabs.append(slab)
+                    continue
+            yield slab
         for path in [p for p in self._seen if p not in present]:  # removed by a purge
             self._seen.pop(path).close()
-        return slabs
 
     def _map(self, path: str) -> Slab | None:
+        """Another process's file, mapped; None for one that is gone or is no slab file of
+        ours (a stray name or size must not stop the scans of the directory)."""
         try:
             half = int(path.rsplit("-", 1)[1].split(".", 1)[0])
+        except (ValueError, IndexError):
+            return None
+        if half < _PAGE or half % _PAGE:  # half_for() makes whole pages, at least one
+            return None
+        try:
             fd = os.open(path, os.O_RDWR)
-        except (OSError, ValueError, IndexError):
+        except OSError:
             return None
         try:
             slab = Slab(path, half, fd, own=False)
+        except (OSError, ValueError):
+            return None
         finally:
             os.close(fd)
         self._seen[path] = slab

@@ -95,6 +95,21 @@ async def test_a_quiet_session_stays_resumable_past_resume_ttl(model_dirs, tmp_p
             assert record is not None and record.samples == 10 and record.live
 
 
+async def test_a_resumed_session_is_in_the_store_before_its_first_checkpoint(model_dirs,
+                                                                             tmp_path):
+    """A take clears the record it read: the new owner writes it back under the new epoch as
+    it resumes, so a SIGKILL before its first checkpoint pass would not lose the session."""
+    settings = make_settings(model_dirs, tmp_path, checkpoint_interval=3600.0)
+    with ServerThread(settings) as server:
+        async with await connect(server.ws_url, "seq") as ws:
+            token = (await start(ws))["resume_token"]
+            await stream_binary(ws, [np.ones((10, 2), np.float32)], 3)
+        async with await connect(server.ws_url, "seq") as ws:  # detached above, resumed here
+            assert (await start(ws, resume=token))["samples"] == 10
+            record = server.runtime.store.take(token)  # no checkpoint pass ran in between
+            assert record is not None and record.samples == 10 and record.epoch == 2
+
+
 async def test_a_session_taken_over_elsewhere_is_let_go(model_dirs, tmp_path,
                                                        redis_url):  # noqa: F811
     """A live session on A is resumed on B from A's checkpoint, A not hearing B's release
