@@ -302,6 +302,11 @@ class AsyncMux:
             sid = self._caller_sid.get(reply["sid"], reply["sid"])
             self._closed_sessions[sid] = reply["reason"]
             self._forget(sid)
+            for key in [k for k in self._control if k[1] == reply["sid"]]:  # never answered
+                for future in self._control.pop(key):
+                    if future is not None and not future.done():
+                        future.set_exception(StreamError(reply["reason"],
+                                                         "the session left this connection"))
             return
         if kind == "snapshot":
             session = self._state.get(self._caller_sid.get(reply.get("sid"), -1))
@@ -342,6 +347,11 @@ class AsyncMux:
         self._ws = ws
         self.reconnects += 1
         unanswered = [p for p in self._data if p.future is not None]
+        for pending in self._data:  # an earlier recovery's replay, cut short: replay it again
+            if pending.future is None and pending.entries:
+                for sid, entry in pending.entries:
+                    if sid in self._state:
+                        self._state[sid].kept.append(entry)
         self._data.clear()
         self._server_sid.clear()
         self._caller_sid.clear()

@@ -26,17 +26,19 @@ from client.wire import ENTRY_IN, ENTRY_OUT, HEADER, KIND_DATA, KIND_OUTPUTS, ST
 from client.wire import MUX_VERSION as VERSION
 from server.errors import ServeError
 from server.link import Link, peer_for
-from server.mux_table import Handle, HandleTable, Message
+from server.mux_table import (
+    Handle,
+    HandleTable,
+    Message,
+    entries_fit,
+    ok_records,
+    reply_body,
+)
 from server.protocol import binary_frame, parse_start, parse_text
 from server.scheduler import Batch, Control, Frame
 from server.sessions import Session
-from server.work import BATCH_FAILED, BATCH_GONE, BATCH_NON_FINITE, BATCH_OK
 
 router = APIRouter()
-
-# what a batch member's outcome is answered with
-_BATCH_CODES = {BATCH_GONE: "unknown_session", BATCH_NON_FINITE: "non_finite",
-                BATCH_FAILED: "internal"}
 
 
 @router.websocket("/v1/models/{name}/mux")
@@ -55,6 +57,7 @@ class MuxConnection(Link):
         self._next_message = 0
         self._inflight = 0
         self._controls = 0  # control items on the queues of this connection's sessions
+        self._resuming = 0  # opens waiting for a resume: they count against the limit
         self._paths: dict = {}  # mux_messages by path, this model
         self._tasks: set[asyncio.Task] = set()
 
@@ -89,10 +92,20 @@ class MuxConnection(Link):
                 return
             if kind not in ("reset", "snapshot", "end", "close"):
                 raise ServeError("unknown_type", f"unknown message type {kind!r}")
-            handle = self.handles.get(message.get("sid"))
+            sid = message.get("sid")
+            if type(sid) is not int:
+                raise ServeError("bad_request", "sid must be an integer")
+            handle = self.handles.get(sid)
             if handle is None or handle.session is None:
-                raise ServeError("unknown_session", f"no session {message.get('sid')!r} here")
-            self._queue(handle, Control(kind))  # in order: after the entries sent before it
+                raise ServeError("unknown_session", f"no session {sid!r} here")
+            # applied after the entries sent before it, and answered in its place in the
+            # connection's order (after the replies to those entries' messages)
+            index = self._slot(Message(0, [None], 1, 0, text=True))
+            self._inflight += 1
+            self._queue(handle, Control(kind, seq=index))
+            if self._inflight >= self.settings.session_queue:
+                self._pause()
+            self._flush()
         except ServeError as err:
             self.rt.error(err.code)
             reply = err.ws_message()
@@ -103,7 +116,7 @@ class MuxConnection(Link):
 
     def _open(self, message: dict) -> None:
         ref = message.get("ref")
-        if len(self.handles) >= self.settings.mux_max_sessions:
+        if len(self.handles) + self._resuming >= self.settings.mux_max_sessions:
             raise ServeError("too_many_sessions", f"at most {self.settings.mux_max_sessions} "
                              "sessions per connection")
         opts = parse_start({k: v for k, v in message.items() if k != "ref"} | {"type": "start"})
@@ -119,6 +132,7 @@ class MuxConnection(Link):
                 # live on another worker (ask it), or not stored yet (wait for it):
                 # "opened" (or the error) comes when it answers
                 self._next_sid += 1
+                self._resuming += 1
                 task = asyncio.ensure_future(self._resume_later(handle, opts.resume, elsewhere))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -146,6 +160,8 @@ class MuxConnection(Link):
             self.rt.error(err.code)
             self.peer.send_text(json.dumps({**err.ws_message(), "ref": handle.ref}))
             return
+        finally:
+            self._resuming -= 1
         if resumed is not None:
             self._opened(handle, *resumed)
 
@@ -168,11 +184,10 @@ class MuxConnection(Link):
             self._paths["batched"].inc()
             return
         self._paths["per_entry"].inc()
-        index = self._next_message
-        self._next_message += 1
-        message = Message(seq, [None] * count, count, count)
-        self._messages[index] = message
-        self._order.append(index)
+        if not entries_fit(self.handles, data, count, self.model.info.d_input):
+            self._bad_message(seq, f"the message holds more than its {count} entries")
+            return
+        index = self._slot(Message(seq, [None] * count, count, count))
         at, scheduler = HEADER.size, self.rt.scheduler
         d_input = self.model.info.d_input
         for entry in range(count):
@@ -225,13 +240,13 @@ class MuxConnection(Link):
             # nothing of this connection is queued, so nothing is overtaken: step it now, from
             # the message's records into the reply's (a non-finite input is rejected there)
             if route.reply is None:
-                route.reply = self._ok_records(sids)
+                route.reply = ok_records(sids, self.model.info.d_output)
             reply = route.reply.copy()
             y = reply["y"][:, 0]  # (count, d_output), a view of the reply's records
             status = scheduler.step_now(pool, route.rate, route.streams, entries["x"][:, 0],
                                         route.rows, y, received)
             head = HEADER.pack(VERSION, KIND_OUTPUTS, 0, seq, count)
-            self.peer.send_bytes(head + (self._reply_body(sids, y, status) if status.any()
+            self.peer.send_bytes(head + (reply_body(sids, y, status, self.rt.error) if status.any()
                                          else reply.tobytes()))
             if not self.paused and not self.peer.can_write:
                 self._pause()
@@ -239,10 +254,7 @@ class MuxConnection(Link):
         u = np.array(entries["x"][:, 0], np.float32)  # (count, d_input), a copy of transient data
         if not np.isfinite(u).all():
             return False
-        index = self._next_message
-        self._next_message += 1
-        self._messages[index] = Message(seq, [], count, count, sids=sids.copy())
-        self._order.append(index)
+        index = self._slot(Message(seq, [], count, count, sids=sids.copy()))
         scheduler.submit_batch(Batch(pool, route.rate, route.streams, u, received, self, index))
         self._sent_one()
         return True
@@ -251,32 +263,10 @@ class MuxConnection(Link):
         message = self._messages.get(batch.ref)
         if message is None:
             return
-        message.parts = [self._reply_body(message.sids, outputs, status)]
+        message.parts = [reply_body(message.sids, outputs, status, self.rt.error)]
         message.left = 0
         if self._order and self._order[0] == batch.ref:
             self._flush()
-
-    def _ok_records(self, sids: np.ndarray) -> np.ndarray:
-        """A reply's records for `sids`, each ok with one row (outputs not filled in)."""
-        body = np.empty(len(sids), wire.uniform_outputs(1, self.model.info.d_output))
-        body["sid"], body["status"], body["res"], body["rows"] = sids, 0, 0, 1
-        return body
-
-    def _reply_body(self, sids: np.ndarray, outputs: np.ndarray, status: np.ndarray) -> bytes:
-        """The entries of a batch's reply, in order."""
-        if not status.any():  # every entry ok: the reply body is one structured array
-            body = self._ok_records(sids)
-            body["y"] = outputs[:, None]
-            return body.tobytes()
-        parts = []
-        for sid, outcome, row in zip(sids.tolist(), status.tolist(), outputs, strict=True):
-            if outcome == BATCH_OK:
-                parts.append(ENTRY_OUT.pack(sid, STATUS["ok"], 0, 1) + row.tobytes())
-                continue
-            code = _BATCH_CODES[outcome]
-            self.rt.error(code)
-            parts.append(ENTRY_OUT.pack(sid, STATUS[code], 0, 0))
-        return b"".join(parts)
 
     def _submit(self, handle: Handle, index: int, entry: int, payload: bytes, samples: int,
                 received: float, scheduler) -> int:
@@ -299,13 +289,18 @@ class MuxConnection(Link):
     def _bad_message(self, seq: int, message: str) -> None:
         """A message that cannot be read at all: one text error in its reply slot."""
         self.rt.error("bad_request")
-        index = self._next_message
-        self._next_message += 1
         text = json.dumps({"type": "error", "code": "bad_request", "seq": seq,
                            "message": message})
-        self._messages[index] = Message(seq, [text.encode()], 0, 0, text=True)
-        self._order.append(index)
+        self._slot(Message(seq, [text.encode()], 0, 0, text=True))
         self._sent_one()
+
+    def _slot(self, message: Message) -> int:
+        """A place in the connection's order of replies for `message`; its index."""
+        index = self._next_message
+        self._next_message += 1
+        self._messages[index] = message
+        self._order.append(index)
+        return index
 
     def _queue(self, handle: Handle, item: Frame | Control) -> None:
         stream = handle.session.stream
@@ -372,7 +367,28 @@ class MuxConnection(Link):
             handle.session = None
             self.handles.pop(sid)
             reply = {"type": "end", "sid": sid, "samples": self.rt.manager.end(session)}
-        self.peer.send_text(json.dumps(reply))
+        self._answer(item.seq, reply)
+
+    def _control_dropped(self, handle: Handle, item: Control) -> None:
+        """A control item the session's queue lost (it ended, closed or was taken over)."""
+        if item.kind == "error":  # a rejected entry: answered as it would have been
+            self._control_done(handle, item, None)
+            return
+        if item.queued:
+            handle.controls -= 1
+            self._controls -= 1
+        self.rt.error("unknown_session")
+        self._answer(item.seq, {"type": "error", "code": "unknown_session", "sid": handle.sid,
+                                "message": "the session left this connection first"})
+
+    def _answer(self, index: int, reply: dict) -> None:
+        """A control's reply, into its place in the order."""
+        message = self._messages.get(index)
+        if message is None:
+            return
+        message.parts[0], message.left = json.dumps(reply).encode(), 0
+        if self._order and self._order[0] == index:
+            self._flush()
 
     def on_writable(self) -> None:
         self._resume_if(self._inflight <= self.settings.session_queue // 2)

@@ -3,14 +3,20 @@ messages in flight."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client.wire import STATUS
+from client import wire
+from client.wire import ENTRY_IN, ENTRY_OUT, HEADER, STATUS, WIRE_DTYPES
 from server.errors import CLOSE_GOING_AWAY
-from server.work import Control, Frame
+from server.work import BATCH_FAILED, BATCH_GONE, BATCH_NON_FINITE, BATCH_OK, Control, Frame
+
+# what a batch member's outcome is answered with
+_BATCH_CODES = {BATCH_GONE: "unknown_session", BATCH_NON_FINITE: "non_finite",
+                BATCH_FAILED: "internal"}
 
 if TYPE_CHECKING:
     from server.sessions import Session
@@ -50,11 +56,15 @@ class Handle:
     def control_done(self, item: Control, value: Any) -> None:
         self.conn._control_done(self, item, value)
 
-    def frames_dropped(self, frames: list[Frame]) -> None:
-        """Entries that will not be computed here (the session was taken over or left):
-        answered `unknown_session`, so their messages still complete."""
-        for frame in frames:
-            self.conn._entry(frame.seq, frame.entry, self.sid, STATUS["unknown_session"], None)
+    def work_dropped(self, items: list[Frame | Control]) -> None:
+        """Entries and control items that will not be applied here (the session ended, was
+        closed or taken over): answered `unknown_session`, so every reply slot is filled."""
+        for item in items:
+            if type(item) is Control:
+                self.conn._control_dropped(self, item)
+            else:
+                self.conn._entry(item.seq, item.entry, self.sid, STATUS["unknown_session"],
+                                 None)
 
     def kick(self, code: int, reason: str) -> None:
         """Taken over elsewhere: this session leaves the connection (told with `closed`).
@@ -141,3 +151,44 @@ class HandleTable:
             return None
         rows = np.fromiter((s.slot for s in streams), np.int64, len(streams))
         return Route(streams, rate, rows, drops)
+
+
+def entries_fit(handles: HandleTable, data: bytes, count: int, d_input: int) -> bool:
+    """False when `count` entries of known sessions end before the data message does: a
+    client that miscounted its entries is told, rather than some of its samples left unread
+    (an unknown session's entry ends the reading: the rest is unreadable anyway)."""
+    at = HEADER.size
+    for _ in range(count):
+        if at + ENTRY_IN.size > len(data):
+            return True
+        sid, samples = ENTRY_IN.unpack_from(data, at)
+        handle = handles.get(sid)
+        if handle is None or handle.session is None:
+            return True
+        at += ENTRY_IN.size + samples * d_input * WIRE_DTYPES[handle.session.dtype].itemsize
+    return at >= len(data)
+
+
+def ok_records(sids: np.ndarray, d_output: int) -> np.ndarray:
+    """A reply's records for `sids`, each ok with one row (outputs not filled in)."""
+    body = np.empty(len(sids), wire.uniform_outputs(1, d_output))
+    body["sid"], body["status"], body["res"], body["rows"] = sids, 0, 0, 1
+    return body
+
+
+def reply_body(sids: np.ndarray, outputs: np.ndarray, status: np.ndarray,
+               count_error: Callable[[str], None]) -> bytes:
+    """The entries of a batch's reply, in order: outputs (B, d_output), status (B,) BATCH_*."""
+    if not status.any():  # every entry ok: the reply body is one structured array
+        body = ok_records(sids, outputs.shape[1])
+        body["y"] = outputs[:, None]
+        return body.tobytes()
+    parts = []
+    for sid, outcome, row in zip(sids.tolist(), status.tolist(), outputs, strict=True):
+        if outcome == BATCH_OK:
+            parts.append(ENTRY_OUT.pack(sid, STATUS["ok"], 0, 1) + row.tobytes())
+            continue
+        code = _BATCH_CODES[outcome]
+        count_error(code)
+        parts.append(ENTRY_OUT.pack(sid, STATUS[code], 0, 0))
+    return b"".join(parts)

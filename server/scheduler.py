@@ -145,9 +145,9 @@ class Scheduler(BatchRounds):
         if type(head) is Frame and head.done and head.before is not None:
             stream.pool.restore(stream.slot, head.before)
             stream.samples -= head.done
-        frames = [item for item in stream.queue if type(item) is Frame]
-        if frames and stream.sink is not None:
-            stream.sink.frames_dropped(frames)
+        items = [item for item in stream.queue if type(item) is not Batch]
+        if items and stream.sink is not None:
+            stream.sink.work_dropped(items)
         dropped = sum(1 for item in stream.queue if type(item) is not Control)
         if dropped:
             model = self._models[stream.pool]

@@ -46,8 +46,9 @@ class Sink(Protocol):
 
     def control_done(self, item: Control, value: Any) -> None: ...
 
-    def frames_dropped(self, frames: list[Frame]) -> None:
-        """Queued frames that will never be computed (the session left this connection)."""
+    def work_dropped(self, items: list[Frame | Control]) -> None:
+        """Queued frames and control items that will never be applied (the session left
+        this connection), in their order."""
 
 
 # what happened to each member of a Batch

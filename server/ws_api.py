@@ -236,8 +236,8 @@ class Connection(Link):
         self._frames_error.inc()
         self.kick(CLOSE_INTERNAL, "internal")
 
-    def frames_dropped(self, frames: list[Frame]) -> None:
-        """Nothing to answer: frames are dropped only when this connection is gone."""
+    def work_dropped(self, items: list[Frame | Control]) -> None:
+        """Nothing to answer: work is dropped only when this connection is gone."""
 
     def control_done(self, item: Control, value: Any) -> None:
         session = self.session

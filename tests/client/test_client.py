@@ -200,6 +200,53 @@ async def test_mux_survives_a_cut_line(server, lose_replies):
         np.testing.assert_allclose(np.concatenate(got[i]), expected[i], atol=1e-4)
 
 
+async def test_mux_replays_again_after_a_drop_during_its_recovery(server):
+    """Replies lost, then the line cut: the session is restarted from its recovery point and
+    its entries replayed; a second cut before that replay is answered replays it again."""
+    u = signal(30, seed=40)
+    async with AsyncClient(server.url) as plain:
+        expected = (await plain.predict("seq", u[None])).outputs[0]
+    cutter = Cutter(int(server.url.rsplit(":", 1)[1]))
+    url = await cutter.start()
+    async with AsyncClient(url) as c, c.mux("seq", checkpoint_s=0) as m:
+        a = await m.open()
+        head = (await m.send({a: u[:10]}))[a]
+        cutter.swallow = True  # the next reply is lost: the server is ahead of the client
+        pending = asyncio.ensure_future(m.send({a: u[10:15]}))
+        await asyncio.sleep(0.3)
+        send, cut = m._send_data, []
+
+        async def cut_during_replay(message, ws=None):
+            if message.future is None and not cut:  # the recovery's replay: cut again
+                cut.append(message)
+                (ws or m._ws).transport.abort()
+            return await send(message, ws)
+
+        m._send_data = cut_during_replay
+        cutter.cut()
+        mid = (await asyncio.wait_for(pending, 30))[a]
+        tail = (await m.send({a: u[15:]}))[a]
+        assert cut and m.reconnects >= 2
+        assert (await m.snapshot(a))[0] == 30
+    await cutter.stop()
+    np.testing.assert_allclose(np.concatenate([head, mid, tail]), expected, atol=1e-4)
+
+
+async def test_mux_calls_waiting_on_a_session_taken_over_raise(server):
+    async with AsyncClient(server.url) as c, c.mux("seq") as m:
+        a = await m.open()
+        token = m.sessions[a]["resume_token"]
+        work = asyncio.ensure_future(m.send({a: signal(40_000, seed=41)}))
+        await asyncio.sleep(0.05)
+        snapshot = asyncio.ensure_future(m.snapshot(a))  # queued behind the long entry
+        await asyncio.sleep(0.05)
+        async with c.stream("seq", resume=token) as taker:  # takes the session over
+            assert taker.info["samples"] <= 40_000
+            with pytest.raises(StreamError):
+                await asyncio.wait_for(snapshot, 10)
+        assert isinstance((await asyncio.wait_for(work, 10))[a], StreamError | np.ndarray)
+
+
 async def test_stream_replays_from_a_checkpoint_after_the_server_is_killed(model_dirs, tmp_path):
     """SIGKILL of the server (a real `s4serve serve`), restarted on the same port and session
     directory: the stream resumes from the last checkpoint by itself, replays the frames since,

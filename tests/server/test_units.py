@@ -125,7 +125,7 @@ def test_local_store_survives_a_write_cut_short(tmp_path):
     for samples in (1, 2):
         store.put("t", SessionRecord("id", "m", "float32", None, "every", samples, b"x" * 99),
                   ttl=30)
-    halves = [(slab, i) for slab in store._slabs.all() for i in range(len(slab.halves))
+    halves = [(slab, i) for slab in store._slabs.each() for i in range(len(slab.halves))
               if slab.head_of(i) is not None]
     assert len(halves) == 2
     newest = max(halves, key=lambda h: parse(bytes(h[0].at(h[1])))[3])
