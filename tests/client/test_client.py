@@ -236,15 +236,16 @@ async def test_mux_calls_waiting_on_a_session_taken_over_raise(server):
     async with AsyncClient(server.url) as c, c.mux("seq") as m:
         a = await m.open()
         token = m.sessions[a]["resume_token"]
-        work = asyncio.ensure_future(m.send({a: signal(40_000, seed=41)}))
-        await asyncio.sleep(0.05)
-        snapshot = asyncio.ensure_future(m.snapshot(a))  # queued behind the long entry
-        await asyncio.sleep(0.05)
+        long = signal(40_000, seed=41)
+        work = [asyncio.ensure_future(m.send({a: long})) for _ in range(8)]
+        snapshot = asyncio.ensure_future(m.snapshot(a))  # queued behind the long entries
+        await asyncio.sleep(0.02)
         async with c.stream("seq", resume=token) as taker:  # takes the session over
-            assert taker.info["samples"] <= 40_000
+            assert taker.info["samples"] < 8 * 40_000
             with pytest.raises(StreamError):
                 await asyncio.wait_for(snapshot, 10)
-        assert isinstance((await asyncio.wait_for(work, 10))[a], StreamError | np.ndarray)
+        for reply in await asyncio.wait_for(asyncio.gather(*work), 10):
+            assert isinstance(reply[a], StreamError | np.ndarray)
 
 
 async def test_stream_replays_from_a_checkpoint_after_the_server_is_killed(model_dirs, tmp_path):
