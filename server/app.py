@@ -249,6 +249,9 @@ class DrainingServer(uvicorn.Server):
         self._draining = loop.create_task(self._drain_then_exit(sig, frame))
 
     async def _drain_then_exit(self, sig, frame) -> None:
-        await asyncio.sleep(self.runtime.settings.drain_seconds)
-        await self.runtime.drain()
+        try:
+            await asyncio.sleep(self.runtime.settings.drain_seconds)
+            await self.runtime.drain()
+        except Exception:  # the process must still stop (uvicorn's shutdown detaches the rest)
+            log.exception("drain failed")
         super().handle_exit(sig, frame)

@@ -100,22 +100,23 @@ async def predict(name: str, request: Request) -> Response:
     rt = _runtime(request)
     outcome = "error"
     label = name if name in rt.models else None
+    counted = False
     try:
         rt = _authorize(request)
         if not rt.ready or rt.draining:
             raise ServeError("overloaded", "server is not ready")
         model = rt.model(name)
-        body = await _read_body(request, rt.settings.max_body_bytes)
+        # counted from before its body is read until its answer is sent: uploads and answers
+        # in flight hold memory of the server process too
         if rt.pending_requests >= rt.settings.max_pending_requests:
             raise ServeError("overloaded", "too many predict requests waiting; try again later")
+        rt.pending_requests += 1
+        counted = True
+        body = await _read_body(request, rt.settings.max_body_bytes)
         media = request.headers.get("content-type", JSON_TYPE).split(";")[0].strip().lower()
         job = Job(name, body, media, dict(request.query_params),
                   NPY_TYPE in request.headers.get("accept", ""))
-        rt.pending_requests += 1
-        try:
-            answer = await _answer(rt, job)
-        finally:
-            rt.pending_requests -= 1
+        answer = await _answer(rt, job)
         if answer.status != 200:
             rt.error(answer.code or "internal")
             return Response(answer.body, answer.status, media_type=JSON_TYPE)
@@ -123,11 +124,29 @@ async def predict(name: str, request: Request) -> Response:
         rt.metrics.conv_seconds.labels(info.name).observe(answer.seconds)
         rt.metrics.samples.labels(info.name, "batch").inc(answer.samples)
         outcome = "ok"
-        return Response(answer.body, media_type=answer.media)
+        counted = False  # the response gives the count back once sent
+        return _Counted(rt, answer.body, media_type=answer.media)
     finally:
+        if counted:
+            rt.pending_requests -= 1
         if label is not None:
             rt.metrics.requests.labels(label, outcome).inc()
             rt.metrics.predict_latency.labels(label).observe(time.perf_counter() - started)
+
+
+class _Counted(Response):
+    """An answer that holds its request's place among the pending ones until it is sent (or
+    its client has gone)."""
+
+    def __init__(self, rt: Runtime, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._rt = rt
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._rt.pending_requests -= 1
 
 
 async def _answer(rt: Runtime, job: Job) -> Answer:

@@ -105,6 +105,7 @@ class PredictPool:
         without_mkl_buffers()  # in the workers' environment when MKL loads there
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._workers: set[_Worker] = set()
+        self._renewing: set[asyncio.Task] = set()
         self.restarts = 0
 
     async def start(self) -> None:
@@ -128,7 +129,11 @@ class PredictPool:
         worker.kill()
 
     async def run(self, job: Job) -> Answer:
-        worker = await self._idle.get()
+        try:  # a bounded wait: with no worker coming back (none restarts), no request hangs
+            worker = await asyncio.wait_for(self._idle.get(), self.timeout)
+        except TimeoutError:
+            raise ServeError("overloaded", f"no predict worker was free within "
+                             f"{self.timeout:g} s; try again later") from None
         message = _pack({"model": job.model, "media": job.media, "query": job.query,
                          "npy": job.npy}, job.body)
         try:
@@ -152,12 +157,29 @@ class PredictPool:
 
     def _replace(self, worker: _Worker, why: str) -> None:
         log.warning("predict worker %d %s: replacing it", worker.process.pid, why)
-        self._drop(worker)
+        self._workers.discard(worker)
         self.restarts += 1
-        task = asyncio.ensure_future(self._add())
-        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None
-                               or log.error("no new predict worker: %s", t.exception()))
+        self._renewing.add(asyncio.ensure_future(self._renew(worker)))
+
+    async def _renew(self, worker: _Worker) -> None:
+        """Stop the worker off the event loop (killing and joining one took ~0.2 s, a pause
+        of every stream), then start another, retrying until one starts."""
+        try:
+            await asyncio.to_thread(worker.kill)
+            delay = 1.0
+            while True:
+                try:
+                    await self._add()
+                    return
+                except RuntimeError as exc:
+                    log.error("no new predict worker (%s): trying again in %g s", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 30.0)
+        finally:
+            self._renewing.discard(asyncio.current_task())
 
     def stop(self) -> None:
+        for task in list(self._renewing):
+            task.cancel()
         for worker in list(self._workers):
             self._drop(worker)

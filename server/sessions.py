@@ -148,17 +148,22 @@ class SessionManager:
         record = self.store.take(token)
         if record is None:
             raise ServeError("resume_not_found", "unknown or expired resume token")
-        if record.model != model.info.name:
-            # back under the epoch the take moved it to, or the write is refused as stale
+        try:
+            if record.model != model.info.name:
+                raise ServeError("bad_request", "this resume token belongs to another model")
+            state = decode_state_raw(record.state, self.secret)
+            state.check(model.info.name, model.info.version, model.backend.state_spec)
+            session = self._place(
+                model, record.session_id, token, record.dtype, record.sample_rate,
+                record.output,
+                model.backend.rate_for(record.sample_rate if model.info.sample_rate else None),
+                state.tensors, state.samples, owner,
+            )
+        except ServeError:
+            # taken but not resumed (no free slot, say): back in the store under the epoch
+            # the take moved it to, so the client's retry finds it
             self.store.put(token, record, self.resume_ttl, record.epoch)
-            raise ServeError("bad_request", "this resume token belongs to another model")
-        state = decode_state_raw(record.state, self.secret)
-        state.check(model.info.name, model.info.version, model.backend.state_spec)
-        session = self._place(
-            model, record.session_id, token, record.dtype, record.sample_rate, record.output,
-            model.backend.rate_for(record.sample_rate if model.info.sample_rate else None),
-            state.tensors, state.samples, owner,
-        )
+            raise
         session.epoch = record.epoch  # the take made this process its owner
         session.ring = ReplyRing(self.ring_bytes, record.replies, ReplyRing.unpack(record.ring))
         # back in the store at once, under its new epoch: the take left no record of it, and

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ from server.runtime import Runtime
 from server.scheduler import Control, Frame
 from server.sessions import Session
 from server.transport import Peer
+
+log = logging.getLogger("s4serve.ws")
 
 OVERLOADED_MESSAGE = "the server is past capacity: frame not processed, the state is unchanged"
 # a frame's seq is %-formatted in (see _frame)
@@ -109,6 +112,9 @@ class Connection(Link):
             resumed = await self.resume_later(token, self, elsewhere)
         except ServeError as err:
             self._start_failed(err)
+        except Exception:  # the store failed (a full disk, say): answered, not left waiting
+            log.exception("resume failed")
+            self._start_failed(ServeError("internal", "the resume failed: try again"))
         else:
             if resumed is not None:
                 self._started(*resumed, received)

@@ -115,3 +115,39 @@ async def test_resumes_in_flight_count_against_the_session_limit(model_dirs, tmp
             assert sorted(r["ref"] for r in late) == ["r1", "r2"]
             assert {r["code"] for r in late} == {"resume_not_found"}
             assert (await ask(ws, {"type": "open"}))["type"] == "opened"  # room again
+
+
+async def test_a_resume_refused_for_want_of_a_slot_keeps_the_session(model_dirs, tmp_path):
+    settings = make_settings(model_dirs, tmp_path, max_sessions=1, resume_wait=0.0)
+    with ServerThread(settings) as server:
+        async with mux(server) as ws:
+            a = await ask(ws, {"type": "open"})
+            await ws.send(encode_data(1, [(a["sid"], samples(7), 7)]))
+            await replies(ws, 1)
+            closed = await ask(ws, {"type": "close", "sid": a["sid"]})
+            assert closed["samples"] == 7
+            b = await ask(ws, {"type": "open"})  # the only slot
+            refused = await ask(ws, {"type": "open", "resume": a["resume_token"]})
+            assert refused["code"] == "overloaded"
+            assert (await ask(ws, {"type": "end", "sid": b["sid"]}))["type"] == "end"
+            again = await ask(ws, {"type": "open", "resume": a["resume_token"]})
+            assert again["type"] == "opened" and again["samples"] == 7
+
+
+async def test_a_store_failure_while_a_resume_waits_is_answered(model_dirs, tmp_path):
+    settings = make_settings(model_dirs, tmp_path, resume_wait=2.0)
+    with ServerThread(settings) as server:
+        store, calls = server.runtime.store, []
+
+        def failing_take(token):  # not there yet, then the disk fails
+            calls.append(token)
+            if len(calls) == 1:
+                return None
+            raise OSError(28, "No space left on device")
+
+        store.take = failing_take
+        async with mux(server) as ws:
+            reply = await asyncio.wait_for(
+                ask(ws, {"type": "open", "ref": "x", "resume": "t" * 32}), 10)
+            assert reply["code"] == "internal" and reply["ref"] == "x" and len(calls) >= 2
+            assert (await ask(ws, {"type": "open"}))["type"] == "opened"  # the mux goes on

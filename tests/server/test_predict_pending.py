@@ -1,0 +1,55 @@
+"""Predict requests are counted from the start of their upload to the end of their answer, so
+stalled uploads cannot hold server memory past `max_pending_requests`; a request that finds no
+predict worker free within `predict_timeout` is answered instead of waiting for good."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import numpy as np
+import pytest
+
+from server.errors import ServeError
+from server.predict_job import Job, Limits
+from server.predict_worker import PredictPool
+from tests.server.conftest import ServerThread, make_settings
+
+
+def _stalled_upload(port: int) -> socket.socket:
+    """A predict whose body stops after its first bytes (the connection stays open)."""
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.sendall(b"POST /v1/models/seq/predict HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+                 + b'{"inputs": [[' + b"0.0, " * 1000)
+    return conn
+
+
+def test_uploads_in_progress_count_against_max_pending_requests(model_dirs, tmp_path):
+    settings = make_settings(model_dirs, tmp_path, max_pending_requests=2)
+    with ServerThread(settings) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        stalled = [_stalled_upload(port) for _ in range(2)]
+        body = {"inputs": np.zeros((1, 5, 2)).tolist()}
+        for _ in range(100):  # until the server has started reading both
+            refused = httpx.post(server.url + "/v1/models/seq/predict", json=body, timeout=30)
+            if refused.status_code == 503:
+                break
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "overloaded"
+        for conn in stalled:  # the clients give up: their places are free again
+            conn.close()
+        for _ in range(100):
+            answered = httpx.post(server.url + "/v1/models/seq/predict", json=body, timeout=30)
+            if answered.status_code == 200:
+                break
+        assert answered.status_code == 200
+        assert server.runtime.pending_requests == 0
+
+
+async def test_no_free_predict_worker_within_the_timeout_is_overloaded(model_dirs):
+    pool = PredictPool([model_dirs["seq"]], "cpu", 8, Limits(1 << 20), size=0, timeout=0.2)
+    with pytest.raises(ServeError) as err:
+        await asyncio.wait_for(pool.run(Job("seq", b"{}", "application/json")), 5)
+    assert err.value.code == "overloaded"
