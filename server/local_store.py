@@ -329,6 +329,10 @@ class LocalDirectoryStore(SessionStore):
             return None
         return record_from(best[4], best[5], best[6], epoch + 1)
 
+    def epoch_of(self, token: str) -> int:
+        """The token's epoch here (0 until a take moves it)."""
+        return self._epoch(token_hash(token))
+
     def forget(self, token: str, epoch: int) -> None:
         # under the directory's lock: the pair it frees must not be reused while a take reads
         with self._locked(), self._lock:

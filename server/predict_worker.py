@@ -29,6 +29,7 @@ from server.predict_job import Answer, Job, Limits, run_job
 
 log = logging.getLogger("s4serve.predict")
 _START_TIMEOUT_S = 600.0  # loading torch and the models, on a slow machine
+_MIN_WAIT_S = 60.0  # the least a request waits for a free worker (a replacement starting)
 
 
 def _pack(header: dict, body: bytes) -> bytes:
@@ -129,11 +130,14 @@ class PredictPool:
         worker.kill()
 
     async def run(self, job: Job) -> Answer:
-        try:  # a bounded wait: with no worker coming back (none restarts), no request hangs
-            worker = await asyncio.wait_for(self._idle.get(), self.timeout)
+        # a bounded wait (for the requests ahead and a worker being replaced): should no
+        # worker ever come back, no request waits for good
+        wait = max(2 * self.timeout, _MIN_WAIT_S)
+        try:
+            worker = await asyncio.wait_for(self._idle.get(), wait)
         except TimeoutError:
-            raise ServeError("overloaded", f"no predict worker was free within "
-                             f"{self.timeout:g} s; try again later") from None
+            raise ServeError("overloaded", f"no predict worker was free within {wait:g} s; "
+                             "try again later") from None
         message = _pack({"model": job.model, "media": job.media, "query": job.query,
                          "npy": job.npy}, job.body)
         try:

@@ -47,6 +47,7 @@ class RedisStore(SessionStore):
         self.client = redis.Redis.from_url(url, socket_timeout=timeout,
                                            socket_connect_timeout=timeout)
         self.fallback = fallback
+        self._local_epochs: dict[str, int] = {}  # token: its local epoch, while it falls back
         self._take = self.client.register_script(_TAKE)
 
     def put_many(self, items: list[tuple[str, SessionRecord, int]], ttl: float) -> list[bool]:
@@ -67,9 +68,27 @@ class RedisStore(SessionStore):
         except redis.RedisError as exc:
             log.error("redis store unavailable (%s): %d sessions kept in the local store",
                       exc, len(items))
-            return self.fallback.put_many(items, ttl)
+            return self._fall_back(items, ttl)
+        if self._local_epochs:  # reached again: these write to Redis from now on
+            for token, _, _ in items:
+                self._local_epochs.pop(token, None)
         return [int(current or 0) == epoch
                 for current, (_, _, epoch) in zip(now, items, strict=True)]
+
+    def _fall_back(self, items: list[tuple[str, SessionRecord, int]],
+                   ttl: float) -> list[bool]:
+        """Records kept in the local store while Redis cannot be reached, under the local
+        store's epoch of each token as it was at the session's first such write (a local take
+        finds them there, and moves it on: the owner's next write is then refused). Redis
+        epochs mean nothing to the local store: written under them, every session resumed
+        at least once was refused and cut off by a Redis outage."""
+        local = []
+        for token, record, _ in items:
+            epoch = self._local_epochs.get(token)
+            if epoch is None:
+                epoch = self._local_epochs[token] = self.fallback.epoch_of(token)
+            local.append((token, record, epoch))
+        return self.fallback.put_many(local, ttl)
 
     def take(self, token: str) -> SessionRecord | None:
         digest = token_hash(token)
@@ -90,7 +109,7 @@ class RedisStore(SessionStore):
         except redis.RedisError as exc:
             log.error("redis store unavailable (%s): an ended session's checkpoint stays "
                       "until it expires", exc)
-        self.fallback.forget(token, epoch)
+        self.fallback.forget(token, self._local_epochs.pop(token, epoch))
 
     def purge_expired(self) -> int:
         return self.fallback.purge_expired()  # Redis expires its own keys

@@ -120,3 +120,15 @@ async def test_a_session_dropped_on_one_server_resumes_on_another(model_dirs, re
         assert metric(a.url, "s4serve_handoffs_total") == 1
     np.testing.assert_allclose(np.concatenate([head, tail, rest]), expected, atol=1e-4)
 
+
+
+def test_without_redis_a_resumed_session_is_kept_and_fenced_locally(tmp_path):
+    """A session resumed at least once writes under a Redis epoch the local store does not
+    know: kept there all the same (it was refused, and its session cut off, by any outage),
+    found by a local take, and its owner refused after that take."""
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", LocalDirectoryStore(tmp_path),
+                       timeout=0.5)
+    assert store.put("tok", record(7), ttl=30, epoch=3)
+    assert store.put("tok", record(8), ttl=30, epoch=3)
+    assert store.take("tok").samples == 8
+    assert not store.put("tok", record(9), ttl=30, epoch=3)  # taken meanwhile: fenced
