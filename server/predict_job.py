@@ -40,10 +40,12 @@ class Limits:
     max_batch_length: int
     state_secret: str | None = None
     memory_bytes: int = 256 << 20  # conv working set per pass (predict_memory_mb)
+    max_json_values: int = 16_000_000  # numbers in a JSON answer's outputs
 
     @classmethod
     def of(cls, settings) -> Limits:
-        return cls(settings.max_batch_length, settings.secret, settings.predict_memory_mb << 20)
+        return cls(settings.max_batch_length, settings.secret, settings.predict_memory_mb << 20,
+                   settings.max_json_values)
 
 
 @dataclass
@@ -109,6 +111,11 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
     if batch * length > limits.max_batch_length:
         raise ServeError("too_large", f"batch × length {batch * length} is over the limit "
                          f"{limits.max_batch_length}")
+    values = batch * (1 if req.outputs == "last" else length) * backend.info.d_output
+    if not npy and values > limits.max_json_values:  # ~20 bytes of JSON and 32 of list each
+        raise ServeError("too_large", f"a JSON answer of {values} numbers is over the limit "
+                         f"{limits.max_json_values}: ask for .npy (Accept: application/x-npy) "
+                         "or outputs=last")
     rate = backend.rate_for(req.sample_rate)
     if req.state is not None or req.return_state:
         refuse_unstreamable(backend.info, "state in or out")

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     mux_max_entries: int = Field(4096, ge=1, description="entries per mux data message")
     max_body_bytes: int = Field(64 << 20, ge=1, description="largest predict request body")
     max_batch_length: int = Field(4_000_000, ge=1, description="largest batch × length")
+    max_json_values: int = Field(
+        16_000_000, ge=1, description="most numbers in a JSON predict answer's outputs (413 "
+        "beyond: an .npy answer, or outputs=last, is not limited by it)")
     max_pending_requests: int = Field(
         64, ge=1, description="predict requests in the server at once, from the start of their "
         "upload to the end of their answer (503 overloaded beyond)")

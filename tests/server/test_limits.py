@@ -20,7 +20,7 @@ def strict(model_dirs, tmp_path_factory):
     settings = make_settings(
         model_dirs, tmp_path_factory.mktemp("strict"), max_sessions=2, max_frame_bytes=4096,
         idle_timeout=0.5, api_keys=["k1", "k2"], allowed_origins=["https://ok.example"],
-        max_body_bytes=2000, max_batch_length=100, session_queue=4,
+        max_body_bytes=2000, max_batch_length=100, session_queue=4, max_json_values=120,
     )
     with ServerThread(settings) as running:
         yield running
@@ -66,8 +66,13 @@ def test_predict_limits_are_413(strict):
     assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
     long = httpx.post(url, json={"inputs": np.zeros((2, 60, 2), int).tolist()}, headers=KEY)
     assert long.status_code == 413 and "batch" in long.json()["error"]["message"]
-    ok = httpx.post(url, json={"inputs": np.zeros((1, 50, 2), int).tolist()}, headers=KEY)
-    assert ok.status_code == 200
+    ok = httpx.post(url, json={"inputs": np.zeros((1, 40, 2), int).tolist()}, headers=KEY)
+    assert ok.status_code == 200  # 40 × 3 outputs: just within max_json_values
+    wordy = httpx.post(url, json={"inputs": np.zeros((1, 41, 2), int).tolist()}, headers=KEY)
+    assert wordy.status_code == 413 and ".npy" in wordy.json()["error"]["message"]
+    last = httpx.post(url, json={"inputs": np.zeros((1, 41, 2), int).tolist(),
+                                 "outputs": "last"}, headers=KEY)
+    assert last.status_code == 200
 
 
 async def test_oversized_frame_closes_1009(strict):
