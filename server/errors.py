@@ -35,10 +35,11 @@ CLOSE_TRY_AGAIN = 1013
 class ServeError(Exception):
     """An error with a documented code; the message is shown to the client."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, final: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.final = final  # not worth a retry (a resume_not_found that is not "not yet")
 
     @property
     def http_status(self) -> int:

@@ -60,7 +60,7 @@ class Link:
         try:
             return self.rt.manager.resume(self.model, token, owner)
         except ServeError as err:
-            if err.code == "resume_not_found" and self.settings.resume_wait:
+            if err.code == "resume_not_found" and not err.final and self.settings.resume_wait:
                 return None
             raise
 
@@ -80,9 +80,14 @@ class Link:
             try:  # released: its final state is in the store; else maybe a checkpoint is
                 session, samples = self.rt.manager.resume(self.model, token, owner)
             except ServeError as err:
-                if err.code != "resume_not_found" or self.loop.time() >= deadline:
+                if (err.code != "resume_not_found" or err.final
+                        or self.loop.time() >= deadline):
                     raise
                 await asyncio.sleep(RESUME_POLL_S)
+                if elsewhere and not released and self.rt.handoff is not None:
+                    # a worker may have resumed it since it was asked: ask again, so that
+                    # it hands the session over instead of both owning it
+                    released = await self.rt.handoff.take_over(token)
                 continue
             if released:
                 self.rt.metrics.handoffs.inc()

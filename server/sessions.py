@@ -171,7 +171,8 @@ class SessionManager:
         if not self.store.put(token, replace(record, live=True), self.resume_ttl,
                               record.epoch):
             self._release(session)  # taken again meanwhile, by another process
-            raise ServeError("resume_not_found", "this session was resumed elsewhere")
+            raise ServeError("resume_not_found", "this session was resumed elsewhere",
+                             final=True)
         session.checkpointed, session.stored = state.samples, True
         session.written_at = time.monotonic()
         log.info("session %s resumed at sample %d", session.id, state.samples)
