@@ -114,6 +114,7 @@ class Link:
             return False
         self.model = rt.models[name]
         rt.connections += 1
+        rt.links.add(self)
         self.counted = True
         return True
 
@@ -155,6 +156,7 @@ class Link:
         if self.counted:
             self.counted = False
             self.rt.connections -= 1
+            self.rt.links.discard(self)
         if not self.finished.done():
             self.finished.set_result(None)
 

@@ -48,6 +48,7 @@ class Runtime:
     draining: bool = False
     load_error: str | None = None
     connections: int = 0
+    links: set = field(default_factory=set)  # the admitted connections (server/link.py)
     handoff: Handoff | None = None  # the other workers of this server
     replicas: ReplicaHandoff | None = None  # every server sharing the Redis store
     pending_requests: int = 0
@@ -115,10 +116,13 @@ class Runtime:
         """Refuse new work, close every session (its state goes to the store), wait for them."""
         self.draining = True
         self.mark_ready(False)
-        owners = self.manager.owners()
-        for owner in owners:
+        sessions = len(self.manager.live)
+        # every connection, those without a session yet too (they would open one after this)
+        for link in list(self.links):
+            link.kick(1001, "server_shutdown")
+        for owner in self.manager.owners():  # any session left whose owner is no connection
             owner.kick(1001, "server_shutdown")
         deadline = asyncio.get_running_loop().time() + timeout
         while self.connections and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
-        log.info("drained %d sessions; %d connections left", len(owners), self.connections)
+        log.info("drained %d sessions; %d connections left", sessions, self.connections)

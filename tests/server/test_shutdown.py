@@ -3,6 +3,7 @@ a restart they resume where they were (a real `s4serve serve` subprocess)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -50,7 +51,10 @@ async def test_sigterm_drains_snapshots_and_resumes_after_restart(model_dirs, tm
         ws = await connect(ws_url, "seq")
         token = (await start(ws))["resume_token"]
         before = await stream_binary(ws, [u[:20]], 3)
+        idle = await connect(ws_url, "seq")  # admitted, no session (yet): closed too
+        await asyncio.sleep(0.2)
         process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         time.sleep(0.3)
         ready = httpx.get(url + "/readyz")
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
@@ -61,7 +65,11 @@ async def test_sigterm_drains_snapshots_and_resumes_after_restart(model_dirs, tm
         with pytest.raises(websockets.ConnectionClosed):
             await ws.recv()
         assert (ws.close_code, ws.close_reason) == (1001, "server_shutdown")
+        with pytest.raises(websockets.ConnectionClosed):
+            await idle.recv()
+        assert idle.close_code == 1001
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+        assert time.monotonic() - signalled < 8  # no wait for connections left open
     finally:
         process.kill()
     assert len({digest for digest, _ in LocalDirectoryStore(snapshots).records()}) == 1
