@@ -77,6 +77,8 @@ def supervise(settings: Settings, workers: int) -> int:
                                name=f"s4serve-worker-{worker_id}")
         proc.start()
         procs[worker_id] = proc
+        if stopping:  # the signal came while it started: stop() did not see it
+            os.kill(proc.pid, signal.SIGTERM)
 
     def stop(signum, frame) -> None:
         nonlocal stopping
@@ -88,6 +90,8 @@ def supervise(settings: Settings, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
     for worker_id in range(workers):
+        if stopping:
+            break
         spawn(worker_id)
     log.info("serving on %s:%d with %d workers", settings.host, settings.port, workers)
     failed = False
