@@ -72,8 +72,9 @@ _PREDICT_DOC = {
     "requestBody": {"required": True, "content": {
         JSON_TYPE: {"schema": PredictBody.model_json_schema()},
         NPY_TYPE: {"schema": {"type": "string", "format": "binary",
-                              "description": "a (batch, length, d_input) or (length, d_input) "
-                              ".npy array (float32, float64 or int16); options in the query"}},
+                              "description": "a (batch, length, d_input) .npy array, or "
+                              "(batch, length) when d_input is 1 (float32, float64 or int16); "
+                              "options in the query"}},
     }},
     "parameters": [
         {"name": n, "in": "query", "required": False, "schema": schema,

@@ -20,7 +20,7 @@ class PredictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: Any = Field(description="batch × length × d_input numbers (nested lists), or "
-                        "length × d_input for one sequence")
+                        "batch × length when d_input is 1")
     sample_rate: float | None = None
     outputs: Literal["all", "last"] = "all"
     return_state: bool = False
