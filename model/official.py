@@ -40,24 +40,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise OfficialImportError(f"{path}: not a state dict of tensors")
-    for key in obj:
-        for root in KNOWN_ROOTS:
-            if key.endswith(root):
-                prefix = key[: -len(root)]
-                return {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
+    found = {root: {key[: -len(root)] for key in obj if key.endswith(root)}
+             for root in KNOWN_ROOTS}
+    # a network (its encoder) holds its blocks; several blocks without one: which is meant
+    # is not ours to guess
+    prefixes = found["encoder.weight"] or found[KNOWN_ROOTS[0]] | found[KNOWN_ROOTS[1]]
+    if len(prefixes) > 1:
+        raise OfficialImportError(f"{path}: {len(prefixes)} S4 modules found "
+                                  f"({', '.join(sorted(p or '(root)' for p in prefixes))}); "
+                                  "save the one to import on its own")
+    for prefix in prefixes:
+        return {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
     raise OfficialImportError(f"{path}: no official S4 module found (looked for keys ending in "
                        f"{', '.join(KNOWN_ROOTS)})")
 
 
 def _transform(x: torch.Tensor, name: str, what: str) -> torch.Tensor:
-    """The official positive transforms (dt_transform, real_transform)."""
+    """The official positive transforms (dt_transform, real_transform, imag_transform)."""
     x = x.double()
     if name == "exp":
         return torch.exp(x)
     if name == "softplus":
         return F.softplus(x)
-    if name == "relu":
-        return F.relu(x)
+    if name == "relu":  # the official relu keeps every parameter it transforms positive
+        return F.relu(x) + 1e-4
     if name == "sigmoid":
         return torch.sigmoid(x)
     if name in ("none", "identity"):
@@ -91,12 +97,19 @@ def _check_options(kwargs: dict, dplr: bool) -> None:
             raise OfficialImportError(f"S4Block option {flag} is not supported")
     if kwargs.get("is_real"):
         raise OfficialImportError("is_real=True (real diagonal SSMs) is not supported")
+    # options that change the outputs and that this importer does not reproduce: refused
+    # rather than imported with other numbers
+    for flag in ("dt_fast", "swap_channels"):
+        if kwargs.get(flag):
+            raise OfficialImportError(f"S4Block option {flag}=True is not supported")
+    for name in ("bandlimit", "mult_act"):
+        if kwargs.get(name) is not None:
+            raise OfficialImportError(f"S4Block option {name}={kwargs[name]!r} is not supported")
 
 
 def _real_part(a_real: torch.Tensor, name: str) -> torch.Tensor:
-    """Re(A) = -real_transform(A_real); the official 'relu' adds 1e-4 so Re(A) stays < 0."""
-    re = -_transform(a_real, name, "real_transform")
-    return re - 1e-4 if name == "relu" else re
+    """Re(A) = -real_transform(A_real)."""
+    return -_transform(a_real, name, "real_transform")
 
 
 def _rows(x: torch.Tensor, h: int, channels: int, axis: int = 0) -> torch.Tensor:
@@ -145,7 +158,10 @@ def convert_block(sd: dict, kwargs: dict) -> tuple[ModelConfig, dict[str, torch.
            "blocks.0.layer.output_linear.bias": sd["output_linear.0.bias"].float()}
     if dplr:
         p = _rows(_complex(sd["layer.kernel.P"]), h, channels, axis=1)  # (R, H', N2)
-        length = int(sd.get("layer.kernel.l_kernel", torch.tensor(0)))
+        if "layer.kernel.l_kernel" not in sd:  # the official module always saves it
+            raise OfficialImportError("a DPLR kernel without its l_kernel buffer: whether C "
+                                      "is stored as C or as C̃ = C (I - Ā^L) is unknown")
+        length = int(sd["layer.kernel.l_kernel"])
         if length > 0:  # the stored C is C̃ = C (I - Ā^L): solve for C
             transition = dplr_transition(torch.complex(re, im), p, dt)  # (H', N, N)
             eye = torch.eye(2 * n2, dtype=torch.complex128)

@@ -112,6 +112,11 @@ def test_lightning_style_checkpoint(tmp_path):
 @pytest.mark.parametrize(("change", "message"), [
     ({"bidirectional": True}, "bidirectional"),
     ({"disc": "dss"}, "dss"),
+    # options that change the outputs and are not reproduced: refused, not ignored
+    ({"bandlimit": 0.1}, "bandlimit"),
+    ({"dt_fast": True}, "dt_fast"),
+    ({"swap_channels": True}, "swap_channels"),
+    ({"mult_act": "gelu"}, "mult_act"),
 ])
 def test_unservable_variants_are_rejected(tmp_path, change, message):
     import json
@@ -122,3 +127,35 @@ def test_unservable_variants_are_rejected(tmp_path, change, message):
     cfg.write_text(json.dumps(meta))
     with pytest.raises(OfficialImportError, match=message):
         import_official(cfg, FIXTURES / "s4d_block" / "state_dict.pt")
+
+
+def test_a_dplr_kernel_without_l_kernel_is_refused(tmp_path):
+    sd = torch.load(FIXTURES / "s4_dplr_channels2" / "state_dict.pt", weights_only=True)
+    del sd["layer.kernel.l_kernel"]  # C or C̃? unknown
+    torch.save(sd, tmp_path / "sd.pt")
+    with pytest.raises(OfficialImportError, match="l_kernel"):
+        import_official(FIXTURES / "s4_dplr_channels2" / "config.json", tmp_path / "sd.pt")
+
+
+def test_several_blocks_in_one_checkpoint_are_refused(tmp_path):
+    sd = torch.load(FIXTURES / "s4d_block" / "state_dict.pt", weights_only=True)
+    both = {f"model.layers.{i}.{k}": v for i in range(2) for k, v in sd.items()}
+    torch.save({"state_dict": both}, tmp_path / "two.ckpt")
+    with pytest.raises(OfficialImportError, match="2 S4 modules"):
+        read_state_dict(tmp_path / "two.ckpt")
+
+
+def test_relu_transforms_add_the_official_1e_4(tmp_path):
+    """The official param_transform's relu is relu(x) + 1e-4, for dt and Im(A) alike."""
+    import json
+
+    meta = json.loads((FIXTURES / "s4d_block" / "config.json").read_text())
+    meta["constructor_kwargs"].update(dt_transform="relu", imag_transform="relu")
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    sd = torch.load(FIXTURES / "s4d_block" / "state_dict.pt", weights_only=True)
+    sd["layer.kernel.inv_dt"] = torch.full_like(sd["layer.kernel.inv_dt"], 0.01)
+    torch.save(sd, tmp_path / "sd.pt")
+    layer = import_official(tmp_path / "config.json", tmp_path / "sd.pt").blocks[0].layer
+    assert torch.allclose(layer.log_dt.exp(), torch.tensor(0.0101), rtol=1e-5)
+    im = -(sd["layer.kernel.A_imag"].double().relu() + 1e-4)
+    assert torch.allclose(layer.a_imag[: im.shape[0]].double(), im, atol=1e-6)
