@@ -56,6 +56,10 @@ def parse_card(text: str) -> ModelCard:
 
 
 def read_card(directory: str | Path) -> ModelCard | None:
-    """The card of a model directory, or None when it has none."""
+    """The card of a model directory, or None when it has none (a README.md without front
+    matter is a plain README, not a card)."""
     path = Path(directory) / CARD_FILE
-    return parse_card(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    return parse_card(text) if text.lstrip("\ufeff").startswith("---") else None

@@ -38,7 +38,8 @@ class ModelConfig(BaseModel):
     encoder: bool = Field(True, description="Linear d_input -> d_model; else d_input == d_model")
     decoder: bool = Field(True, description="Linear d_model -> d_output; else equal sizes")
     labels: list[str] | None = None
-    sample_rate: float | None = Field(None, gt=0, description="Hz the model was trained at")
+    sample_rate: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                      description="Hz the model was trained at")
     chunk_max: int = Field(256, ge=1, description="longest block of the chunked recurrence")
     channels: int = Field(1, ge=1, description="SSM outputs per feature (official S4Block "
                           "`channels`), mixed by the output linear")

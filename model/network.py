@@ -7,6 +7,7 @@ usual mean-pooled classifier.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 
@@ -160,8 +161,8 @@ class S4Network(nn.Module):
 
     def to_recurrent(self, rate: float = 1.0, chunk_max: int | None = None) -> RecurrentNetwork:
         """Discretise every layer once at this rate and return the recurrent form."""
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
+        if not 0 < rate < math.inf:  # NaN too
+            raise ValueError(f"rate must be a positive finite number, got {rate}")
         if self.config.bidirectional:
             raise NotStreamable(f"model {self.config.name!r} has bidirectional layers: each "
                                 "output reads future samples, so it has no recurrent form; "
@@ -228,8 +229,9 @@ class RecurrentNetwork(nn.Module):
         for i in range(len(self.layers)):
             spec += [(f"layer{i}.re", (h, n2), torch.float32),
                      (f"layer{i}.im", (h, n2), torch.float32)]
-        if self.pooled:
-            spec += [("pool.sum", (h,), torch.float64), ("pool.count", (1,), torch.float64)]
+        if self.pooled:  # the blocks' outputs: d_model features (channels mix inside a block)
+            spec += [("pool.sum", (self.config.d_model,), torch.float64),
+                     ("pool.count", (1,), torch.float64)]
         self.state_spec: list[tuple[str, tuple[int, ...], torch.dtype]] = spec
         self._compiled: dict[str, object] = {}
         self.eval()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -133,8 +134,8 @@ def export_onnx(model_dir_or_net: str | Path | S4Network, out_dir: str | Path,
 
     Returns {"step": path, "chunk": path, "chunk_<t>": path..., "manifest": path}.
     """
-    if rate <= 0:
-        raise ValueError(f"rate must be positive, got {rate}")
+    if not 0 < rate < math.inf:  # NaN too
+        raise ValueError(f"rate must be a positive finite number, got {rate}")
     net = _as_network(model_dir_or_net)
     block = chunk or min(net.config.chunk_max, DEFAULT_CHUNK)
     blocks = sorted({block, *extra_chunks}, reverse=True)

@@ -1,5 +1,7 @@
 """The `s4serve` command line: one module per command group, wired together here."""
 
+import pickle
+
 import typer
 
 from server.cli import bench, convert, loadtest, serve, stream, train
@@ -13,3 +15,14 @@ app = typer.Typer(
 
 for _module in (serve, stream, train, convert, bench, loadtest):
     _module.register(app)
+
+
+def main() -> None:
+    """The console command. A user's mistake (a directory that is no model, a config that is
+    not JSON or not valid, an option out of range) is one line on stderr and exit status 2,
+    not a traceback."""
+    try:
+        app()
+    except (ValueError, OSError, pickle.UnpicklingError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise SystemExit(2) from None

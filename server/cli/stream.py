@@ -88,12 +88,13 @@ def stream(
     token: Annotated[str | None, typer.Option(help="API key.", envvar="S4SERVE_TOKEN")] = None,
     frame_ms: Annotated[float, typer.Option(help="Frame length for WAV files, ms.")] = 20.0,
     frame: Annotated[
-        int | None, typer.Option(help="Samples per frame (default: WAV frame_ms, else 1).")
+        int | None, typer.Option(min=1, help="Samples per frame (default: WAV frame_ms, "
+                                 "else 1).")
     ] = None,
     sample_rate: Annotated[
         float | None, typer.Option(help="Sample rate of CSV/.npy/stdin data (Hz).")
     ] = None,
-    every: Annotated[int, typer.Option(help="Print every Nth frame.")] = 1,
+    every: Annotated[int, typer.Option(min=1, help="Print every Nth frame.")] = 1,
     plot: Annotated[Path | None, typer.Option(help="Also draw the outputs into this PNG.")] = None,
 ) -> None:
     """Stream a recording to a running server and print the predictions as they arrive."""

@@ -49,3 +49,8 @@ def test_shipped_cards_state_the_measured_accuracy(model_dir):
         assert value == pytest.approx(measured, abs=5e-4), key
     extra = {k for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v}
     assert extra <= set(card.accuracy), "every extra evaluation appears on the card"
+
+
+def test_a_plain_readme_is_no_card(tmp_path):
+    (tmp_path / "README.md").write_text("# My model\n\nNotes for people, no front matter.\n")
+    assert read_card(tmp_path) is None  # and the model still loads

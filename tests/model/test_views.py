@@ -166,3 +166,29 @@ def test_the_inference_conv_path_equals_the_autograd_path_and_leaves_inputs_alon
         assert torch.equal(x, kept)
         assert torch.allclose(lean, plain, rtol=0, atol=1e-6)
         assert torch.equal(lean, again)
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_rate_that_is_not_a_positive_finite_number_is_refused(rate):
+    from tests.model.conftest import perturbed_network
+
+    with pytest.raises(ValueError, match="positive finite"):
+        perturbed_network(layer="s4d", task="sequence").to_recurrent(rate)
+
+
+def test_a_pooled_classifier_with_several_channels_steps_as_it_convolves():
+    import torch
+
+    from model.config import ModelConfig
+    from model.network import S4Network
+
+    torch.manual_seed(0)
+    net = S4Network(ModelConfig(name="c", task="classification", d_input=2, d_output=3,
+                                d_model=4, d_state=8, n_layers=2, channels=2,
+                                labels=["a", "b", "c"])).eval()
+    u = torch.randn(2, 30, 2)
+    rec = net.to_recurrent()
+    stepped, _ = run_steps(rec, u)
+    with torch.no_grad():
+        whole = net(u)
+    assert stepped.shape == whole.shape and torch.allclose(stepped, whole, atol=1e-4)

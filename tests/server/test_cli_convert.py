@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -44,3 +45,22 @@ def test_import_rejects_bidirectional_with_clear_message(tmp_path):
     assert result.exit_code == 2
     assert "bidirectional" in result.output
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["export", "onnx", "{tmp}", "--out", "{tmp}/out"],  # not a model directory
+    ["evaluate", "{tmp}"],
+    ["import", "official", "--config", "{tmp}/config.json", "--weights", "{tmp}/w.pt",
+     "--out", "{tmp}/m"],  # a config that is not JSON
+])
+def test_a_users_mistake_is_one_line_and_exit_2(tmp_path, args):
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text("{not json")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "w.pt")
+    done = subprocess.run([sys.executable, "-c", "from server.cli import main; main()",
+                           *[a.format(tmp=tmp_path) for a in args]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "error" in done.stderr.lower()
