@@ -159,6 +159,8 @@ class AsyncStream:
     async def recv(self) -> np.ndarray:
         """The next frame's outputs: (T or 1, d_output) float32. A rejected frame raises
         StreamError (with its `seq`); the session goes on."""
+        if self._failed is not None and self._outputs.empty():  # the session is gone: its
+            raise self._failed  # other frames will never be answered
         item = await self._outputs.get()
         if isinstance(item, StreamError):
             raise item

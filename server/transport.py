@@ -6,7 +6,8 @@ whose replies back up stops being read, pongs included. `PushProtocol` keeps uvi
 handshake, keepalive and close handling, and adds an ASGI extension, `s4serve.push`: once the
 app has accepted the connection it attaches a `Handler`, which from then on gets each message
 as a plain call from `data_received` and writes replies synchronously. Reading pauses only when
-the handler asks (its own flow control), so pings and pongs keep flowing otherwise.
+the handler asks (its own flow control), so pings and pongs keep flowing otherwise, and while
+it is paused a missing pong does not close the connection.
 
 `AsgiPeer` gives the same interface over any ASGI server (a pump task and a writer task), so
 the app also runs where `PushProtocol` is not installed.
@@ -204,6 +205,17 @@ class PushProtocol(WebSocketsSansIOProtocol):
             handler, self.handler = self.handler, None
             handler.on_disconnect()
 
+    def keepalive_timeout(self) -> None:
+        """No pong in time: the client is gone, unless reading is paused by our own flow
+        control (a client whose frames wait for compute is healthy, and its pong waits
+        unread behind them): then ping again later instead of closing it 1011."""
+        if self.read_paused and not self.close_sent:
+            self.pong_timer = None
+            self.pending_ping_payload = None
+            self.schedule_ping()
+            return
+        super().keepalive_timeout()
+
     def resume_writing(self) -> None:
         super().resume_writing()
         if self.handler is not None:
@@ -257,9 +269,13 @@ class PushProtocol(WebSocketsSansIOProtocol):
         self.conn.send_close(code, reason)
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True  # later messages are dropped; the peer's close reply ends it
+        self._peer_paused = False  # read on, to the peer's close reply (data is dropped)
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
+        if self._rest and self._fast:
+            rest, self._rest = self._rest, b""
+            self._parse(rest)
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     async def flushed(self) -> None:

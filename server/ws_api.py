@@ -140,6 +140,8 @@ class Connection(Link):
     def _start_failed(self, err: ServeError) -> None:
         self.rt.error(err.code)
         self.peer.send_text(json.dumps(err.ws_message()))
+        if not self.peer.can_write:  # a client that never reads its errors stops being read
+            self._pause()
         if err.code in ("resume_not_found", "not_streamable"):
             self._close(CLOSE_POLICY, err.code)
         elif err.code == "overloaded":
@@ -188,6 +190,7 @@ class Connection(Link):
             self._frames_error.inc()
             self._text_reply(OVERLOADED_REPLY % self.seq)
             self.seq += 1
+            self._flow()  # answered at once, but not faster than the client reads
             return
         self._queue(Frame(samples, self.seq, time.perf_counter(), text))
         self.seq += 1

@@ -47,10 +47,11 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 class ServerThread:
     """uvicorn.Server running the app in a background thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, **uvicorn_options) -> None:
         self.app = create_app(settings)
         self.runtime = self.app.state.runtime
-        self.server = DrainingServer(uvicorn_config(self.app, settings), self.runtime)
+        self.server = DrainingServer(uvicorn_config(self.app, settings, **uvicorn_options),
+                                     self.runtime)
         self.server.install_signal_handlers = lambda: None  # not the main thread
         self.url = f"http://{settings.host}:{settings.port}"
         self.ws_url = f"ws://{settings.host}:{settings.port}"
