@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import httpx
 import numpy as np
@@ -45,6 +46,10 @@ def test_uploads_in_progress_count_against_max_pending_requests(model_dirs, tmp_
             if answered.status_code == 200:
                 break
         assert answered.status_code == 200
+        for _ in range(100):  # the stalled uploads' ends and the answer's are seen by now
+            if server.runtime.pending_requests == 0:
+                break
+            time.sleep(0.05)
         assert server.runtime.pending_requests == 0
 
 
