@@ -30,8 +30,8 @@ from server.mux_table import (
     Handle,
     HandleTable,
     Message,
-    entries_fit,
     ok_records,
+    read_entries,
     reply_body,
 )
 from server.protocol import binary_frame, parse_start, parse_text
@@ -100,12 +100,9 @@ class MuxConnection(Link):
                 raise ServeError("unknown_session", f"no session {sid!r} here")
             # applied after the entries sent before it, and answered in its place in the
             # connection's order (after the replies to those entries' messages)
-            index = self._slot(Message(0, [None], 1, 0, text=True))
-            self._inflight += 1
-            self._queue(handle, Control(kind, seq=index))
-            if self._inflight >= self.settings.session_queue:
-                self._pause()
-            self._flush()
+            self._queue(handle, Control(kind, seq=self._slot(Message(0, [None], 1, 0,
+                                                                     text=True))))
+            self._sent_one()
         except ServeError as err:
             self.rt.error(err.code)
             reply = err.ws_message()
@@ -186,32 +183,21 @@ class MuxConnection(Link):
             self._paths["batched"].inc()
             return
         self._paths["per_entry"].inc()
-        if not entries_fit(self.handles, data, count, self.model.info.d_input):
+        entries, stop, end = read_entries(self.handles, data, count, self.model.info.d_input)
+        if stop is None and end < len(data):  # a client that miscounted is told, rather
+            # than some of its samples left unread: nothing of it is applied
             self._bad_message(seq, f"the message holds more than its {count} entries")
             return
         index = self._slot(Message(seq, [None] * count, count, count))
-        at, scheduler = HEADER.size, self.rt.scheduler
-        d_input = self.model.info.d_input
-        for entry in range(count):
-            if at + ENTRY_IN.size > len(data):
-                for rest in range(entry, count):
-                    self._entry(index, rest, 0, STATUS["bad_shape"], None)
-                break
-            sid, samples = ENTRY_IN.unpack_from(data, at)
-            at += ENTRY_IN.size
-            handle = self.handles.get(sid)
-            wire = WIRE_DTYPES[handle.session.dtype] if handle and handle.session else None
-            size = samples * d_input * (wire.itemsize if wire else 0)
-            if wire is None:
-                # the size of an unknown session's samples is unknown: the rest is unreadable
-                for rest in range(entry, count):
-                    self._entry(index, rest, sid, STATUS["unknown_session"], None)
-                break
-            payload = data[at:at + size]
-            at += size
+        scheduler = self.rt.scheduler
+        for entry, handle, payload, samples in entries:
             status = self._submit(handle, index, entry, payload, samples, received, scheduler)
             if status:
-                self._entry(index, entry, sid, status, None)
+                self._entry(index, entry, handle.sid, status, None)
+        if stop is not None:
+            first, status, sid = stop
+            for rest in range(first, count):
+                self._entry(index, rest, sid, status, None)
         self._sent_one()
 
     def _sent_one(self) -> None:

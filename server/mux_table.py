@@ -153,20 +153,26 @@ class HandleTable:
         return Route(streams, rate, rows, drops)
 
 
-def entries_fit(handles: HandleTable, data: bytes, count: int, d_input: int) -> bool:
-    """False when `count` entries of known sessions end before the data message does: a
-    client that miscounted its entries is told, rather than some of its samples left unread
-    (an unknown session's entry ends the reading: the rest is unreadable anyway)."""
-    at = HEADER.size
-    for _ in range(count):
+def read_entries(handles: HandleTable, data: bytes, count: int,
+                 d_input: int) -> tuple[list[tuple], tuple[int, int, int] | None, int]:
+    """The entries of a data message: (entry, handle, payload, samples) each, while they can
+    be located; then (first entry not read, its status, its sid) when the reading stopped
+    early (the message ends in an entry header: bad_shape; an unknown session, whose samples'
+    size is unknown: the rest is unreadable), else None; and where the entries ended (past
+    the message's end when the last payload is cut short)."""
+    at, read = HEADER.size, []
+    for entry in range(count):
         if at + ENTRY_IN.size > len(data):
-            return True
+            return read, (entry, STATUS["bad_shape"], 0), at
         sid, samples = ENTRY_IN.unpack_from(data, at)
+        at += ENTRY_IN.size
         handle = handles.get(sid)
         if handle is None or handle.session is None:
-            return True
-        at += ENTRY_IN.size + samples * d_input * WIRE_DTYPES[handle.session.dtype].itemsize
-    return at >= len(data)
+            return read, (entry, STATUS["unknown_session"], sid), at
+        size = samples * d_input * WIRE_DTYPES[handle.session.dtype].itemsize
+        read.append((entry, handle, data[at:at + size], samples))
+        at += size
+    return read, None, at
 
 
 def ok_records(sids: np.ndarray, d_output: int) -> np.ndarray:
