@@ -113,7 +113,6 @@ class Link:
             self._close(code, reason)
             return False
         self.model = rt.models[name]
-        rt.connections += 1
         rt.links.add(self)
         self.counted = True
         return True
@@ -155,7 +154,6 @@ class Link:
         self._idle.cancel()
         if self.counted:
             self.counted = False
-            self.rt.connections -= 1
             self.rt.links.discard(self)
         if not self.finished.done():
             self.finished.set_result(None)

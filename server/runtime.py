@@ -47,7 +47,6 @@ class Runtime:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
-    connections: int = 0
     links: set = field(default_factory=set)  # the admitted connections (server/link.py)
     handoff: Handoff | None = None  # the other workers of this server
     replicas: ReplicaHandoff | None = None  # every server sharing the Redis store
@@ -106,6 +105,10 @@ class Runtime:
         except KeyError:
             raise ServeError("model_not_found", f"no model named {name!r}") from None
 
+    @property
+    def connections(self) -> int:
+        return len(self.links)
+
     def error(self, code: str) -> None:
         child = self._errors.get(code)
         if child is None:  # a label lookup takes a lock: resolved once per code
@@ -117,11 +120,10 @@ class Runtime:
         self.draining = True
         self.mark_ready(False)
         sessions = len(self.manager.live)
-        # every connection, those without a session yet too (they would open one after this)
+        # every connection (each session's owner is one, or a mux connection's handle), those
+        # without a session yet too: they would open one after this
         for link in list(self.links):
             link.kick(1001, "server_shutdown")
-        for owner in self.manager.owners():  # any session left whose owner is no connection
-            owner.kick(1001, "server_shutdown")
         deadline = asyncio.get_running_loop().time() + timeout
         while self.connections and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)

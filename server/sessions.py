@@ -273,6 +273,3 @@ class SessionManager:
             if token_hash(token) == digest:
                 return self.let_go(token)
         return False
-
-    def owners(self) -> list[Owner]:
-        return [s.owner for s in self.live.values() if s.owner is not None]
