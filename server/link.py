@@ -89,6 +89,10 @@ class Link:
                     # it hands the session over instead of both owning it
                     released = await self.rt.handoff.take_over(token)
                 continue
+            except Exception as exc:  # the store failed (a full disk, say): the waiting
+                # client is answered rather than left without a reply
+                log.exception("resume failed")
+                raise ServeError("internal", "the resume failed: try again") from exc
             if released:
                 self.rt.metrics.handoffs.inc()
             return session, samples

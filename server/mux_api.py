@@ -153,9 +153,7 @@ class MuxConnection(Link):
     async def _resume_later(self, handle: Handle, token: str, elsewhere: bool) -> None:
         try:
             resumed = await self.resume_later(token, handle, elsewhere)
-        except Exception as exc:  # a store failure too: answered, not left waiting
-            err = exc if isinstance(exc, ServeError) else ServeError(
-                "internal", "the resume failed: try again")
+        except ServeError as err:
             self.rt.error(err.code)
             self.peer.send_text(json.dumps({**err.ws_message(), "ref": handle.ref}))
             return

@@ -163,24 +163,23 @@ class PredictPool:
         log.warning("predict worker %d %s: replacing it", worker.process.pid, why)
         self._workers.discard(worker)
         self.restarts += 1
-        self._renewing.add(asyncio.ensure_future(self._renew(worker)))
+        task = asyncio.ensure_future(self._renew(worker))
+        self._renewing.add(task)
+        task.add_done_callback(self._renewing.discard)
 
     async def _renew(self, worker: _Worker) -> None:
         """Stop the worker off the event loop (killing and joining one took ~0.2 s, a pause
         of every stream), then start another, retrying until one starts."""
-        try:
-            await asyncio.to_thread(worker.kill)
-            delay = 1.0
-            while True:
-                try:
-                    await self._add()
-                    return
-                except RuntimeError as exc:
-                    log.error("no new predict worker (%s): trying again in %g s", exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, 30.0)
-        finally:
-            self._renewing.discard(asyncio.current_task())
+        await asyncio.to_thread(worker.kill)
+        delay = 1.0
+        while True:
+            try:
+                await self._add()
+                return
+            except RuntimeError as exc:
+                log.error("no new predict worker (%s): trying again in %g s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     def stop(self) -> None:
         for task in list(self._renewing):

@@ -269,13 +269,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
         self.conn.send_close(code, reason)
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True  # later messages are dropped; the peer's close reply ends it
-        self._peer_paused = False  # read on, to the peer's close reply (data is dropped)
-        if self.read_paused:
-            self.read_paused = False
-            self.transport.resume_reading()
-        if self._rest and self._fast:
-            rest, self._rest = self._rest, b""
-            self._parse(rest)
+        self.resume_reading()  # read on, to the peer's close reply (data is dropped)
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     async def flushed(self) -> None:

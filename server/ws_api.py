@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from typing import Any
 
@@ -32,8 +31,6 @@ from server.runtime import Runtime
 from server.scheduler import Control, Frame
 from server.sessions import Session
 from server.transport import Peer
-
-log = logging.getLogger("s4serve.ws")
 
 OVERLOADED_MESSAGE = "the server is past capacity: frame not processed, the state is unchanged"
 # a frame's seq is %-formatted in (see _frame)
@@ -112,9 +109,6 @@ class Connection(Link):
             resumed = await self.resume_later(token, self, elsewhere)
         except ServeError as err:
             self._start_failed(err)
-        except Exception:  # the store failed (a full disk, say): answered, not left waiting
-            log.exception("resume failed")
-            self._start_failed(ServeError("internal", "the resume failed: try again"))
         else:
             if resumed is not None:
                 self._started(*resumed, received)
@@ -140,8 +134,7 @@ class Connection(Link):
     def _start_failed(self, err: ServeError) -> None:
         self.rt.error(err.code)
         self.peer.send_text(json.dumps(err.ws_message()))
-        if not self.peer.can_write:  # a client that never reads its errors stops being read
-            self._pause()
+        self._flow()  # a client that never reads its errors stops being read
         if err.code in ("resume_not_found", "not_streamable"):
             self._close(CLOSE_POLICY, err.code)
         elif err.code == "overloaded":
