@@ -107,11 +107,6 @@ def _check_options(kwargs: dict, dplr: bool) -> None:
             raise OfficialImportError(f"S4Block option {name}={kwargs[name]!r} is not supported")
 
 
-def _real_part(a_real: torch.Tensor, name: str) -> torch.Tensor:
-    """Re(A) = -real_transform(A_real)."""
-    return -_transform(a_real, name, "real_transform")
-
-
 def _rows(x: torch.Tensor, h: int, channels: int, axis: int = 0) -> torch.Tensor:
     """Per-feature parameters (shared copies tiled to H) repeated for every output channel:
     SSM row c·H + h is feature h's system read out by channel c."""
@@ -144,8 +139,8 @@ def convert_block(sd: dict, kwargs: dict) -> tuple[ModelConfig, dict[str, torch.
         raise OfficialImportError("dt_tie=False (a dt per state) is not supported")
     dt = _transform(inv_dt[:, 0], kwargs.get("dt_transform", "exp"), "dt_transform")  # (H,)
     dt = dt.repeat(channels)  # (H',) H' = C'·H
-    re = _rows(_real_part(sd["layer.kernel.A_real"], kwargs.get("real_transform", "exp")),
-               h, channels)  # (H', N2)
+    re = _rows(-_transform(sd["layer.kernel.A_real"], kwargs.get("real_transform", "exp"),
+                           "real_transform"), h, channels)  # (H', N2)
     im = _rows(-_transform(sd["layer.kernel.A_imag"], kwargs.get("imag_transform", "none"),
                            "imag_transform"), h, channels)  # (H', N2)
     b = _rows(_complex(sd["layer.kernel.B"])[0], h, channels)  # (H', N2)

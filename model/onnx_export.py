@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -134,17 +133,15 @@ def export_onnx(model_dir_or_net: str | Path | S4Network, out_dir: str | Path,
 
     Returns {"step": path, "chunk": path, "chunk_<t>": path..., "manifest": path}.
     """
-    if not 0 < rate < math.inf:  # NaN too
-        raise ValueError(f"rate must be a positive finite number, got {rate}")
     net = _as_network(model_dir_or_net)
     block = chunk or min(net.config.chunk_max, DEFAULT_CHUNK)
     blocks = sorted({block, *extra_chunks}, reverse=True)
     for t in blocks:
         _check_block(net, t)
+    rec = net.to_recurrent(rate, chunk_max=block)  # refuses a rate that is no positive number
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {"step": out / "step.onnx"}
-    rec = net.to_recurrent(rate, chunk_max=block)
     _export_graph(rec, "step", paths["step"], None, exporter)
     chunk_files: dict[str, str] = {}
     for t in blocks:

@@ -249,7 +249,8 @@ class LocalDirectoryStore(SessionStore):
 
     def _confirm(self, written: list[tuple[str, int]],
                  left: dict[str, _Pair | None]) -> tuple[list[bool], list[tuple]]:
-        """Whether each write counts, and the names of those that do not (fenced).
+        """Whether each write counts, and (name, the pair it left) of those that do not
+        (fenced).
 
         Read back after the write: a take that has not moved the epoch on yet reads this
         record (or a later one), since a take moves the epoch before it looks for the record;
