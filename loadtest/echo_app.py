@@ -1,4 +1,5 @@
-"""A model-free server with the wire shape of API.md: the transport ceiling for load tests.
+"""A model-free server with the s4serve protocol's wire shape (docs/protocol.md): the
+transport ceiling for load tests.
 
 Same stack as the real server (FastAPI + uvicorn), same messages (start/started, one reply
 per frame, end), but the "model" is the identity: every reply carries the frame's samples as

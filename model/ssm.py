@@ -19,6 +19,7 @@ from model.hippo import log_uniform_dt, nplr_legs, s4d_legs, s4d_lin
 from model.kernels import (
     causal_conv,
     causal_conv_reused,
+    causal_conv_taps,
     fft_size,
     kernel_diag,
     kernel_dplr,
@@ -129,6 +130,12 @@ class SSMLayer(nn.Module):
     def forward(self, u: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """u (B, L, H) -> (B, L, H) through the convolutional view."""
         u = widen(u, self.channels)  # (B, L, H')
+        if torch.is_grad_enabled() and self.training:  # taps, not spectra: see causal_conv_taps
+            taps, n_fft = self._taps(u.shape[1], rate).to(u.dtype), fft_size(u.shape[1])
+            y = causal_conv_taps(u, taps[: self.h], n_fft)  # (B, L, H'), D u included
+            if self.bidirectional:
+                y = y + causal_conv_taps(u.flip(1), taps[self.h:], n_fft).flip(1)
+            return self.tail(y)
         k_f, n_fft = self.kernel_fft(u.shape[1], rate)  # (H', F) or (2H', F)
         if self._lean(u):
             return self._inference(u, k_f, n_fft)

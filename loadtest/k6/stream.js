@@ -107,7 +107,7 @@ export default function () {
         'server consumed every sample': (m) => m.samples === sent * FRAME,
       });
       ended = true;
-      // The server closes with 1000 after `end` (API.md); closing here as well races its close
+      // The server closes with 1000 after `end` (docs/protocol.md); closing here as well races its close
       // frame ("websocket: close sent"). Close ourselves only if it has not within a second.
       if (drainTimer !== null) clearTimeout(drainTimer);
       drainTimer = setTimeout(() => ws.close(), 1000);

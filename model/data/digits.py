@@ -39,6 +39,15 @@ TRAIN_VARIANTS = (
     "max", "paul", "quincy", "steph", "zac",
 )  # fmt: skip
 TEST_VARIANTS = ("m7", "f5", "klatt4", "edward", "Alex", "travis", "robert", "michel")
+# `more_voices`: every other espeak-ng variant except those named like a test variant
+# (m8, klatt5/6, edward2, rob, Michael) and the whispered, robotic or effect voices
+EXTRA_TRAIN_VARIANTS = (
+    "Alicia", "Andrea", "AnxiousAndy", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Hugo",
+    "Jacky", "Lee", "Marco", "Mario", "Mike", "Nguyen", "RicishayMax", "Storm",
+    "anika", "announcer", "antonio", "belinda", "caleb", "ed", "grandma", "gustave", "iven",
+    "iven2", "iven3", "iven4", "kaukovalta", "marcelo", "miguel", "norbert", "pablo",
+    "pedro", "sandro", "shelby", "steph2", "steph3", "victor",
+)  # fmt: skip
 SPEED_WPM = (130, 230)
 PITCH = (20, 80)
 AMPLITUDE = (30, 100)
@@ -70,11 +79,15 @@ def _voices(accents: tuple[str, ...], variants: tuple[str, ...]) -> list[tuple[s
     return pairs
 
 
-def plan(split: str, renditions: int = DEFAULT_RENDITIONS) -> list[Clip]:
-    """A split's items in a fixed order: rendition, voice, digit (so prefixes stay balanced)."""
+def plan(split: str, renditions: int = DEFAULT_RENDITIONS,
+         more_voices: bool = False) -> list[Clip]:
+    """A split's items in a fixed order: rendition, voice, digit (so prefixes stay balanced).
+    `more_voices`: training also uses EXTRA_TRAIN_VARIANTS (the test split never changes)."""
     accents, variants = (
         (TRAIN_ACCENTS, TRAIN_VARIANTS) if split == "train" else (TEST_ACCENTS, TEST_VARIANTS)
     )
+    if more_voices and split == "train":
+        variants = variants + EXTRA_TRAIN_VARIANTS
     clips = []
     for rendition in range(renditions):
         for accent, variant in _voices(accents, variants):
@@ -144,14 +157,15 @@ def load(
     renditions: int = DEFAULT_RENDITIONS,
     workers: int | None = None,
     train_renditions: int | None = None,
+    more_voices: bool = False,
     **_: object,
 ) -> Dataset:
     """Generate what is missing, then load train/test at 16 kHz plus the 8 kHz copy of test.
-    `train_renditions` (default: `renditions`) gives training more takes per voice while the
-    held-out set stays the same."""
+    `train_renditions` (default: `renditions`) gives training more takes per voice and
+    `more_voices` more speaker variants, while the held-out set stays the same."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     train_renditions = train_renditions or renditions
-    train_clips = plan("train", train_renditions)[:limit]
+    train_clips = plan("train", train_renditions, more_voices)[:limit]
     test_clips = plan("test", renditions)[:limit]
     generate(train_clips, cache, workers=workers)
     generate(test_clips, cache, sample_rates=(SAMPLE_RATE_HZ, LOW_RATE_HZ), workers=workers)
@@ -165,7 +179,8 @@ def load(
         provenance={
             "source": "espeak-ng words, sox resampling + silence trim (model/data/digits.py)",
             "split": "voice-disjoint: train and test share no accent and no speaker variant",
-            "train_voices": [f"{a}+{v}" for a, v in _voices(TRAIN_ACCENTS, TRAIN_VARIANTS)],
+            "train_voices": [f"{a}+{v}" for a, v in _voices(
+                TRAIN_ACCENTS, TRAIN_VARIANTS + (EXTRA_TRAIN_VARIANTS if more_voices else ()))],
             "test_voices": [f"{a}+{v}" for a, v in _voices(TEST_ACCENTS, TEST_VARIANTS)],
             "renditions_per_voice": renditions,
             "train_renditions_per_voice": train_renditions,

@@ -27,7 +27,8 @@ def bench(
     ] = None,
     section: Annotated[
         list[str] | None,
-        typer.Option(help="model, backends, server, soak, gpu (repeatable; default all)."),
+        typer.Option(help="model, backends, server, sessions, soak, conv, gpu "
+                     "(repeatable; default all)."),
     ] = None,
 ) -> None:
     """Measure step/chunk/conv speed and accuracy, backends and the server; write a report."""

@@ -22,7 +22,8 @@ def serve(
         typer.Option("--model", "-m", help="Model directory (repeatable). Default: the zoo."),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    backend: Annotated[str | None, typer.Option(help="torch or onnx, for every model.")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="torch, torch-inductor or onnx, for every model.")] = None,
     max_sessions: Annotated[
         int | None, typer.Option(help="Concurrent sessions (per worker).")
     ] = None,

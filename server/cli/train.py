@@ -18,7 +18,7 @@ def train(
     epochs: int | None = typer.Option(None, help="override the config's epochs"),
     limit: int | None = typer.Option(None, help="use only the first N items of each split"),
     cache_dir: Path | None = typer.Option(None, help="where generated data is cached "
-                                          "(espeak-digits; default ~/.cache/s4serve)"),
+                                          "(espeak-digits; default ~/.cache/s4serve/digits)"),
     baselines: bool = typer.Option(True, help="also score the baselines on the same split"),
 ) -> None:
     """Train from CONFIG on --dataset and save weights, config.json and metrics.json in --out."""

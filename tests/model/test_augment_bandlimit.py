@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from model.augment import Augment, augment, lowpass
+from model.augment import Augment, augment, change_speed, lowpass
 from model.config import ModelConfig
 from model.network import S4Network
 from model.ssm import S4DLayer, bandlimit_mask
@@ -65,6 +65,17 @@ def test_augment_is_seeded_and_within_its_ranges():
     assert abs(snr - 20) < 0.5
     untouched = augment(x, Augment(), 8000, np.random.default_rng(4))
     assert np.array_equal(untouched, x)
+
+
+def test_speed_change_resamples_in_place_and_pads_with_silence():
+    x = np.random.default_rng(5).standard_normal((3, 400, 2)).astype(np.float32)
+    y = change_speed(x, np.array([1.0, 2.0, 0.5]))
+    assert np.array_equal(y[0], x[0])
+    assert np.array_equal(y[1, :200], x[1, ::2]) and not y[1, 200:].any()  # twice as fast
+    assert np.allclose(y[2, ::2], x[2, :200]) and np.allclose(  # half as fast: midpoints
+        y[2, 1:-1:2], (x[2, :199] + x[2, 1:200]) / 2, atol=1e-6)
+    sped = augment(x, Augment(speed_prob=1.0, speed=(1.2, 1.2)), 8000, np.random.default_rng(0))
+    assert np.allclose(sped, change_speed(x, np.full(3, 1.2)))
 
 
 def test_running_mean_blocks_match_float64():

@@ -23,6 +23,16 @@ def test_train_and_test_voices_share_no_accent_or_variant():
     assert len(train_variants) >= 20 and len(test_variants) >= 5
 
 
+def test_more_voices_add_training_variants_only():
+    wide, test = digits.plan("train", more_voices=True), digits.plan("test", more_voices=True)
+    assert test == digits.plan("test")
+    variants = {c.utterance.variant for c in wide}
+    assert variants == set(digits.TRAIN_VARIANTS) | set(digits.EXTRA_TRAIN_VARIANTS)
+    assert not variants & set(digits.TEST_VARIANTS)
+    assert not {c.utterance.accent for c in wide} & {c.utterance.accent for c in test}
+    assert len(wide) == 10 * len(digits.TRAIN_ACCENTS) * len(variants) * 2
+
+
 def test_plan_is_deterministic_balanced_and_varied():
     first, second = digits.plan("train"), digits.plan("train")
     assert first == second

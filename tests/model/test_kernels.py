@@ -6,6 +6,7 @@ from model.kernels import (
     causal_conv,
     causal_conv_direct,
     causal_conv_reused,
+    causal_conv_taps,
     fft_size,
     kernel_diag,
     kernel_dplr,
@@ -47,6 +48,23 @@ def test_fft_and_direct_causal_convolutions_agree():
     v[:, 60:] += 1  # causality: outputs before 60 unchanged
     assert torch.allclose(causal_conv(v, torch.fft.rfft(k, n=n), n)[:, :60], y[:, :60],
                           atol=1e-5)
+
+
+def test_training_convolution_has_the_same_values_and_gradients():
+    """causal_conv_taps' hand-written backward against autograd through causal_conv."""
+    torch.manual_seed(0)
+    u = torch.randn(3, 37, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, 37, dtype=torch.float64, requires_grad=True)
+    n = fft_size(37)
+    assert torch.autograd.gradcheck(lambda u, k: causal_conv_taps(u, k, n), (u, k))
+    weights = torch.randn(3, 37, 4, dtype=torch.float64)
+    (causal_conv_taps(u, k, n) * weights).sum().backward()
+    fast = u.grad.clone(), k.grad.clone()
+    u.grad = k.grad = None
+    (causal_conv(u, torch.fft.rfft(k, n=n), n) * weights).sum().backward()
+    assert torch.allclose(fast[0], u.grad, atol=1e-10)
+    assert torch.allclose(fast[1], k.grad, atol=1e-10)
+    assert torch.allclose(causal_conv_taps(u, k, n), causal_conv_direct(u, k), atol=1e-10)
 
 
 def test_blocked_kernels_stay_exact_at_long_lengths():
