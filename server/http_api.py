@@ -30,14 +30,22 @@ def _authorize(request: Request) -> Runtime:
     return rt
 
 
+def _probe(request: Request) -> Runtime:
+    """The probes and /metrics need a key like every HTTP request (API.md) unless
+    probes_public opens them."""
+    rt = _runtime(request)
+    return rt if rt.settings.probes_public else _authorize(request)
+
+
 @router.get("/healthz")
-async def healthz() -> dict:
+async def healthz(request: Request) -> dict:
+    _probe(request)
     return {"status": "ok"}
 
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    rt = _runtime(request)
+    rt = _probe(request)
     if rt.all_ready():
         return JSONResponse({"status": "ready", "models": sorted(rt.models)})
     status = "draining" if rt.draining else ("failed" if rt.load_error else "loading")
@@ -49,7 +57,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    rt = _runtime(request)
+    rt = _probe(request)
     rt.scheduler.flush_metrics()  # this process's ticks since their last flush
     return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 

@@ -109,7 +109,12 @@ class MuxConnection(Link):
             for key in ("sid", "ref"):
                 if isinstance(message, dict) and key in message:
                     reply[key] = message[key]
-            self.peer.send_text(json.dumps(reply))
+            if message.get("type") == "open":  # answered at once, like `opened`
+                self.peer.send_text(json.dumps(reply))
+                return
+            # in its place, after the replies to the data sent before it
+            self._slot(Message(0, [json.dumps(reply).encode()], 0, 0, text=True))
+            self._sent_one()
 
     def _open(self, message: dict) -> None:
         ref = message.get("ref")

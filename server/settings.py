@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     docs_public: bool = Field(
         False, description="with api_keys set, /docs and /openapi.json are served without a "
         "key only when this is true (without api_keys they are always public)")
+    probes_public: bool = Field(
+        False, description="with api_keys set, /healthz, /readyz and /metrics are served without "
+        "a key only when this is true (for probes and scrapers that cannot send a header)")
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     snapshot_dir: Path = Path("var/sessions")

@@ -32,6 +32,11 @@ from client.wire import ws_header, ws_length
 EXTENSION = "s4serve.push"
 
 
+def _payload(message: dict) -> bytes | str:
+    """An ASGI websocket.receive's data; an empty binary message stays binary (b"")."""
+    data = message.get("bytes")
+    return data if data is not None else message.get("text") or ""
+
 class Handler(Protocol):
     """What a transport calls; every method runs on the event loop and must not block."""
 
@@ -239,7 +244,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
                 self.handler = None
                 handler.on_disconnect()
                 return
-            handler.on_message(message.get("bytes") or message.get("text") or "")
+            handler.on_message(_payload(message))
         if self.read_paused and not self._peer_paused:
             self.read_paused = False
             self.transport.resume_reading()
@@ -331,7 +336,7 @@ class AsgiPeer:
                 self._gone()
                 return
             if self.handler is not None and not self._closed:
-                self.handler.on_message(message.get("bytes") or message.get("text") or "")
+                self.handler.on_message(_payload(message))
 
     async def _write(self) -> None:
         while True:

@@ -61,9 +61,11 @@ class ServerThread:
         self.thread.start()
         # a cold start compiles each model's step (tens of seconds on a loaded 2-core box)
         deadline = time.monotonic() + READY_TIMEOUT_S
+        keys = self.runtime.settings.api_keys
+        headers = {"authorization": f"Bearer {keys[0]}"} if keys else {}
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/readyz", headers=headers, timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import httpx
 import numpy as np
@@ -129,3 +130,26 @@ def test_unexpected_errors_are_a_documented_500(model_dirs, tmp_path):
         assert answer.status_code == 500
         assert answer.json() == {"error": {"code": "internal", "message": "internal error"}}
         assert 's4serve_errors_total{code="internal"} 1.0' in client.get("/metrics").text
+
+
+def test_an_empty_binary_frame_is_a_bad_frame_without_uvicorns_fast_path(model_dirs, tmp_path):
+    """The generic ASGI peer (any server but uvicorn's socket path) reads b"" as binary: a
+    bad_shape error in that frame's slot (seq 0), not a text message that is not JSON."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.server.conftest import make_settings
+
+    with TestClient(create_app(make_settings(model_dirs, tmp_path))) as client:
+        for _ in range(200):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        with client.websocket_connect("/v1/models/seq/stream") as ws:
+            ws.send_text('{"type": "start"}')
+            assert json.loads(ws.receive_text())["type"] == "started"
+            ws.send_bytes(b"")
+            first = json.loads(ws.receive_text())
+            assert first["code"] == "bad_shape" and first["seq"] == 0
+            ws.send_bytes(b"\0" * 5)
+            assert json.loads(ws.receive_text())["seq"] == 1

@@ -57,7 +57,22 @@ def test_http_auth(strict):
     wrong = httpx.get(strict.url + "/v1/models", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
     assert httpx.get(strict.url + "/v1/models", headers=KEY).status_code == 200
-    assert httpx.get(strict.url + "/healthz").status_code == 200  # probes stay open
+    for probe in ("/healthz", "/readyz", "/metrics"):  # every HTTP request (API.md)
+        assert httpx.get(strict.url + probe).status_code == 401
+        assert httpx.get(strict.url + probe, headers=KEY).status_code == 200
+
+
+def test_probes_public_opens_the_probes_and_metrics_only(model_dirs, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    app = create_app(make_settings(model_dirs, tmp_path, api_keys=["k"], probes_public=True))
+    with TestClient(app) as client:
+        for probe in ("/healthz", "/metrics"):
+            assert client.get(probe).status_code == 200
+        assert client.get("/readyz").status_code in (200, 503)  # answered, not 401
+        assert client.get("/v1/models").status_code == 401
 
 
 def test_predict_limits_are_413(strict):
@@ -100,7 +115,7 @@ async def test_session_limit_closes_1013(strict):
 
 
 def queue_depth(server) -> float:
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=KEY).text
     return float(re.search(r's4serve_queue_depth\{model="seq"\} (\S+)', text).group(1))
 
 
@@ -138,6 +153,6 @@ async def test_flooding_client_is_slowed_not_buffered(strict):
 
 
 def frames_answered(server) -> float:
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=KEY).text
     found = re.search(r's4serve_frames_total\{model="seq",outcome="ok"\} (\S+)', text)
     return float(found.group(1)) if found else 0.0

@@ -75,6 +75,24 @@ async def test_controls_stranded_behind_an_end_are_answered(server):
         assert await replies(ws, 1) == [("data", 2, [0])]
 
 
+async def test_errors_for_controls_keep_their_place_after_earlier_data(server):
+    """A control for a session already gone (or any bad control) is answered after the replies
+    to the data sent before it, not ahead of them."""
+    async with mux(server) as ws:
+        a = (await ask(ws, {"type": "open"}))["sid"]
+        b = (await ask(ws, {"type": "open"}))["sid"]
+        assert (await ask(ws, {"type": "end", "sid": a}))["type"] == "end"
+        await ws.send(encode_data(7, [(b, samples(LONG), LONG)]))
+        await ws.send(json.dumps({"type": "reset", "sid": a}))  # a has ended
+        await ws.send(json.dumps({"type": "rewind", "sid": b}))  # no such control
+        await ws.send(json.dumps({"type": "reset", "sid": b}))
+        data, gone, unknown, reset = await replies(ws, 4)
+        assert data == ("data", 7, [0])
+        assert gone["code"] == "unknown_session" and gone["sid"] == a
+        assert unknown["code"] == "unknown_type" and unknown["sid"] == b
+        assert reset == {"type": "reset", "sid": b, "samples": 0}
+
+
 @pytest.mark.parametrize("sid", [[1], {"a": 1}, True, "1", 1.0, None])
 async def test_a_malformed_sid_is_a_bad_request_and_nothing_else(server, sid):
     async with mux(server) as ws:

@@ -48,7 +48,7 @@ def test_a_predict_past_its_time_limit_is_cut_off_and_the_next_one_served(strict
     small = httpx.post(f"{strict.url}/v1/models/seq/predict", headers=KEY, timeout=120,
                        json={"inputs": np.zeros((1, 10, 2)).tolist()})
     assert small.status_code == 200 and np.asarray(small.json()["outputs"]).shape == (1, 10, 3)
-    metrics = httpx.get(f"{strict.url}/metrics", timeout=10).text
+    metrics = httpx.get(f"{strict.url}/metrics", headers=KEY, timeout=10).text
     assert 's4serve_errors_total{code="timeout"} 1.0' in metrics
 
 
