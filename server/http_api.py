@@ -88,7 +88,8 @@ _PREDICT_DOC = {
         {"name": n, "in": "query", "required": False, "schema": schema,
          "description": "with an .npy body"}
         for n, schema in (("sample_rate", {"type": "number"}),
-                          ("outputs", {"type": "string", "enum": ["all", "last"]}))
+                          ("outputs", {"type": "string", "enum": ["all", "last"]}),
+                          ("return_state", {"type": "boolean"}))
     ],
     "responses": {
         "200": {"description": "outputs (JSON, or .npy with Accept: application/x-npy)",

@@ -66,10 +66,12 @@ def parse_npy(body: bytes, query: dict[str, str], d_input: int) -> PredictReques
         raise ServeError("bad_request", f"body is not a readable .npy file: {exc}") from exc
     if stream.tell() != len(body):
         raise ServeError("bad_request", f"{len(body) - stream.tell()} bytes after the .npy array")
-    if array.dtype not in (np.float32, np.float64, np.int16):
+    native = array.dtype.newbyteorder("=")  # the .npy header names the byte order
+    if native not in (np.float32, np.float64, np.int16):
         raise ServeError(
-            "bad_dtype", f"npy dtype must be float32, float64 or int16, not {array.dtype}"
+            "bad_dtype", f"npy dtype must be float32, float64 or int16, not {native}"
         )
+    array = array.astype(native, copy=False)
     scale = 1.0 / INT16_SCALE if array.dtype == np.int16 else 1.0
     inputs = finite_float32(shape_inputs(array, d_input), scale=scale)
     try:

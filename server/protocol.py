@@ -110,10 +110,15 @@ def to_float_array(data: Any) -> np.ndarray:
     except ValueError as exc:
         raise ServeError("bad_shape", "arrays must be rectangular (equal-length rows)") from exc
     if array.dtype == object:
-        if all(isinstance(x, list | int | float) and not isinstance(x, bool)
-               for x in _leaves(data)):
-            raise ServeError("bad_shape", "arrays must be rectangular (equal-length rows)")
-        raise ServeError("bad_dtype", "arrays must hold numbers")
+        if not all(isinstance(x, list | int | float) and not isinstance(x, bool)
+                   for x in _leaves(data)):
+            raise ServeError("bad_dtype", "arrays must hold numbers")
+        try:  # numbers only: ragged, or integers past 64 bits (floats up to 1.8e308 are fine)
+            array = np.array(data, dtype=np.float64)
+        except OverflowError:
+            raise ServeError("non_finite", "a number is too large for float64") from None
+        except ValueError:
+            raise ServeError("bad_shape", "arrays must be rectangular") from None
     if array.dtype.kind not in "iuf":
         raise ServeError("bad_dtype", "arrays must hold numbers")
     return array.astype(np.float64)

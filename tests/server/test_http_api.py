@@ -44,11 +44,12 @@ def test_predict_json_shapes_outputs_last_and_2d_inputs(server):
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "int16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int16", ">f4", ">i2"])
 def test_predict_npy_in_and_out(server, dtype):
+    """Little- and big-endian files alike: the .npy header names the byte order."""
     rng = np.random.default_rng(1)
-    if dtype == "int16":
-        u = rng.integers(-3000, 3000, size=(1, 25, 2)).astype(np.int16)
+    if "i" in dtype:
+        u = rng.integers(-3000, 3000, size=(1, 25, 2)).astype(dtype)
         as_float = u / 32768.0
     else:
         u = rng.standard_normal((1, 25, 2)).astype(dtype)
@@ -85,6 +86,8 @@ def post(server, body: bytes | str, content_type="application/json", path="seq/p
         ('{"inputs": [[]]}', "application/json", 400, "bad_shape"),
         ('{"inputs": [[["a", "b"]]]}', "application/json", 400, "bad_dtype"),
         ('{"inputs": [[[NaN, 1]]]}', "application/json", 400, "non_finite"),
+        ('{"inputs": [[[1%s, 1]]]}' % ("0" * 400), "application/json", 400, "non_finite"),
+        ('{"inputs": [[[1%s, 1], [1]]]}' % ("0" * 30), "application/json", 400, "bad_shape"),
         ('{"inputs": [[[1, 2]]], "state": ["AAAA"]}', "application/json", 400, "bad_state"),
         ('{"inputs": [[[1, 2]]], "state": []}', "application/json", 400, "bad_state"),
         ('{"inputs": [[[1, 2]]], "sample_rate": -1}', "application/json", 400, "bad_request"),
