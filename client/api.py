@@ -143,7 +143,12 @@ class Client:
         return AsyncClient(url, token, timeout)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:  # Ctrl-C: the call must not go on and take a later reply
+            future.cancel()
+            raise
 
     def __enter__(self) -> Client:
         return self

@@ -4,6 +4,7 @@ drop with capped exponential backoff."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -11,13 +12,17 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from client.errors import StreamError
 from client.wire import RETRY_CLOSE_CODES
 
 T = TypeVar("T")
 BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
+# refusals a later try can get past: a server starting or draining, a proxy whose upstream is
+# down, a connection lost before or during the handshake
+RETRY_CODES = frozenset({"overloaded", "closed", "timeout", "not_ready", "draining",
+                         "http_502", "http_503", "http_504"})
 
 
 async def open_ws(url: str, token: str | None, **options: Any) -> ClientConnection:
@@ -27,9 +32,34 @@ async def open_ws(url: str, token: str | None, **options: Any) -> ClientConnecti
     try:
         return await connect(url, max_size=None, additional_headers=headers, compression=None,
                              **options)
-    except InvalidStatus as exc:  # auth, Origin, no route
+    except InvalidStatus as exc:  # auth, Origin, no route; 502-504 from a proxy
         status = exc.response.status_code
         raise StreamError(f"http_{status}", f"the server answered HTTP {status}") from None
+    except InvalidHandshake as exc:  # e.g. closed before the upgrade by a restarting server
+        raise StreamError("closed", f"the handshake failed: {exc}") from None
+
+
+async def open_stream(url: str, token: str | None, start: str, open_timeout: float,
+                      ping_interval: float | None) -> tuple[ClientConnection, dict]:
+    """A stream's connection and the server's `started` answer to `start`; a refusal or no
+    answer within open_timeout is a StreamError, and leaves no socket open."""
+    ws = await open_ws(url, token, open_timeout=open_timeout, ping_interval=ping_interval,
+                       close_timeout=2)
+    try:
+        await ws.send(start)
+        async with asyncio.timeout(open_timeout):
+            reply = json.loads(await ws.recv())
+        if reply.get("type") != "started":
+            raise StreamError(reply.get("code", "bad_reply"), reply.get("message", str(reply)))
+        return ws, reply
+    except BaseException as exc:
+        await asyncio.shield(ws.close())
+        if isinstance(exc, ConnectionClosed):
+            code = exc.rcvd.code if exc.rcvd is not None else 1006
+            raise StreamError("closed", f"{code} before started", close_code=code) from None
+        if isinstance(exc, TimeoutError):
+            raise StreamError("timeout", "no started within open_timeout") from None
+        raise
 
 
 def endpoint_url(url: str, model: str, endpoint: str, affinity: str | None) -> str:
@@ -41,19 +71,23 @@ def endpoint_url(url: str, model: str, endpoint: str, affinity: str | None) -> s
 
 
 def worth_reconnecting(ws: ClientConnection, reconnect: bool) -> bool:
-    """After the connection ended: was it lost or closed in a way that a retry can mend?"""
-    return reconnect and ws.close_code in RETRY_CLOSE_CODES | {None}
+    """After the connection ended: was it lost or closed in a way that a retry can mend? An
+    idle session closed by the server (1008 idle_timeout) stays resumable too."""
+    idle = ws.close_code == 1008 and ws.close_reason == "idle_timeout"
+    return reconnect and (ws.close_code in RETRY_CLOSE_CODES | {None} or idle)
 
 
 async def with_backoff(attempt: Callable[[], Awaitable[T]], max_s: float,
-                       codes: frozenset[str]) -> T:
+                       codes: frozenset[str] = RETRY_CODES) -> T:
     """`attempt()` until it succeeds, waiting 0.05, 0.1, ... 2 s between tries; gives up
-    after `max_s` seconds, or at once on a StreamError whose code is not in `codes`."""
+    after `max_s` seconds (an attempt still running then is cut short), or at once on a
+    StreamError whose code is not in `codes`."""
     deadline = time.monotonic() + max_s
     delay = BACKOFF[0]
     while True:
         try:
-            return await attempt()
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+                return await attempt()
         except (OSError, ConnectionClosed, TimeoutError, StreamError) as exc:
             if isinstance(exc, StreamError) and exc.code not in codes:
                 raise

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import struct
 import time
 from collections import deque
 from typing import Any
@@ -28,22 +27,10 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from client import wire
 from client.connection import endpoint_url, open_ws, with_backoff, worth_reconnecting
 from client.errors import StreamError
-from client.mux_recovery import Entry, Pending, Session, reopen
-from client.wire import STATUS_CODES, encode_data, frame_bytes
-
-
-def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, Any]]]:
-    """(seq, [(session, outputs array or StreamError), ...]) from an outputs message."""
-    try:
-        seq, entries = wire.decode_outputs(data, d_output)
-    except (ValueError, struct.error) as exc:
-        raise StreamError("bad_reply", str(exc)) from None
-    return seq, [(sid, values if status == 0 else StreamError(
-        STATUS_CODES.get(status, f"status_{status}"), "entry rejected; its session is unchanged"))
-        for sid, status, values in entries]
+from client.mux_recovery import Entry, Pending, Session, decode_outputs, reopen
+from client.wire import encode_data, frame_bytes
 
 
 class AsyncMux:
@@ -82,12 +69,16 @@ class AsyncMux:
         await self.close()
 
     async def close(self) -> None:
+        """Detach every session (resumable by token); calls still waiting raise."""
         self._closing = True
-        if self._ws is not None:
-            await self._ws.close()
-        if self._reader is not None:
+        if self._reader is not None:  # also when it is reconnecting
+            self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
+        if self._ws is not None:
+            await self._ws.close()
+        if self._failed is None:
+            self._fail(StreamError("closed", "the mux was closed"))
 
     async def _connect(self) -> ClientConnection:
         return await open_ws(self.ws_url, self.token)
@@ -155,6 +146,9 @@ class AsyncMux:
         return reply["samples"], reply["state"]
 
     async def reset(self, sid: int) -> None:
+        session = self._state.get(sid)
+        if session is not None:  # entries sent from now on start at 0, even before the reply
+            session.sent = 0
         await self._ask("reset", sid)
 
     async def end(self, sid: int) -> int:
@@ -228,8 +222,10 @@ class AsyncMux:
                         self._on_text(json.loads(message))
             except ConnectionClosed:
                 pass
-            except StreamError as exc:  # a reply that does not fit: nothing can be trusted
-                self._fail(exc)
+            except Exception as exc:  # a reply that does not fit: nothing can be trusted
+                self._fail(exc if isinstance(exc, StreamError)
+                           else StreamError("bad_reply", f"unreadable reply: {exc!r}"))
+                await self._ws.close()
                 return
             code = self._ws.close_code
             if self._closing or not worth_reconnecting(self._ws, self.reconnect):
@@ -238,9 +234,9 @@ class AsyncMux:
                 return
             try:
                 await self._recover()
-            except (StreamError, OSError, ConnectionClosed, TimeoutError) as exc:
+            except Exception as exc:
                 self._fail(exc if isinstance(exc, StreamError)
-                           else StreamError("closed", f"reconnect failed: {exc}"))
+                           else StreamError("closed", f"reconnect failed: {exc!r}"))
                 return
 
     def _fail(self, error: StreamError) -> None:
@@ -277,24 +273,34 @@ class AsyncMux:
             if isinstance(out, StreamError):
                 if not entry.deliver:
                     raise StreamError(out.code, f"a replayed entry was rejected: {out}")
-                if session is not None:  # not applied: the later entries start earlier
-                    for later in self._data:
-                        for other, e in later.entries:
-                            if other == sid:
-                                e.t -= entry.samples
-                    session.sent -= entry.samples
-            elif session is not None:
-                session.received = entry.t + entry.samples
+                self._unapplied(sid, entry)
+            elif session is not None:  # a replay's reply does not take it back
+                session.received = max(session.received, entry.t + entry.samples)
                 if self.reconnect:
                     session.kept.append(entry)
             results.append((sid, out))
         if pending.future is not None and not pending.future.done():
             pending.future.set_result(results)
 
+    def _unapplied(self, sid: int, entry: Entry) -> None:
+        """An entry the server refused: the session's later entries start earlier."""
+        session = self._state.get(sid)
+        if session is None:
+            return
+        for later in self._data:
+            for other, e in later.entries or ():
+                if other == sid:
+                    e.t -= entry.samples
+        session.sent -= entry.samples
+
     def _on_text(self, reply: dict) -> None:
         kind = reply.get("type")
         if kind == "error" and "seq" in reply and "sid" not in reply and self._data:
             pending = self._data.popleft()  # a whole data message was unreadable
+            for sid, entry in pending.entries or ():
+                if not entry.deliver:
+                    raise StreamError(reply["code"], "a replay message was refused")
+                self._unapplied(sid, entry)
             if pending.future is not None:
                 pending.future.set_exception(StreamError(reply["code"], reply["message"]))
             return
@@ -316,8 +322,8 @@ class AsyncMux:
                     session.kept.popleft()
         elif kind == "reset":
             session = self._state.get(self._caller_sid.get(reply.get("sid"), -1))
-            if session is not None:
-                session.base, session.sent, session.received = (0, None), 0, 0
+            if session is not None:  # sent went to 0 when it was asked for
+                session.base, session.received = (0, None), 0
                 session.kept.clear()
         if kind == "opened" or (kind == "error" and "ref" in reply):
             key = ("ref", reply.get("ref"))
@@ -343,9 +349,6 @@ class AsyncMux:
         """Reconnect, resume or restart every session, replay, re-send what was unanswered."""
         self._up.clear()
         self._fail_controls(StreamError("closed", "the connection dropped; ask again"))
-        ws = await with_backoff(self._connect, self.max_reconnect_s, frozenset({"http_503"}))
-        self._ws = ws
-        self.reconnects += 1
         unanswered = [p for p in self._data if p.future is not None]
         for pending in self._data:  # an earlier recovery's replay, cut short: replay it again
             if pending.future is None and pending.entries:
@@ -353,13 +356,18 @@ class AsyncMux:
                     if sid in self._state:
                         self._state[sid].kept.append(entry)
         self._data.clear()
+        ws, reopened = await with_backoff(self._reconnect_once, self.max_reconnect_s)
+        self._ws = ws
+        self.reconnects += 1
         self._server_sid.clear()
         self._caller_sid.clear()
         replays: list[list[tuple[int, Entry]]] = []
-        for sid, session in list(self._state.items()):
-            opened, replay = await reopen(ws, session)
+        for sid, (opened, start) in reopened.items():
+            session = self._state[sid]
             self._server_sid[sid], self._caller_sid[opened["sid"]] = opened["sid"], sid
             self.sessions[sid] = opened
+            replay = [e for e in session.kept if e.t >= start]
+            session.kept = deque(e for e in session.kept if e.t < start)
             for i, entry in enumerate(replay):
                 entry.deliver = False
                 if i == len(replays):
@@ -370,3 +378,14 @@ class AsyncMux:
         for pending in unanswered:
             await self._send_data(pending, ws)
         self._up.set()
+
+    async def _reconnect_once(self) -> tuple[ClientConnection, dict[int, tuple[dict, int]]]:
+        """A new connection with every session open on it, or an error and none left open
+        (with_backoff tries again: a server restarting or draining refuses for a while)."""
+        ws = await self._connect()
+        try:
+            return ws, {sid: await reopen(ws, session)
+                        for sid, session in list(self._state.items())}
+        except BaseException:
+            await asyncio.shield(ws.close())
+            raise

@@ -1,17 +1,22 @@
 """A mux session's client-side bookkeeping and its recovery on a new connection: the recovery
-point, the entries answered since, and how a session is reopened after a drop."""
+point, the entries answered since, how a session is reopened after a drop; and the reading
+of an outputs message."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
+from client import wire
 from client.errors import StreamError
+from client.wire import STATUS_CODES
 
 
 @dataclass(eq=False)
@@ -40,12 +45,21 @@ class Pending:
     future: asyncio.Future | None  # None: a replay message of the recovery
 
 
-async def reopen(ws: ClientConnection, session: Session) -> tuple[dict, list]:
-    """(opened, entries to replay) for one session on the new connection."""
+def can_replay_from(session: Session, start: int) -> bool:
+    """The server's state is at `start`: fine when it ends where our outputs do, or, when it
+    is behind them (it came back from a checkpoint), when we hold every entry since then."""
+    base = session.base[0]
+    return start == session.received or (base <= start < session.received and (
+        start == base or any(e.t == start for e in session.kept)))
+
+
+async def reopen(ws: ClientConnection, session: Session) -> tuple[dict, int]:
+    """(opened, the sample its replay starts from) for one session on the new connection.
+    The caller replays the kept entries from there once every session is open."""
     opened = await request(ws, {"type": "open", "ref": "resume",
                                       "resume": session.token, **session.options})
-    if opened.get("type") == "opened" and opened["samples"] == session.received:
-        return opened, []  # its state ends where our outputs do
+    if opened.get("type") == "opened" and can_replay_from(session, opened["samples"]):
+        return opened, opened["samples"]
     if opened.get("type") == "opened":  # outputs were lost in flight: start over
         await request(ws, {"type": "end", "sid": opened["sid"]})
     elif opened.get("code") != "resume_not_found":
@@ -58,9 +72,8 @@ async def reopen(ws: ClientConnection, session: Session) -> tuple[dict, list]:
     if opened.get("type") != "opened" or opened["samples"] != samples:
         raise StreamError("bad_state", f"the recovery point did not restore: {opened}")
     session.token = opened["resume_token"]
-    replay = [e for e in session.kept if e.t >= samples]
-    session.kept = deque(e for e in session.kept if e.t < samples)
-    return opened, replay
+    return opened, samples
+
 
 async def request(ws: ClientConnection, message: dict) -> dict:
     """One control request on a connection nothing else reads yet (recovery)."""
@@ -69,3 +82,14 @@ async def request(ws: ClientConnection, message: dict) -> dict:
         reply = json.loads(await ws.recv())
         if reply.get("type") in ("opened", "error", "end"):
             return reply
+
+
+def decode_outputs(data: bytes, d_output: int) -> tuple[int, list[tuple[int, Any]]]:
+    """(seq, [(session, outputs array or StreamError), ...]) from an outputs message."""
+    try:
+        seq, entries = wire.decode_outputs(data, d_output)
+    except (ValueError, struct.error) as exc:
+        raise StreamError("bad_reply", str(exc)) from None
+    return seq, [(sid, values if status == 0 else StreamError(
+        STATUS_CODES.get(status, f"status_{status}"), "entry rejected; its session is unchanged"))
+        for sid, status, values in entries]

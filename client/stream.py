@@ -28,7 +28,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from client.connection import endpoint_url, open_ws, with_backoff, worth_reconnecting
+from client.connection import endpoint_url, open_stream, with_backoff, worth_reconnecting
 from client.errors import StreamError
 from client.wire import WIRE_DTYPES, frame_bytes, json_frame, start_message
 
@@ -104,14 +104,18 @@ class AsyncStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if not self._ended and self._failed is None and exc[0] is None:
-            await self.end()
-        await self.close()
+        try:
+            if not self._ended and self._failed is None and exc[0] is None:
+                await self.end()
+        finally:  # also when end() fails or is cancelled: no reader or socket left behind
+            await self.close()
 
     async def open(self) -> dict:
         opts = self.options
         self._ws, self.info = await self._connect(state=opts.state, resume=opts.resume)
         self._sent = self._received = self.info["samples"]
+        # a resumed session's replies are counted over its whole life, earlier owners' too
+        self._replies = self.info.get("replies", 0) - self.info.get("resent", 0)
         self._base = (self.info["samples"], opts.state)
         self._up.set()
         self._reader = asyncio.create_task(self._read())
@@ -120,14 +124,18 @@ class AsyncStream:
         return self.info
 
     async def close(self) -> None:
-        """Stop without ending the session (it stays resumable on the server)."""
-        self._ended = True
+        """Stop without ending the session (it stays resumable on the server); calls still
+        waiting for a reply raise StreamError("closed")."""
+        open_before, self._ended = not self._ended and self._failed is None, True
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
         if self._ws is not None:
             await self._ws.close()
+        if open_before:  # recv() waiters wake; an on_output callback hears nothing more
+            self._fail(StreamError("closed", "the stream was closed"),
+                       deliver=self._deliver == self._outputs.put_nowait)
 
     @property
     def samples(self) -> int:
@@ -195,6 +203,8 @@ class AsyncStream:
 
     async def _control(self, kind: str) -> Any:
         await self._ready()
+        if kind == "reset":  # frames sent from now on start at 0, even before the reply
+            self._sent = 0
         future = asyncio.get_running_loop().create_future()
         await self._send(_Control(kind, future), json.dumps({"type": kind}))
         return await future
@@ -210,28 +220,24 @@ class AsyncStream:
     async def _connect(self, state: str | None = None, resume: str | None = None,
                        received: int | None = None) -> tuple[ClientConnection, dict]:
         opts = self.options
-        ws = await open_ws(self.ws_url, self.token, open_timeout=opts.open_timeout,
-                           ping_interval=opts.ping_interval, close_timeout=2)
-        await ws.send(start_message(opts.dtype, opts.output, opts.sample_rate, state, resume,
-                                    received))
-        try:
-            async with asyncio.timeout(opts.open_timeout):
-                reply = json.loads(await ws.recv())
-        except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd is not None else 1006
-            raise StreamError("closed", f"{code} before started", close_code=code) from None
-        if reply.get("type") != "started":
-            await ws.close()
-            raise StreamError(reply.get("code", "bad_reply"), reply.get("message", str(reply)))
-        return ws, reply
+        return await open_stream(self.ws_url, self.token, start_message(
+            opts.dtype, opts.output, opts.sample_rate, state, resume, received),
+            opts.open_timeout, opts.ping_interval)
 
     async def _read(self) -> None:
         while True:
             try:
                 async for message in self._ws:
                     self._on_reply(message)
+                    if self._failed is not None:  # a rejected replay: nothing to go on with
+                        await self._ws.close()
+                        return
             except ConnectionClosed:
                 pass
+            except Exception as exc:  # a reply that fits nothing we sent: a broken server
+                self._fail(StreamError("bad_reply", f"unreadable reply: {exc!r}"))
+                await self._ws.close()
+                return
             if self._ended:
                 return
             code = self._ws.close_code
@@ -241,18 +247,19 @@ class AsyncStream:
                 return
             try:
                 await self._recover()
-            except (StreamError, OSError, ConnectionClosed, TimeoutError) as exc:
+            except Exception as exc:
                 self._fail(exc if isinstance(exc, StreamError)
-                           else StreamError("closed", f"reconnect failed: {exc}"))
+                           else StreamError("closed", f"reconnect failed: {exc!r}"))
                 return
 
-    def _fail(self, error: StreamError) -> None:
+    def _fail(self, error: StreamError, deliver: bool = True) -> None:
         self._failed = error
         self._up.set()  # wake waiters so they see the failure
         for entry in self._pending:
             if isinstance(entry, _Control) and entry.future and not entry.future.done():
                 entry.future.set_exception(error)
-        self._deliver(error)
+        if deliver:
+            self._deliver(error)
 
     def _on_reply(self, message: bytes | str) -> None:
         if not self._pending:  # nothing asked for this: not a reply of ours
@@ -295,8 +302,8 @@ class AsyncStream:
                 self._kept.popleft()
             if entry.future is not None:
                 entry.future.set_result((reply["samples"], reply["state"]))
-        elif kind == "reset":
-            self._base, self._sent, self._received = (0, None), 0, 0
+        elif kind == "reset":  # _sent went to 0 when it was asked for
+            self._base, self._received = (0, None), 0
             self._kept.clear()
             entry.future.set_result(None)
         elif kind == "end":
@@ -323,8 +330,7 @@ class AsyncStream:
     async def _recover(self) -> None:
         """Reconnect, resume (or restart from the recovery point), replay."""
         self._up.clear()
-        ws, info = await with_backoff(self._reconnect_once, self.options.max_reconnect_s,
-                                      frozenset({"overloaded", "closed"}))
+        ws, info = await with_backoff(self._reconnect_once, self.options.max_reconnect_s)
         self._ws, self.info = ws, info
         self.reconnects += 1
         start = info["samples"]
@@ -340,15 +346,9 @@ class AsyncStream:
         self._seq = 0
         for frame in replay:
             frame.deliver = False
-            frame.seq, self._seq = self._seq, self._seq + 1
-            self._pending.append(frame)
-            await ws.send(frame.data)
-        for entry in pending:
-            if isinstance(entry, _Frame):
-                entry.seq, self._seq = self._seq, self._seq + 1
-            self._pending.append(entry)
-            await ws.send(entry.data if isinstance(entry, _Frame)
-                          else json.dumps({"type": entry.kind}))
+        for entry in replay + pending:  # a drop meanwhile: the reader recovers again
+            await self._send(entry, entry.data if isinstance(entry, _Frame)
+                             else json.dumps({"type": entry.kind}))
         self._up.set()
 
     def _resume_fits(self, info: dict) -> bool:

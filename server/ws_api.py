@@ -92,7 +92,7 @@ class Connection(Link):
                     self._handoff = asyncio.ensure_future(
                         self._resume_later(opts.resume, elsewhere, opts.received))
                     return
-                self._started(*resumed, opts.received)
+                self._started(*resumed, opts.received, resumed=True)
                 return
             else:
                 if self.rt.scheduler.overloaded(self.model.pool):
@@ -111,18 +111,21 @@ class Connection(Link):
             self._start_failed(err)
         else:
             if resumed is not None:
-                self._started(*resumed, received)
+                self._started(*resumed, received, resumed=True)
         finally:
             self.peer.resume_reading()
 
-    def _started(self, session: Session, samples: int, received: int | None = None) -> None:
-        """`started`; on a resume with `received`, then the replies the client missed."""
+    def _started(self, session: Session, samples: int, received: int | None = None,
+                 resumed: bool = False) -> None:
+        """`started`; on a resume with `received`, then the replies the client missed. A
+        resume always says `replies`, so a new owner can count as the server does."""
         self.session = session
         self._frames_error = self.rt.metrics.frames.labels(session.name, "error")
         message = session.started_message(samples)
         missed: list[bytes | str] = []
         if received is not None:
             missed = session.ring.since(received) or []
+        if resumed:
             message.update(replies=session.ring.count, resent=len(missed))
         self.peer.send_text(json.dumps(message))
         for payload in missed:  # as first sent: counted once

@@ -82,19 +82,24 @@ class Cutter:
         self.port = port
         self.links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self.swallow = False
+        self.reject = False  # new connections are closed before the HTTP upgrade
+        self.drop_up = False  # the client's bytes are lost on the way
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _link(self, reader, writer) -> None:
+        if self.reject:  # a server or proxy restarting: accepted, closed at once
+            writer.close()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.links.append((writer, up_writer))
 
         async def pipe(src, dst, down: bool) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
-                    if not (down and self.swallow):
+                    if not (self.swallow if down else self.drop_up):
                         dst.write(data)
                         await dst.drain()
             with contextlib.suppress(Exception):
@@ -107,7 +112,7 @@ class Cutter:
             for w in (a, b):
                 w.transport.abort()
         self.links.clear()
-        self.swallow = False
+        self.swallow = self.drop_up = False
 
     async def stop(self) -> None:
         self.server.close()
