@@ -15,6 +15,7 @@ import numpy as np
 from client.errors import ClientError
 from client.mux import AsyncMux
 from client.stream import AsyncStream, StreamOptions
+from client.wire import from_int16
 
 T = TypeVar("T")
 NPY = "application/x-npy"
@@ -82,9 +83,13 @@ class AsyncClient:
         """Whole sequences (batch, length, d_input) through the convolutional view. `binary`
         sends .npy and gets .npy back (no JSON float round trip), except with `state`, which
         only JSON carries; the state blobs of `return_state` come back in JSON."""
-        array = np.asarray(inputs, dtype=np.float32)
+        array = np.asarray(inputs)
+        if array.dtype != np.int16:
+            array = array.astype(np.float32, copy=False)
+        elif not binary or state is not None or return_state:  # JSON has no int16: scale
+            array = from_int16(array)
         path = f"/v1/models/{model}/predict"
-        if binary and state is None and not return_state:
+        if binary and state is None and not return_state:  # int16 goes as it is
             params = {"outputs": outputs}
             if sample_rate is not None:
                 params["sample_rate"] = sample_rate

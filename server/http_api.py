@@ -135,7 +135,8 @@ async def predict(name: str, request: Request) -> Response:
         rt.metrics.samples.labels(info.name, "batch").inc(answer.samples)
         outcome = "ok"
         counted = False  # the response gives the count back once sent
-        return _Counted(rt, answer.body, media_type=answer.media)
+        device = {"x-device": info.device} if answer.media == NPY_TYPE else None
+        return _Counted(rt, answer.body, media_type=answer.media, headers=device)
     finally:
         if counted:
             rt.pending_requests -= 1

@@ -207,3 +207,13 @@ async def test_close_wakes_a_waiting_recv_and_a_silent_server_leaves_no_socket(s
         assert timed_out.value.code == "timeout"
         await asyncio.sleep(0.5)
         assert not held  # the client closed what it opened
+
+
+async def test_predict_takes_int16_as_the_wire_does_and_names_the_device(server):  # noqa: F811
+    samples = np.random.default_rng(13).integers(-3000, 3000, (2, 20, 2)).astype(np.int16)
+    async with AsyncClient(server.url) as c:
+        floats = await c.predict("seq", samples / 32768.0)
+        for binary in (True, False):  # .npy carries int16; JSON gets it scaled by the client
+            got = await c.predict("seq", samples, binary=binary)
+            np.testing.assert_allclose(got.outputs, floats.outputs, atol=1e-5)
+            assert got.device == "cpu"
