@@ -113,12 +113,16 @@ class AsyncClient:
                output: str = "every", state: str | None = None, resume: str | None = None,
                reconnect: bool = True, checkpoint_s: float = 2.0,
                max_reconnect_s: float = 60.0, frames: str = "binary",
-               affinity: str | None = None) -> AsyncStream:
+               affinity: str | None = None, open_timeout: float = 30.0,
+               ping_interval: float | None = 20.0) -> AsyncStream:
         """A streaming session (`async with`). With `reconnect`, a dropped connection is
         resumed with backoff and the frames the server has not applied are replayed.
-        `affinity` is the key a proxy in front of replicas hashes on (default: random)."""
+        `affinity` is the key a proxy in front of replicas hashes on (default: random);
+        `open_timeout` bounds each connection's handshake and `started`, `ping_interval` is
+        the keepalive (None: off)."""
         options = StreamOptions(dtype, sample_rate, output, state, resume, reconnect,
-                                checkpoint_s, max_reconnect_s, frames, affinity=affinity)
+                                checkpoint_s, max_reconnect_s, frames, open_timeout,
+                                ping_interval, affinity)
         return AsyncStream(self.url, model, options, self.token)
 
 

@@ -11,7 +11,6 @@ import pytest
 from websockets.asyncio.server import serve
 
 from client import AsyncClient, StreamError
-from client.stream import AsyncStream, StreamOptions
 from client.wire import frame_bytes
 from tests.client.test_client import Cutter, server, signal  # noqa: F401
 from tests.server.conftest import ServerThread, make_settings
@@ -201,9 +200,10 @@ async def test_close_wakes_a_waiting_recv_and_a_silent_server_leaves_no_socket(s
 
     async with serve(silent, "127.0.0.1", 0) as quiet:
         port = quiet.sockets[0].getsockname()[1]
-        s = AsyncStream(f"http://127.0.0.1:{port}", "seq", StreamOptions(open_timeout=0.5))
-        with pytest.raises(StreamError) as timed_out:
-            await s.open()
+        async with AsyncClient(f"http://127.0.0.1:{port}") as quiet_client:
+            s = quiet_client.stream("seq", open_timeout=0.5)
+            with pytest.raises(StreamError) as timed_out:
+                await s.open()
         assert timed_out.value.code == "timeout"
         await asyncio.sleep(0.5)
         assert not held  # the client closed what it opened
