@@ -103,8 +103,9 @@ def test_a_native_chunk_is_its_steps_and_matches_the_chunked_recurrence(steps, c
 
 def test_native_blocks_of_a_16khz_model_stay_within_float64_reach(cache):
     """The shipped digits model has modes with |Ā| near 1 at 16 kHz: rounding the state to
-    float32 at every sample drifts its outputs ~7e-5 from float64 over 16000 samples; blocks
-    of 320 samples (20 ms audio frames) round once per block and stay within 3e-5."""
+    float32 at every sample drifts its outputs from float64 over 16000 samples; blocks of 320
+    samples (20 ms audio frames) round once per block and stay within 5e-7 of the largest
+    output (v1: 1.5e-5 with outputs up to 39.5; v2: 3.4e-5 with outputs up to 124)."""
     from pathlib import Path
 
     from model.checkpoint import load_model
@@ -122,7 +123,8 @@ def test_native_blocks_of_a_16khz_model_stay_within_float64_reach(cache):
     flat32, flat64 = layout.join(rec.initial_state(1))
     y = torch.cat([step.chunk(rec, u[:, s:s + 320], flat32, flat64)[0]
                    for s in range(0, 16000, 320)], 1)
-    assert (y.double() - reference).abs().max().item() < 3e-5
+    scale = reference.abs().max().item()
+    assert (y.double() - reference).abs().max().item() < 5e-7 * max(scale, 1.0)
 
 
 def test_a_chunk_with_one_bad_sample_leaves_its_row_whole(cache):
