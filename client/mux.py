@@ -49,6 +49,7 @@ class AsyncMux:
         self._seq = 0
         self._data: deque[Pending] = deque()
         self._control: dict[tuple[str, Any], deque[asyncio.Future | None]] = {}
+        self._asked: dict[int, deque[tuple[str, int]]] = {}  # server sid -> keys, as sent
         self._state: dict[int, Session] = {}
         self._server_sid: dict[int, int] = {}  # caller's sid -> the current connection's
         self._caller_sid: dict[int, int] = {}
@@ -183,20 +184,22 @@ class AsyncMux:
         await self._send_text({"type": "open", "ref": ref, **message})
         return await future
 
-    async def _ask(self, kind: str, sid: int, answer: str | None = None) -> dict:
+    async def _ask(self, kind: str, sid: int, answer: str | None = None,
+                   wait: bool = True) -> dict | None:
+        """A control; a session's controls are answered in the order sent, so an error (which
+        names no kind) answers its oldest one (`_asked`)."""
         await self._ready()
-        future = asyncio.get_running_loop().create_future()
-        server_sid = self._server_sid.get(sid, 0)
-        self._control.setdefault((answer or kind, server_sid), deque()).append(future)
-        await self._send_text({"type": kind, "sid": server_sid})
-        return await future
+        future = asyncio.get_running_loop().create_future() if wait else None
+        key = (answer or kind, self._server_sid.get(sid, 0))
+        self._control.setdefault(key, deque()).append(future)
+        self._asked.setdefault(key[1], deque()).append(key)
+        await self._send_text({"type": kind, "sid": key[1]})
+        return await future if future is not None else None
 
     async def _checkpoint(self, sid: int, session: Session) -> None:
         """Ask for a snapshot that becomes the session's recovery point (no caller waits)."""
         session.checkpoint_at = time.monotonic()
-        server_sid = self._server_sid.get(sid, 0)
-        self._control.setdefault(("snapshot", server_sid), deque()).append(None)
-        await self._send_text({"type": "snapshot", "sid": server_sid})
+        await self._ask("snapshot", sid, wait=False)
 
     async def _send_text(self, message: dict) -> None:
         with contextlib.suppress(ConnectionClosed):  # the reader sees the drop
@@ -254,6 +257,7 @@ class AsyncMux:
                 if future is not None and not future.done():
                     future.set_exception(error)
         self._control.clear()
+        self._asked.clear()
 
     def _on_outputs(self, message: bytes) -> None:
         d_out = next(iter(self.sessions.values()), {}).get("d_output", 1)
@@ -308,6 +312,7 @@ class AsyncMux:
             sid = self._caller_sid.get(reply["sid"], reply["sid"])
             self._closed_sessions[sid] = reply["reason"]
             self._forget(sid)
+            self._asked.pop(reply["sid"], None)
             for key in [k for k in self._control if k[1] == reply["sid"]]:  # never answered
                 for future in self._control.pop(key):
                     if future is not None and not future.done():
@@ -328,9 +333,13 @@ class AsyncMux:
         if kind == "opened" or (kind == "error" and "ref" in reply):
             key = ("ref", reply.get("ref"))
         elif kind == "error":
-            key = next((k for k in self._control if k[1] == reply.get("sid")), None)
+            asked = self._asked.get(reply.get("sid"))
+            key = asked.popleft() if asked else None
         else:
             key = (kind, reply.get("sid"))
+            asked = self._asked.get(key[1])
+            if asked and key in asked:
+                asked.remove(key)  # the oldest of its kind, which is the oldest of all
         waiters = self._control.get(key)
         if not waiters:
             return

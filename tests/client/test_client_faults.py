@@ -217,3 +217,16 @@ async def test_predict_takes_int16_as_the_wire_does_and_names_the_device(server)
             got = await c.predict("seq", samples, binary=binary)
             np.testing.assert_allclose(got.outputs, floats.outputs, atol=1e-5)
             assert got.device == "cpu"
+
+
+async def test_mux_control_errors_answer_the_oldest_control_of_their_session(server):  # noqa: F811
+    """Errors name no kind: with a snapshot, an unknown control and a snapshot in flight, the
+    error goes to the unknown one and both snapshots are answered."""
+    async with AsyncClient(server.url) as c, c.mux("seq", reconnect=False) as m:
+        a = await m.open()
+        await m.send({a: signal(3)})
+        first, odd, second = await asyncio.gather(
+            m._ask("snapshot", a), m._ask("rewind", a), m._ask("snapshot", a),
+            return_exceptions=True)
+        assert first["samples"] == 3 and second["samples"] == 3
+        assert isinstance(odd, StreamError) and odd.code == "unknown_type"
