@@ -1,5 +1,5 @@
-"""What streams and muxes share about their WebSocket: opening it, and reconnecting after a
-drop with capped exponential backoff."""
+"""What streams and muxes share about their WebSocket: opening it, reconnecting after a drop
+with capped exponential backoff, and whether a resumed state lets a session go on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -60,6 +60,16 @@ async def open_stream(url: str, token: str | None, start: str, open_timeout: flo
         if isinstance(exc, TimeoutError):
             raise StreamError("timeout", "no started within open_timeout") from None
         raise
+
+
+def can_replay_from(start: int, base: int, received: int, kept: Iterable[Any]) -> bool:
+    """The server's state is at sample `start`: fine when it ends where our outputs do, or,
+    when it is behind them (it came back from a checkpoint after the server was killed), when
+    we still hold every frame since then (the recovery point `base`, and `kept`: the answered
+    frames since, each with its first sample `t`) and one of them begins there."""
+    if start == received:
+        return True
+    return base <= start < received and (start == base or any(f.t == start for f in kept))
 
 
 def endpoint_url(url: str, model: str, endpoint: str, affinity: str | None) -> str:

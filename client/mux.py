@@ -48,8 +48,9 @@ class AsyncMux:
         self._ws: ClientConnection | None = None
         self._seq = 0
         self._data: deque[Pending] = deque()
-        self._control: dict[tuple[str, Any], deque[asyncio.Future | None]] = {}
-        self._asked: dict[int, deque[tuple[str, int]]] = {}  # server sid -> keys, as sent
+        self._opening: dict[str, asyncio.Future] = {}  # open's ref -> its waiter
+        # server sid -> (the reply's type, its waiter or None) of each control, as sent
+        self._asked: dict[int, deque[tuple[str, asyncio.Future | None]]] = {}
         self._state: dict[int, Session] = {}
         self._server_sid: dict[int, int] = {}  # caller's sid -> the current connection's
         self._caller_sid: dict[int, int] = {}
@@ -180,20 +181,19 @@ class AsyncMux:
         await self._ready()
         ref = f"r{id(message)}-{time.monotonic_ns()}"
         future = asyncio.get_running_loop().create_future()
-        self._control.setdefault(("ref", ref), deque()).append(future)
+        self._opening[ref] = future
         await self._send_text({"type": "open", "ref": ref, **message})
         return await future
 
     async def _ask(self, kind: str, sid: int, answer: str | None = None,
                    wait: bool = True) -> dict | None:
-        """A control; a session's controls are answered in the order sent, so an error (which
-        names no kind) answers its oldest one (`_asked`)."""
+        """A control; a session's controls are answered in the order sent, so every reply, an
+        error too (which names no kind), answers its oldest one (`_asked`)."""
         await self._ready()
         future = asyncio.get_running_loop().create_future() if wait else None
-        key = (answer or kind, self._server_sid.get(sid, 0))
-        self._control.setdefault(key, deque()).append(future)
-        self._asked.setdefault(key[1], deque()).append(key)
-        await self._send_text({"type": kind, "sid": key[1]})
+        server_sid = self._server_sid.get(sid, 0)
+        self._asked.setdefault(server_sid, deque()).append((answer or kind, future))
+        await self._send_text({"type": kind, "sid": server_sid})
         return await future if future is not None else None
 
     async def _checkpoint(self, sid: int, session: Session) -> None:
@@ -252,11 +252,13 @@ class AsyncMux:
         self._fail_controls(error)
 
     def _fail_controls(self, error: StreamError) -> None:
-        for waiters in self._control.values():
-            for future in waiters:
-                if future is not None and not future.done():
-                    future.set_exception(error)
-        self._control.clear()
+        waiting = [*self._opening.values()]
+        for asked in self._asked.values():
+            waiting += [future for _, future in asked]
+        for future in waiting:
+            if future is not None and not future.done():
+                future.set_exception(error)
+        self._opening.clear()
         self._asked.clear()
 
     def _on_outputs(self, message: bytes) -> None:
@@ -312,12 +314,10 @@ class AsyncMux:
             sid = self._caller_sid.get(reply["sid"], reply["sid"])
             self._closed_sessions[sid] = reply["reason"]
             self._forget(sid)
-            self._asked.pop(reply["sid"], None)
-            for key in [k for k in self._control if k[1] == reply["sid"]]:  # never answered
-                for future in self._control.pop(key):
-                    if future is not None and not future.done():
-                        future.set_exception(StreamError(reply["reason"],
-                                                         "the session left this connection"))
+            for _, future in self._asked.pop(reply["sid"], ()):  # never answered
+                if future is not None and not future.done():
+                    future.set_exception(StreamError(reply["reason"],
+                                                     "the session left this connection"))
             return
         if kind == "snapshot":
             session = self._state.get(self._caller_sid.get(reply.get("sid"), -1))
@@ -331,21 +331,14 @@ class AsyncMux:
                 session.base, session.received = (0, None), 0
                 session.kept.clear()
         if kind == "opened" or (kind == "error" and "ref" in reply):
-            key = ("ref", reply.get("ref"))
-        elif kind == "error":
-            asked = self._asked.get(reply.get("sid"))
-            key = asked.popleft() if asked else None
+            future = self._opening.pop(reply.get("ref"), None)
         else:
-            key = (kind, reply.get("sid"))
-            asked = self._asked.get(key[1])
-            if asked and key in asked:
-                asked.remove(key)  # the oldest of its kind, which is the oldest of all
-        waiters = self._control.get(key)
-        if not waiters:
-            return
-        future = waiters.popleft()
-        if not waiters:
-            del self._control[key]
+            asked = self._asked.get(reply.get("sid"))
+            if not asked or kind not in ("error", asked[0][0]):
+                return  # it answers nothing asked
+            future = asked.popleft()[1]
+            if not asked:
+                del self._asked[reply["sid"]]
         if future is None or future.done():
             return
         if kind == "error":

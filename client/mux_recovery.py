@@ -15,6 +15,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection
 
 from client import wire
+from client.connection import can_replay_from
 from client.errors import StreamError
 from client.wire import STATUS_CODES
 
@@ -45,20 +46,13 @@ class Pending:
     future: asyncio.Future | None  # None: a replay message of the recovery
 
 
-def can_replay_from(session: Session, start: int) -> bool:
-    """The server's state is at `start`: fine when it ends where our outputs do, or, when it
-    is behind them (it came back from a checkpoint), when we hold every entry since then."""
-    base = session.base[0]
-    return start == session.received or (base <= start < session.received and (
-        start == base or any(e.t == start for e in session.kept)))
-
-
 async def reopen(ws: ClientConnection, session: Session) -> tuple[dict, int]:
     """(opened, the sample its replay starts from) for one session on the new connection.
     The caller replays the kept entries from there once every session is open."""
     opened = await request(ws, {"type": "open", "ref": "resume",
                                       "resume": session.token, **session.options})
-    if opened.get("type") == "opened" and can_replay_from(session, opened["samples"]):
+    if opened.get("type") == "opened" and can_replay_from(
+            opened["samples"], session.base[0], session.received, session.kept):
         return opened, opened["samples"]
     if opened.get("type") == "opened":  # outputs were lost in flight: start over
         await request(ws, {"type": "end", "sid": opened["sid"]})

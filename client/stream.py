@@ -28,7 +28,13 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from client.connection import endpoint_url, open_stream, with_backoff, worth_reconnecting
+from client.connection import (
+    can_replay_from,
+    endpoint_url,
+    open_stream,
+    with_backoff,
+    worth_reconnecting,
+)
 from client.errors import StreamError
 from client.wire import WIRE_DTYPES, frame_bytes, json_frame, start_message
 
@@ -91,6 +97,7 @@ class AsyncStream:
         # with on_output, each frame's outputs (or StreamError) go to it from the reader, in
         # order, instead of to recv(): no queue and no task switch per frame
         self._deliver = on_output or self._outputs.put_nowait
+        self._queued = on_output is None  # outputs go to recv() through the queue
         self._up = asyncio.Event()
         self._reader: asyncio.Task | None = None
         self._ended = False
@@ -135,7 +142,7 @@ class AsyncStream:
             await self._ws.close()
         if open_before:  # recv() waiters wake; an on_output callback hears nothing more
             self._fail(StreamError("closed", "the stream was closed"),
-                       deliver=self._deliver == self._outputs.put_nowait)
+                       deliver=self._queued)
 
     @property
     def samples(self) -> int:
@@ -359,17 +366,7 @@ class AsyncStream:
             return resent <= len(self._pending)
         if replies is not None and replies > self._replies + resent:
             return False  # replies lost beyond what the server keeps: start over
-        return self._can_replay_from(info["samples"])
-
-    def _can_replay_from(self, start: int) -> bool:
-        """The server's state is at `start`: fine when it ends where our outputs do, or, when
-        it is behind them (it came back from a checkpoint after the server was killed), when
-        we still hold every frame since `start` and one of them begins there."""
-        if start == self._received:
-            return True
-        base = self._base[0]
-        return base <= start < self._received and (
-            start == base or any(f.t == start for f in self._kept))
+        return can_replay_from(info["samples"], self._base[0], self._received, self._kept)
 
     async def _reconnect_once(self) -> tuple[ClientConnection, dict]:
         try:

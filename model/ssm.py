@@ -102,12 +102,10 @@ class SSMLayer(nn.Module):
         return torch.cat([k[: self.h], F.pad(k[self.h:, :-1], (1, 0))])  # (2H', L)
 
     def kernel_fft(self, length: int, rate: float) -> tuple[torch.Tensor, int]:
-        """rfft of the kernel, cached by (length, rate) until a parameter changes."""
+        """rfft of the kernel, cached by (length, rate) until a parameter changes (no graph:
+        training convolves with the taps themselves, see `forward`)."""
         n_fft = fft_size(length)
         device = self.D.device
-        if torch.is_grad_enabled() and self.training:
-            k = self._taps(length, rate).to(torch.float32)  # differentiable path
-            return torch.fft.rfft(k, n=n_fft).to(device), n_fft
         key = (length, float(rate), str(device), self._version())
         if key in self._kernels:
             return self._kernels[key], n_fft

@@ -112,9 +112,7 @@ class MuxConnection(Link):
             if message.get("type") == "open":  # answered at once, like `opened`
                 self.peer.send_text(json.dumps(reply))
                 return
-            # in its place, after the replies to the data sent before it
-            self._slot(Message(0, [json.dumps(reply).encode()], 0, 0, text=True))
-            self._sent_one()
+            self._text_in_place(json.dumps(reply))
 
     def _open(self, message: dict) -> None:
         ref = message.get("ref")
@@ -280,9 +278,12 @@ class MuxConnection(Link):
     def _bad_message(self, seq: int, message: str) -> None:
         """A message that cannot be read at all: one text error in its reply slot."""
         self.rt.error("bad_request")
-        text = json.dumps({"type": "error", "code": "bad_request", "seq": seq,
-                           "message": message})
-        self._slot(Message(seq, [text.encode()], 0, 0, text=True))
+        self._text_in_place(json.dumps({"type": "error", "code": "bad_request", "seq": seq,
+                                        "message": message}))
+
+    def _text_in_place(self, text: str) -> None:
+        """A text reply in its place, after the replies to the data sent before it."""
+        self._slot(Message(0, [text.encode()], 0, 0, text=True))
         self._sent_one()
 
     def _slot(self, message: Message) -> int:

@@ -37,6 +37,7 @@ def _payload(message: dict) -> bytes | str:
     data = message.get("bytes")
     return data if data is not None else message.get("text") or ""
 
+
 class Handler(Protocol):
     """What a transport calls; every method runs on the event loop and must not block."""
 

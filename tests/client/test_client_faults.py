@@ -100,9 +100,9 @@ async def test_mux_replay_cut_after_its_first_reply_is_finished(server):  # noqa
 
 @pytest.fixture(scope="module")
 def few_entries(model_dirs, tmp_path_factory):
-    settings = make_settings(model_dirs, tmp_path_factory.mktemp("few"), mux_max_entries=4,
-                             step_compiler="torchscript")
-    with ServerThread(settings) as running:
+    """A server refusing mux messages of more than 4 entries."""
+    with ServerThread(make_settings(model_dirs, tmp_path_factory.mktemp("few"),
+                                    mux_max_entries=4, step_compiler="torchscript")) as running:
         yield running
 
 
