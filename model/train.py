@@ -45,6 +45,9 @@ class TrainSettings(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     eval_batch_size: int = Field(64, ge=1)
+    ema: float | None = Field(
+        None, ge=0, lt=1, description="keep an exponential moving average of the weights with "
+        "this decay and save it instead of the last step's weights")
     augment: Augment | None = Field(None, description="random changes to training batches")
     time_budget_s: float | None = Field(
         None, gt=0, description="wall-clock limit for the optimisation steps: the schedule "
@@ -176,6 +179,26 @@ def cosine_schedule(total_steps: int, warmup_steps: int,
     return factor
 
 
+class WeightAverage:
+    """An exponential moving average of a network's parameters. Early on the decay is capped at
+    (1 + t) / (10 + t) so the average is not dominated by the random initial weights."""
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to_network(self) -> None:
+        for param, average in zip(self.params, self.average, strict=True):
+            param.copy_(average)
+
+
 def fit(config: ModelConfig, dataset: Dataset, settings: TrainSettings,
         progress: bool = True) -> tuple[S4Network, dict]:
     """Train from scratch with cross-entropy on the final-sample logits; returns net, history."""
@@ -200,6 +223,7 @@ def fit(config: ModelConfig, dataset: Dataset, settings: TrainSettings,
         rng = np.random.default_rng(settings.seed)
         def change(x: np.ndarray) -> np.ndarray:
             return augment(x, settings.augment, dataset.sample_rate, rng)
+    average = WeightAverage(net, settings.ema) if settings.ema else None
     losses: list[float] = []
     steps_done = 0
     with tqdm(total=total_steps, desc=f"train {config.name}", disable=not progress,
@@ -215,6 +239,8 @@ def fit(config: ModelConfig, dataset: Dataset, settings: TrainSettings,
                     nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
                 optimizer.step()
                 scheduler.step()
+                if average is not None:
+                    average.update()
                 epoch_losses.append(loss.item())
                 steps_done += 1
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
@@ -224,6 +250,8 @@ def fit(config: ModelConfig, dataset: Dataset, settings: TrainSettings,
             losses.append(float(np.mean(epoch_losses)))
             if time_fraction() >= 1.0:
                 break
+    if average is not None:
+        average.copy_to_network()
     fold_standardisation(net, mean, std)
     net.eval()
     history = {"epoch_loss": losses, "steps": steps_done, "planned_steps": total_steps,

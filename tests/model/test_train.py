@@ -17,6 +17,7 @@ from model.train import (
     SSM_PARAMETER_NAMES,
     RunConfig,
     TrainSettings,
+    WeightAverage,
     channel_statistics,
     cosine_schedule,
     fit,
@@ -78,6 +79,36 @@ def test_time_budget_anneals_and_stops_training():
     _, history = fit(config, data, settings, progress=False)
     assert history["steps"] == 1 and history["planned_steps"] == 6
     assert len(history["epoch_loss"]) == 1
+
+
+def test_weight_average_follows_the_parameters_with_its_decay():
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    average = WeightAverage(layer, decay=0.5)
+    history = [0.0]
+    for value in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        average.update()
+        decay = min(0.5, (1 + average.updates) / (10 + average.updates))
+        history.append(decay * history[-1] + (1 - decay) * value)
+    average.copy_to_network()
+    assert layer.weight[0, 0].item() == pytest.approx(history[-1])
+    assert 8.0 < history[-1] < 10.0  # lags the last weights, by the decay's horizon
+
+
+def test_training_with_an_average_saves_the_averaged_weights():
+    data = load_dataset("basicmotions", limit=8)
+    config = RunConfig(model=TINY_MODEL).model_config_for(data)
+    last, _ = fit(config, data, TrainSettings(epochs=2, batch_size=4, lr=0.01), progress=False)
+    averaged, _ = fit(config, data, TrainSettings(epochs=2, batch_size=4, lr=0.01, ema=0.9),
+                      progress=False)
+    # same seed, same steps: only what is saved differs
+    changed = [name for name, value in last.state_dict().items()
+               if not torch.equal(value, averaged.state_dict()[name])]
+    assert changed
+    assert torch.isfinite(averaged(torch.as_tensor(data.test.inputs[:2]))).all()
 
 
 def test_training_is_reproducible_with_a_seed():
