@@ -13,6 +13,7 @@ The supervisor restarts a worker that dies and forwards SIGTERM/SIGINT (each wor
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -29,11 +30,30 @@ log = logging.getLogger("s4serve.workers")
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own switch, read at import
 
 
-def cpu_cores() -> int:
+def cpu_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, narrowed by a cgroup CPU quota (a
+    container's CPU limit leaves every core of the node in the affinity mask)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """CPUs' worth of quota from cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None: none."""
+    try:
+        if (root / "cpu.max").is_file():
+            quota, _, period = (root / "cpu.max").read_text().partition(" ")
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text()
+        if quota.strip() in ("max", "-1"):
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def bind_shared(host: str, port: int) -> socket.socket:

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
+from server.settings import Settings
 from tests.deploy.conftest import DEPLOY, tool
 
 K8S = DEPLOY / "k8s"
@@ -163,6 +164,22 @@ def test_deployment_probes_and_shutdown_fit_the_server():
     env = {e["name"]: e.get("value") for e in container["env"]}
     # The root filesystem is read-only: session snapshots must go to a mounted volume.
     assert env["S4SERVE_SNAPSHOT_DIR"] in mounts
+    # Every variable is one the server reads, and each parses
+    settings = Settings(**{name.removeprefix("S4SERVE_").lower(): value
+                           for name, value in env.items()})
+    assert set(env) <= {"S4SERVE_" + field.upper() for field in Settings.model_fields}
+    # as many server processes as cores requested (left unset: one per core of the node)
+    assert settings.workers == int(container["resources"]["requests"]["cpu"])
+
+
+def test_hpa_targets_a_share_of_a_pods_session_limit():
+    documents = by_kind(load_documents(RESOURCE_FILES))
+    container = documents["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    limit = int(env["S4SERVE_WORKERS"]) * int(env["S4SERVE_MAX_SESSIONS"])  # per worker
+    metrics = {m["type"]: m for m in documents["HorizontalPodAutoscaler"]["spec"]["metrics"]}
+    target = int(metrics["Pods"]["pods"]["target"]["averageValue"])
+    assert 0.5 * limit <= target <= 0.8 * limit
 
 
 def test_hpa_scales_on_cpu_and_active_sessions():

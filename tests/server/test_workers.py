@@ -138,3 +138,25 @@ def test_workers_end_when_the_supervisor_is_killed(cluster):
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/healthz", timeout=2)
 
+
+
+def test_default_worker_count_follows_a_container_cpu_limit(tmp_path):
+    from server.workers import cpu_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")  # no limit: every core it may run on
+    assert cpu_cores(v2) == affinity
+    (v2 / "cpu.max").write_text("50000 100000\n")  # half a core: still one worker
+    assert cpu_cores(v2) == 1
+    (v2 / "cpu.max").write_text(f"{150000 * affinity} 100000\n")  # more than the mask allows
+    assert cpu_cores(v2) == affinity
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_cores(v1.parent) == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_cores(v1.parent) == affinity
+    assert cpu_cores(tmp_path / "absent") == affinity
