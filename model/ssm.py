@@ -26,7 +26,13 @@ from model.kernels import (
     reused_buffer,
 )
 
-KERNEL_CACHE_SIZE = 8
+# Kernel spectra kept per layer, in bytes: a few lengths of a large layer (H=128 at L=16000 is
+# 17 MB), and never one that is larger (it is recomputed instead)
+KERNEL_CACHE_BYTES = 128 << 20
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def as_complex(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +77,7 @@ class SSMLayer(nn.Module):
         self.D = nn.Parameter(torch.randn(self.h))  # (H',) H' = channels·H
         self.output_linear = nn.Linear(self.h, 2 * d_model)
         self.dropout = nn.Dropout(dropout)
-        self._kernels: LRUCache = LRUCache(KERNEL_CACHE_SIZE)  # kernel spectra by length, rate
+        self._kernels: LRUCache = LRUCache(KERNEL_CACHE_BYTES, getsizeof=_nbytes)
 
     # --- to be provided by the subclasses -------------------------------------------------
     def kernel(self, length: int, rate: float = 1.0) -> torch.Tensor:
@@ -114,7 +120,8 @@ class SSMLayer(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             k = self._taps(length, rate)  # (H', L) float64
             k_f = torch.fft.rfft(k, n=n_fft).to(torch.complex64).to(device)  # (H', F)
-        self._kernels[key] = k_f
+        if _nbytes(k_f) <= self._kernels.maxsize:
+            self._kernels[key] = k_f
         return k_f, n_fft
 
     def clear_kernel_cache(self) -> None:

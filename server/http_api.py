@@ -120,6 +120,10 @@ async def predict(name: str, request: Request) -> Response:
         # in flight hold memory of the server process too
         if rt.pending_requests >= rt.settings.max_pending_requests:
             raise ServeError("overloaded", "too many predict requests waiting; try again later")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ServeError("unsupported_media_type", f"Content-Encoding {encoding!r} is not "
+                             "supported: send the body uncompressed")
         rt.pending_requests += 1
         counted = True
         body = await _read_body(request, rt.settings.max_body_bytes)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from numpy.lib import format as npy_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.wire import INT16_SCALE
 from server.errors import ServeError
-from server.protocol import finite_float32, to_float_array
+from server.protocol import finite_float32, leaves, to_float_array
 
 NPY_TYPE = "application/x-npy"
 
@@ -42,15 +44,26 @@ class SchemaError(Exception):
         self.errors = errors
 
 
-def parse_json(body: bytes, d_input: int) -> PredictRequest:
+def parse_json(body: bytes, d_input: int, max_steps: int | None = None) -> PredictRequest:
+    """A JSON body. `max_steps` (batch x length): refused with 413 before the body is parsed
+    when it must hold more numbers, since parsing costs ~30x the body's size in memory."""
+    if max_steps is not None and least_json_numbers(body) > max_steps * d_input:
+        raise ServeError("too_large", f"the body holds at least {least_json_numbers(body)} "
+                         f"numbers, over the limit of batch x length {max_steps} "
+                         f"(x {d_input} inputs)")
     try:
-        request = PredictBody.model_validate_json(body)
+        request = PredictBody.model_validate_json(body, strict=True)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             raise ServeError("bad_request", "body is not valid JSON") from exc
-        raise SchemaError(exc.errors(include_url=False, include_context=False)) from exc
+        raise SchemaError(_schema_errors(exc)) from exc
     if request.inputs is None:
         raise SchemaError([{"loc": ["body", "inputs"], "msg": "Field required"}])
+    # numpy reads true as 1.0: look for booleans among the inputs when the body has any
+    # `true`/`false` that is not return_state's
+    words = body.count(b"true") + body.count(b"false") - (b'"return_state"' in body)
+    if words > 0 and any(isinstance(x, bool) for x in leaves(request.inputs)):
+        raise ServeError("bad_dtype", "arrays must hold numbers (true / false are not)")
     inputs = shape_inputs(to_float_array(request.inputs), d_input)
     return PredictRequest(
         finite_float32(inputs), request.sample_rate, request.outputs,
@@ -58,20 +71,25 @@ def parse_json(body: bytes, d_input: int) -> PredictRequest:
     )
 
 
-def parse_npy(body: bytes, query: dict[str, str], d_input: int) -> PredictRequest:
-    stream = io.BytesIO(body)
-    try:
-        array = np.load(stream, allow_pickle=False)
-    except Exception as exc:  # numpy raises several types for malformed files
-        raise ServeError("bad_request", f"body is not a readable .npy file: {exc}") from exc
-    if stream.tell() != len(body):
-        raise ServeError("bad_request", f"{len(body) - stream.tell()} bytes after the .npy array")
-    native = array.dtype.newbyteorder("=")  # the .npy header names the byte order
-    if native not in (np.float32, np.float64, np.int16):
-        raise ServeError(
-            "bad_dtype", f"npy dtype must be float32, float64 or int16, not {native}"
-        )
-    array = array.astype(native, copy=False)
+def least_json_numbers(body: bytes) -> int:
+    """A lower bound on the numbers in a valid request body, from two byte counts. In a valid
+    body (one object, no empty array) an array's commas are its items less one and the
+    object's its members less one, so commas = numbers + strings in arrays + keys - 2, and
+    numbers >= commas + 2 - strings. A string holding commas could only overstate it in a body
+    that is invalid anyway."""
+    return body.count(b",") + 2 - body.count(b'"') // 2
+
+
+def _schema_errors(exc: ValidationError) -> list[dict]:
+    """Pydantic's errors without the offending values: they may be NaN (not JSON) or as
+    large as the body."""
+    return [{k: v for k, v in e.items() if k != "input"}
+            for e in exc.errors(include_url=False, include_context=False)]
+
+
+def parse_npy(body: bytes, query: dict[str, str], d_input: int,
+              max_steps: int | None = None) -> PredictRequest:
+    array = read_npy(body, max_steps)
     scale = 1.0 / INT16_SCALE if array.dtype == np.int16 else 1.0
     inputs = finite_float32(shape_inputs(array, d_input), scale=scale)
     try:
@@ -82,9 +100,45 @@ def parse_npy(body: bytes, query: dict[str, str], d_input: int) -> PredictReques
             return_state=query.get("return_state") or False,
         )
     except ValidationError as exc:
-        raise SchemaError(exc.errors(include_url=False, include_context=False)) from exc
+        raise SchemaError(_schema_errors(exc)) from exc
     return PredictRequest(inputs, body_model.sample_rate, body_model.outputs,
                           body_model.return_state)
+
+
+def read_npy(body: bytes, max_steps: int | None = None) -> np.ndarray:
+    """An .npy body as a float32, float64 or int16 array (native byte order). Its header is
+    checked before anything is allocated: the dtype, the size against the bytes that follow,
+    and batch x length (the first two dimensions) against `max_steps` (413)."""
+    stream = io.BytesIO(body)
+    try:
+        version = npy_format.read_magic(stream)
+    except ValueError:
+        raise ServeError("bad_request", "body is not an .npy file (no .npy magic string)") from None
+    if version not in ((1, 0), (2, 0)):
+        raise ServeError("bad_request", f".npy format version {version} is not supported: "
+                         "write version 1.0 or 2.0 (numpy.save does)")
+    read_header = (npy_format.read_array_header_1_0 if version == (1, 0)
+                   else npy_format.read_array_header_2_0)
+    try:
+        shape, fortran, dtype = read_header(stream)
+    except ValueError as exc:
+        raise ServeError("bad_request", f"the .npy header is not readable: {exc}") from None
+    native = dtype.newbyteorder("=")
+    if dtype.hasobject or native not in (np.float32, np.float64, np.int16):
+        raise ServeError("bad_dtype", f"npy dtype must be float32, float64 or int16, not {dtype}")
+    if max_steps is not None and len(shape) >= 2 and shape[0] * shape[1] > max_steps:
+        raise ServeError("too_large", f"batch x length {shape[0] * shape[1]} is over the limit "
+                         f"{max_steps}")
+    count, offset = math.prod(shape), stream.tell()
+    data = len(body) - offset
+    if data > count * dtype.itemsize:
+        raise ServeError("bad_request", f"{data - count * dtype.itemsize} bytes after the .npy "
+                         "array")
+    if data < count * dtype.itemsize:
+        raise ServeError("bad_request", f"the .npy header describes {count * dtype.itemsize} "
+                         f"bytes of data, the body has {data}")
+    array = np.frombuffer(body, dtype, count, offset).reshape(shape, order="F" if fortran else "C")
+    return array.astype(native, copy=False)
 
 
 def shape_inputs(array: np.ndarray, d_input: int) -> np.ndarray:

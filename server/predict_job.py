@@ -68,23 +68,24 @@ def run_job(backends: dict[str, ModelBackend], limits: Limits, job: Job) -> Answ
         backend = backends.get(job.model)
         if backend is None:
             raise ServeError("model_not_found", f"no model named {job.model!r}")
-        request = _parse(job, backend.info.d_input)
+        request = _parse(job, backend.info.d_input, limits.max_batch_length)
         if request.return_state and job.npy:
             raise ServeError("bad_request", "return_state needs a JSON answer (drop Accept npy)")
         return _predict(backend, limits, request, job.npy)
     except SchemaError as exc:
         body = {"error": {"code": "invalid_request", "message": str(exc)}, "detail": exc.errors}
-        return Answer(422, JSON_TYPE, json.dumps(body).encode(), code="invalid_request")
+        return Answer(422, JSON_TYPE, json.dumps(body, allow_nan=False, default=str).encode(),
+                      code="invalid_request")
     except ServeError as exc:
         return Answer(exc.http_status, JSON_TYPE, json.dumps(exc.body()).encode(),
                       code=exc.code)
 
 
-def _parse(job: Job, d_input: int) -> PredictRequest:
+def _parse(job: Job, d_input: int, max_steps: int) -> PredictRequest:
     if job.media == NPY_TYPE:
-        return parse_npy(job.body, job.query, d_input)
+        return parse_npy(job.body, job.query, d_input, max_steps)
     if job.media in (JSON_TYPE, ""):
-        return parse_json(job.body, d_input)
+        return parse_json(job.body, d_input, max_steps)
     raise ServeError("unsupported_media_type", f"send {JSON_TYPE} or {NPY_TYPE}")
 
 

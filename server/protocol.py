@@ -111,7 +111,7 @@ def to_float_array(data: Any) -> np.ndarray:
         raise ServeError("bad_shape", "arrays must be rectangular (equal-length rows)") from exc
     if array.dtype == object:
         if not all(isinstance(x, list | int | float) and not isinstance(x, bool)
-                   for x in _leaves(data)):
+                   for x in leaves(data)):
             raise ServeError("bad_dtype", "arrays must hold numbers")
         try:  # numbers only: ragged, or integers past 64 bits (floats up to 1.8e308 are fine)
             array = np.array(data, dtype=np.float64)
@@ -124,11 +124,11 @@ def to_float_array(data: Any) -> np.ndarray:
     return array.astype(np.float64)
 
 
-def _leaves(data: Any, depth: int = 0):
+def leaves(data: Any, depth: int = 0):
     """The non-list items of nested lists (for the error code of an object array)."""
     if isinstance(data, list) and depth < 64:
         for item in data:
-            yield from _leaves(item, depth + 1)
+            yield from leaves(item, depth + 1)
     else:
         yield data
 

@@ -6,7 +6,7 @@ import pickle
 
 import torch
 
-from model.ssm import KERNEL_CACHE_SIZE
+import model.ssm
 from tests.model.conftest import perturbed_network
 
 
@@ -35,14 +35,21 @@ def test_copies_keep_the_cache_size_not_its_contents():
                               net.recurrent(1.0).chunk(u, net.recurrent(1.0).initial_state(1))[0])
 
 
-def test_kernel_spectra_bounded_and_least_recently_used_first_out():
+def test_kernel_spectra_bounded_in_bytes_and_least_recently_used_first_out(monkeypatch):
+    entry = 4 * (256 // 2 + 1) * 8  # H=4 rows of an rfft of 256 points (lengths 100-128)
+    monkeypatch.setattr(model.ssm, "KERNEL_CACHE_BYTES", 3 * entry)
     net = perturbed_network(task="regression", d_model=4, n_layers=1, d_state=8).eval()
     layer = net.blocks[0].layer
     with torch.no_grad():
         first, _ = layer.kernel_fft(100, 1.0)
-        for length in range(101, 101 + KERNEL_CACHE_SIZE - 1):
-            layer.kernel_fft(length, 1.0)
+        assert layer._kernels.currsize == entry
+        layer.kernel_fft(101, 1.0), layer.kernel_fft(102, 1.0)
         assert layer.kernel_fft(100, 1.0)[0] is first  # still held; now the most recent
-        layer.kernel_fft(500, 1.0)  # evicts 101, not 100
+        layer.kernel_fft(103, 1.0)  # evicts 101, not 100
         assert layer.kernel_fft(100, 1.0)[0] is first
-        assert len(layer._kernels) == KERNEL_CACHE_SIZE
+        assert len(layer._kernels) == 3 and (101, 1.0) not in {k[:2] for k in layer._kernels}
+        # one spectrum larger than the whole budget is computed, not kept
+        long, n_fft = layer.kernel_fft(5000, 1.0)
+        assert long.shape == (4, n_fft // 2 + 1)
+        assert layer._kernels.currsize == 3 * entry and len(layer._kernels) == 3
+        assert layer.kernel_fft(5000, 1.0)[0] is not long

@@ -104,6 +104,13 @@ def test_predict_errors(server, body, content_type, status, code):
     assert answer.json()["error"]["message"]
 
 
+def test_a_compressed_body_is_refused_as_such(server):
+    answer = httpx.post(f"{server.url}/v1/models/seq/predict", content=b"\x1f\x8b\x08\x00",
+                        headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert answer.status_code == 415
+    assert "Content-Encoding 'gzip'" in answer.json()["error"]["message"]
+
+
 def test_predict_schema_violations_are_422_and_unknown_model_404(server):
     for body in ('{"inputs": [[[1, 2]]], "outputs": "some"}', '{"x": 1}'):
         answer = post(server, body)
