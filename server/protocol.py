@@ -93,6 +93,8 @@ def json_samples(message: dict[str, Any], d_input: int) -> np.ndarray:
     data = message.get("data")
     if not isinstance(data, list) or not data:
         raise ServeError("bad_shape", "data must be a non-empty list of T rows")
+    if any(isinstance(x, bool) for x in leaves(data)):  # numpy would read true as 1.0
+        raise ServeError("bad_dtype", "data must hold numbers (true / false are not)")
     array = to_float_array(data)
     if array.ndim == 1 and d_input == 1:
         array = array[:, None]

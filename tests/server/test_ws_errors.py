@@ -30,6 +30,7 @@ BAD_FRAMES = [
     (json.dumps({"type": "samples", "data": [[1.0, 2.0, 3.0]]}), "bad_shape"),
     (json.dumps({"type": "samples", "data": [[1.0], [2.0, 3.0]]}), "bad_shape"),
     (json.dumps({"type": "samples", "data": [["a", "b"]]}), "bad_dtype"),
+    (json.dumps({"type": "samples", "data": [[True, 0.5]]}), "bad_dtype"),  # not 1.0
     ('{"type": "samples", "data": [[NaN, 1.0]]}', "non_finite"),
     ('{"type": "samples", "data": [[1%s, 1.0]]}' % ("0" * 400), "non_finite"),  # > float64
     (json.dumps({"type": "samples"}), "bad_shape"),
