@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
+from client.connection import base_url
 from client.errors import ClientError
 from client.mux import AsyncMux
 from client.stream import AsyncStream, StreamOptions
@@ -52,7 +53,7 @@ class AsyncClient:
 
     def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None,
                  timeout: float = 120.0, max_connections: int = 100) -> None:
-        self.url = url.rstrip("/")
+        self.url = base_url(url)
         self.token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout,
@@ -141,6 +142,7 @@ class Client:
 
     def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None,
                  timeout: float = 120.0) -> None:
+        base_url(url)  # a bad URL is refused before the loop thread starts
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="s4serve-client")

@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -23,6 +23,17 @@ BACKOFF = (0.05, 2.0)  # first and longest wait between reconnects, seconds
 # down, a connection lost before or during the handshake
 RETRY_CODES = frozenset({"overloaded", "closed", "timeout", "not_ready", "draining",
                          "http_502", "http_503", "http_504"})
+
+
+def base_url(url: str) -> str:
+    """The http(s) base URL of a server given as http(s):// or ws(s)://; ValueError for
+    anything else (a missing scheme or host, another protocol)."""
+    parts = urlsplit(url.strip().rstrip("/"))
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not a server URL: {url!r} (expected http://HOST:PORT, https://, "
+                         "ws:// or wss://)")
+    return urlunsplit((scheme, parts.netloc, parts.path, "", ""))
 
 
 async def open_ws(url: str, token: str | None, **options: Any) -> ClientConnection:

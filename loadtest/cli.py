@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from loadtest.config import PredictLoadConfig, StreamLoadConfig
+from loadtest.config import PredictLoadConfig, StreamLoadConfig, one_line
 from loadtest.targets import RemoteTargetError
 
 app = typer.Typer(
@@ -27,7 +27,7 @@ def _build(cls: type, **kwargs):
     try:
         return cls(**kwargs)
     except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(one_line(exc)) from None
 
 
 def _finish(result, json_out: Path | None, png_out: Path | None = None) -> None:
@@ -166,13 +166,15 @@ def mux(
 def echo(
     host: str = "127.0.0.1",
     port: int = 8100,
-    channels: Annotated[int, typer.Option(help="d_input = d_output of the echo model")] = 1,
+    channels: Annotated[
+        int, typer.Option(min=1, help="d_input = d_output of the echo model")
+    ] = 1,
     sample_rate: float = 100.0,
     fault: Annotated[
         str | None, typer.Option(help="KIND:N misbehaves every N frames (tests of the tester)")
     ] = None,
     workers: Annotated[
-        int, typer.Option(help="processes sharing the port, as `s4serve serve --workers`")
+        int, typer.Option(min=1, help="processes sharing the port, as `s4serve serve --workers`")
     ] = 1,
 ) -> None:
     """Serve the model-free echo app (the transport ceiling) on the same FastAPI + uvicorn stack."""

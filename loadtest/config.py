@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 # Hard ceilings: a typo must not turn a load test into a denial of service.
 MAX_SESSIONS = 20_000
 MAX_DURATION_S = 3_600.0
 MAX_FRAME_SAMPLES = 1_000_000
+
+def one_line(exc: ValidationError) -> str:
+    """Pydantic's errors as one line a user reads: `field: what is wrong; ...`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}"
+                     for e in exc.errors(include_url=False))
+
 
 WireFormat = Literal["float32", "int16", "json"]
 SignalKind = Literal["sine", "noise", "npy"]

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from client import AsyncClient
 from client.mux import AsyncMux
-from loadtest.processes import wait_ready
+from loadtest.processes import READY_TIMEOUT_S, UNREACHABLE_S, wait_ready
 from loadtest.stream_load import fetch_model_info
 from loadtest.targets import check_target, http_base
 
@@ -125,7 +125,7 @@ async def _gateway(cfg: MuxLoadConfig, index: int, info: dict, t0: float) -> _Ga
 async def run_mux_load(cfg: MuxLoadConfig) -> MuxResult:
     check_target(cfg.url, cfg.allow_remote)
     base = http_base(cfg.url)
-    await asyncio.to_thread(wait_ready, base)
+    await asyncio.to_thread(wait_ready, base, READY_TIMEOUT_S, None, UNREACHABLE_S)
     info = await fetch_model_info(base, cfg.model, cfg.token)
     t0 = time.perf_counter() + 1.0 + cfg.gateways * cfg.sessions_per_gateway / 2000
     gateways = await asyncio.gather(*(_gateway(cfg, i, info, t0) for i in range(cfg.gateways)))

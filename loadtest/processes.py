@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 
 READY_TIMEOUT_S = 120.0
+# a server the load tools did not start: refusing connections this long means nothing is there
+UNREACHABLE_S = 3.0
 
 
 def free_port() -> int:
@@ -20,15 +22,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S, proc=None) -> None:
-    """Poll /readyz until 200; fail early if the process died."""
-    deadline = time.monotonic() + timeout_s
+def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S, proc=None,
+               unreachable_s: float | None = None) -> None:
+    """Poll /readyz until 200; fail early if the process died, or (`unreachable_s`: a server
+    someone else runs) if nothing has accepted a connection for that long."""
+    started = time.monotonic()
+    deadline = started + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
         try:
             if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
                 return
+        except httpx.ConnectError as exc:
+            if unreachable_s is not None and time.monotonic() - started >= unreachable_s:
+                raise RuntimeError(f"cannot connect to {base_url}: {exc}") from None
         except httpx.HTTPError:
             pass
         time.sleep(0.2)

@@ -15,7 +15,7 @@ import numpy as np
 from client import AsyncClient, ClientError
 from client.wire import as_seen_by_server
 from loadtest.config import StreamLoadConfig
-from loadtest.processes import wait_ready
+from loadtest.processes import UNREACHABLE_S, wait_ready
 from loadtest.raw_session import run_raw_plans
 from loadtest.scrape import MetricsPoller, ServerView
 from loadtest.session import SessionPlan, SessionRecord, run_session
@@ -36,8 +36,9 @@ async def fetch_model_info(base: str, model: str, token: str | None) -> dict:
     async with AsyncClient(base, token, timeout=30) as api:
         try:
             return await api.model(model)
-        except ClientError as exc:
-            raise RuntimeError(f"GET /v1/models/{model}: {exc}") from None
+        except (ClientError, httpx.HTTPError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise RuntimeError(f"GET {base}/v1/models/{model}: {reason}") from None
 
 
 def verify_indices(cfg: StreamLoadConfig) -> set[int]:
@@ -255,7 +256,7 @@ async def run_stream_load(cfg: StreamLoadConfig) -> StreamResult:
     check_target(cfg.url, cfg.allow_remote)
     base = http_base(cfg.url)
     headers = auth_headers(cfg.token)
-    await asyncio.to_thread(wait_ready, base, cfg.ready_timeout_s)
+    await asyncio.to_thread(wait_ready, base, cfg.ready_timeout_s, None, UNREACHABLE_S)
     info = await fetch_model_info(base, cfg.model, cfg.token)
     poller = MetricsPoller(base, cfg.model, headers, cfg.scrape_interval_s)
     stop = asyncio.Event()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from client.connection import base_url
 
 
 class RemoteTargetError(ValueError):
@@ -31,8 +33,5 @@ def check_target(url: str, allow_remote: bool = False) -> None:
 
 
 def http_base(url: str) -> str:
-    """The http(s) base URL, accepting ws(s):// as well."""
-    parts = urlsplit(url.rstrip("/"))
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme or "http")
-    return urlunsplit((scheme, parts.netloc, parts.path, "", ""))
-
+    """The http(s) base URL, accepting ws(s):// as well (ValueError for anything else)."""
+    return base_url(url)

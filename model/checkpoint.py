@@ -26,6 +26,23 @@ class CheckpointError(ValueError):
     """A model directory that cannot be loaded, with the reason."""
 
 
+def check_output_directory(directory: str | Path, force: bool = False,
+                           replaceable: frozenset[str] = frozenset()) -> Path:
+    """Where a command is about to write: refused (ValueError) when it is a file, or a
+    directory holding anything but `replaceable` names, unless `force`. Checked before any
+    work, so that a long run does not end on it."""
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if out.is_dir() and not force:
+        others = sorted(p.name for p in out.iterdir() if p.name not in replaceable)
+        if others:
+            raise ValueError(f"{out} is not empty ({', '.join(others[:4])}"
+                             f"{', ...' if len(others) > 4 else ''}): choose a new directory "
+                             "or pass --force to write into it")
+    return out
+
+
 def save_model(net: S4Network, directory: str | Path, metrics: dict | None = None) -> Path:
     """Write the network's config and float32 weights; returns the directory."""
     out = Path(directory)

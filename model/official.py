@@ -16,6 +16,7 @@ same as its convolution for sequences up to l_max).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,14 @@ class OfficialImportError(ValueError):
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A plain or Lightning-style ({"state_dict": ...}, prefixed keys) state dict, safely."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        # torch's own message advises weights_only=False, which this tool never does
+        reason = ("it holds objects other than tensors" if isinstance(exc, pickle.UnpicklingError)
+                  else str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        raise OfficialImportError(f"{path}: not a plain tensor state dict (only tensors and "
+                                  f"containers are read: {reason})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -219,8 +227,16 @@ def convert_example(sd: dict, kwargs: dict) -> tuple[ModelConfig, dict[str, torc
 def import_official(config_path: str | Path, weights_path: str | Path,
                     name: str | None = None) -> S4Network:
     """Build an s4serve network from an official checkpoint and its constructor arguments."""
-    meta: dict[str, Any] = json.loads(Path(config_path).read_text())
+    try:
+        meta: dict[str, Any] = json.loads(Path(config_path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OfficialImportError(f"{config_path}: not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise OfficialImportError(f"{config_path}: expected a JSON object of constructor "
+                                  "arguments")
     kwargs = meta.get("constructor_kwargs", meta)
+    if not isinstance(kwargs, dict):
+        raise OfficialImportError(f"{config_path}: constructor_kwargs must be a JSON object")
     sd = read_state_dict(weights_path)
     if "encoder.weight" in sd:
         config, tensors = convert_example(sd, kwargs)

@@ -23,6 +23,10 @@ def _split_csv(value: object) -> object:
     return value
 
 
+# the backends server/backends registers (a Literal, so a typo fails when settings are read)
+BackendName = Literal["torch", "torch-inductor", "onnx"]
+
+
 class Settings(BaseSettings):
     """Every knob of the server. Sizes are bytes, times are seconds."""
 
@@ -43,9 +47,11 @@ class Settings(BaseSettings):
         default_factory=list, description="model directories; empty means every one in zoo_dir"
     )
     zoo_dir: Path = DEFAULT_ZOO
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    backend: str = Field("torch", description="default backend for every model")
-    backends: dict[str, str] = Field(default_factory=dict, description="per-model overrides")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto, cpu, cuda or cuda:N")
+    backend: BackendName = Field("torch", description="default backend for every model")
+    backends: dict[str, BackendName] = Field(default_factory=dict,
+                                             description="per-model overrides")
     step_compiler: Literal["auto", "native", "aoti", "inductor", "torchscript"] = Field(
         "auto", description="torch backend: the streaming step as one compiled step for every "
         "rate: the C step of S4D networks, compiled once and kept in compile_cache (native), "

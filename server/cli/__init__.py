@@ -3,7 +3,9 @@
 import pickle
 
 import typer
+from pydantic import ValidationError
 
+from loadtest.config import one_line
 from server.cli import bench, convert, loadtest, serve, stream, train
 
 app = typer.Typer(
@@ -23,6 +25,9 @@ def main() -> None:
     not a traceback."""
     try:
         app()
+    except ValidationError as exc:  # settings from options or the environment
+        typer.secho(f"error: {one_line(exc)}", err=True, fg="red")
+        raise SystemExit(2) from None
     except (ValueError, OSError, pickle.UnpicklingError) as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise SystemExit(2) from None

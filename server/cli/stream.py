@@ -24,11 +24,15 @@ def register(app: typer.Typer) -> None:
 
 def read_wav(path: Path) -> tuple[np.ndarray, float]:
     """(length, channels) int16 samples and the file's rate."""
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2 or w.getcomptype() != "NONE":
-            raise typer.BadParameter(f"{path}: only 16-bit PCM WAV files are supported")
-        data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
-        return data.reshape(-1, w.getnchannels()), float(w.getframerate())
+    try:
+        with wave.open(str(path), "rb") as w:
+            if w.getsampwidth() != 2 or w.getcomptype() != "NONE":
+                raise typer.BadParameter(f"{path}: only 16-bit PCM WAV files are supported")
+            data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+            return data.reshape(-1, w.getnchannels()), float(w.getframerate())
+    except (wave.Error, EOFError, ValueError) as exc:  # EOFError: a truncated header
+        reason = str(exc) or "truncated"
+        raise typer.BadParameter(f"{path}: not a readable 16-bit PCM WAV file ({reason})") from None
 
 
 def _rows(text: Iterator[str]) -> Iterator[list[float]]:
@@ -54,11 +58,27 @@ def read_samples(file: str) -> tuple[np.ndarray | Iterator[list[float]], float |
         raise typer.BadParameter(f"no such file: {file}")
     suffix = path.suffix.lower()
     if suffix == ".wav":
-        return read_wav(path)
-    if suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-        return (array[:, None] if array.ndim == 1 else array).astype(np.float32), None
-    return np.asarray(list(_rows(path.open())), dtype=np.float32), None
+        samples, rate = read_wav(path)
+    elif suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError:  # numpy's message speaks of pickles for any unreadable file
+            raise typer.BadParameter(f"{path}: not a readable .npy file of numbers") from None
+        if array.ndim not in (1, 2) or array.dtype.kind not in "iuf":
+            raise typer.BadParameter(f"{path}: expected numbers of shape (length,) or "
+                                     f"(length, d_input), got {array.dtype} {array.shape}")
+        samples, rate = (array[:, None] if array.ndim == 1 else array).astype(np.float32), None
+    else:
+        try:
+            with path.open(encoding="utf-8") as text:
+                rows = list(_rows(text))
+            samples, rate = np.asarray(rows, dtype=np.float32), None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise typer.BadParameter(f"{path}: not a CSV of equal rows of numbers "
+                                     f"({str(exc).splitlines()[0]})") from None
+    if len(samples) == 0:
+        raise typer.BadParameter(f"{path}: no samples in it")
+    return samples, rate
 
 
 def _frames(samples, frame: int) -> Iterator[np.ndarray]:
@@ -86,7 +106,9 @@ def stream(
     file: Annotated[str, typer.Argument(help="WAV, CSV or .npy file, or - for CSV on stdin.")],
     url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
     token: Annotated[str | None, typer.Option(help="API key.", envvar="S4SERVE_TOKEN")] = None,
-    frame_ms: Annotated[float, typer.Option(help="Frame length for WAV files, ms.")] = 20.0,
+    frame_ms: Annotated[
+        float, typer.Option(min=0.001, help="Frame length for WAV files, ms.")
+    ] = 20.0,
     frame: Annotated[
         int | None, typer.Option(min=1, help="Samples per frame (default: WAV frame_ms, "
                                  "else 1).")
@@ -98,8 +120,14 @@ def stream(
     plot: Annotated[Path | None, typer.Option(help="Also draw the outputs into this PNG.")] = None,
 ) -> None:
     """Stream a recording to a running server and print the predictions as they arrive."""
-    from client import Client, ClientError, StreamError
+    import httpx
 
+    from client import Client, ClientError, StreamError
+    from loadtest.targets import http_base
+
+    if plot is not None:
+        _need_matplotlib()  # before streaming the file, not after
+    url = http_base(url)
     samples, file_rate = read_samples(file)
     rate = file_rate or sample_rate
     wav = file_rate is not None
@@ -124,12 +152,20 @@ def stream(
                         typer.echo(f"{at}  {labels[int(p.argmax())]:<12} {p.max():.3f}")
                     else:
                         typer.echo(f"{at}  " + " ".join(f"{v:.4f}" for v in y[-1]))
-    except (ClientError, StreamError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    except (ClientError, StreamError, OSError, httpx.HTTPError) as exc:
+        typer.echo(f"error: {url}: {exc}", err=True)
+        raise typer.Exit(2) from None
     if plot is not None and outputs:
         _plot(np.concatenate(outputs), labels, rate, plot)
         typer.echo(f"wrote {plot}")
+
+
+def _need_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter("--plot needs matplotlib: pip install 's4serve[loadtest]'",
+                                 param_hint="--plot") from None
 
 
 def _plot(y: np.ndarray, labels: list[str] | None, rate: float | None, out: Path) -> None:

@@ -16,15 +16,20 @@ def train(
     out: Path = typer.Option(..., "--out", help="model directory to write"),
     seed: int | None = typer.Option(None, help="override the config's seed"),
     epochs: int | None = typer.Option(None, help="override the config's epochs"),
-    limit: int | None = typer.Option(None, help="use only the first N items of each split"),
+    limit: int | None = typer.Option(None, min=1,
+                                     help="use only the first N items of each split"),
     cache_dir: Path | None = typer.Option(None, help="where generated data is cached "
                                           "(espeak-digits; default ~/.cache/s4serve/digits)"),
     baselines: bool = typer.Option(True, help="also score the baselines on the same split"),
+    force: bool = typer.Option(False, "--force", help="write into --out even if it is not "
+                               "empty (replacing a model there)"),
 ) -> None:
     """Train from CONFIG on --dataset and save weights, config.json and metrics.json in --out."""
+    from model.checkpoint import check_output_directory
     from model.data import LOADERS
     from model.train import train_and_save
 
+    check_output_directory(out, force)
     if dataset not in LOADERS:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; known: "
                                  f"{', '.join(sorted(LOADERS))}", param_hint="--dataset")
@@ -49,9 +54,11 @@ def evaluate(
     cache_dir: Path | None = typer.Option(None, help="where generated data is cached"),
 ) -> None:
     """Score a saved model on the held-out split and every extra evaluation (other rates)."""
+    from model.checkpoint import load_model
     from model.data import LOADERS
     from model.train import rescore
 
+    load_model(model_dir)  # not a model: said before the data is loaded (or synthesised)
     if dataset not in LOADERS:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; known: "
                                  f"{', '.join(sorted(LOADERS))}", param_hint="--dataset")

@@ -61,4 +61,4 @@ def test_unknown_model_is_a_clear_error(server, tmp_path):
     np.save(tmp_path / "u.npy", np.zeros((3, 2), np.float32))
     result = CliRunner().invoke(app, ["stream", "nope", str(tmp_path / "u.npy"), "--url",
                                       server.url])
-    assert result.exit_code == 1 and "model_not_found" in result.output
+    assert result.exit_code == 2 and "model_not_found" in result.output
