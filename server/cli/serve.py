@@ -14,26 +14,37 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
 
 
+def _default(name: str) -> str:
+    """The setting's default, for the help text (the options default to None so that the
+    environment applies when a flag is absent)."""
+    return f" (default: {Settings.model_fields[name].default})"
+
+
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on." + _default("host"))
+                    ] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port." + _default("port"))] = None,
     model: Annotated[
         list[Path] | None,
         typer.Option("--model", "-m", help="Model directory (repeatable). Default: the zoo."),
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto, cpu, cuda or cuda:N." + _default("device"))] = None,
     backend: Annotated[str | None, typer.Option(
-        help="torch, torch-inductor or onnx, for every model.")] = None,
+        help="torch, torch-inductor or onnx, for every model." + _default("backend"))] = None,
     max_sessions: Annotated[
-        int | None, typer.Option(help="Concurrent sessions (per worker).")
+        int | None, typer.Option(help="Concurrent sessions (per worker)."
+                                 + _default("max_sessions"))
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Server processes sharing the port (0: one per core).")
+        int | None, typer.Option(help="Server processes sharing the port (0: one per core it "
+                                 "may use)." + _default("workers"))
     ] = None,
     snapshot_dir: Annotated[
         Path | None, typer.Option(help="Where dropped sessions wait to be resumed.")
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    log_level: Annotated[str | None, typer.Option(
+        help="debug, info, warning, error." + _default("log_level"))] = None,
     json_logs: Annotated[bool | None, typer.Option(help="One JSON object per log line.")] = None,
 ) -> None:
     """Serve models: streaming sessions over WebSocket, whole sequences over HTTP.
