@@ -155,6 +155,7 @@ class ModelMetrics:
         self.samples = metrics.samples.labels(name, "stream")
         self.queue = metrics.queue_depth.labels(name)
         self.queued = 0  # frames waiting, this model
+        self.queued_bytes = 0  # their samples (float32), what bounds their memory
         self.latencies: list[float] = []  # receipt times of the frames answered this tick
         self.waited: list[np.ndarray] = []  # receipt -> reply seconds, ticks not flushed yet
         self.calls: dict[str, list[float]] = {"step": [], "chunk": []}  # seconds per call

@@ -65,7 +65,7 @@ class Runtime:
         scheduler = Scheduler(
             metrics, settings.scheduler_max_batch, settings.scheduler_tick,
             settings.tick_samples, settings.max_queued_frames, settings.max_lag,
-            press_lag=settings.press_lag,
+            press_lag=settings.press_lag, max_queued_bytes=settings.max_queued_mb << 20,
         )
         store = store or make_store(settings)
         manager = SessionManager(scheduler, store, metrics, settings.resume_ttl, settings.secret,

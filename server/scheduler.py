@@ -51,12 +51,14 @@ STEPPED_FRAMES = 4
 class Scheduler(BatchRounds):
     def __init__(self, metrics: Metrics, max_batch: int = 1024, tick: float = 0.0,
                  piece: int = 256, max_queued: int = 1 << 16, max_lag: float = 1.0,
-                 budget: float = 0.02, press_lag: float = 0.1) -> None:
+                 budget: float = 0.02, press_lag: float = 0.1,
+                 max_queued_bytes: int = 256 << 20) -> None:
         self.metrics = metrics
         self.max_batch = max_batch
         self.tick = tick
         self.piece = piece
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
         self.max_lag = max_lag
         self.press_lag = press_lag
         self.budget = budget  # seconds of compute per tick before sockets are read again
@@ -100,9 +102,12 @@ class Scheduler(BatchRounds):
 
     # ----- what connections call ---------------------------------------------------------
     def overloaded(self, pool: SlotPool) -> bool:
-        """Past capacity: this model's queue is full, or frames wait longer than max_lag."""
+        """Past capacity: this model's queue is full (frames or bytes), or frames wait longer
+        than max_lag."""
         lagging = bool(self._ready) and self.lag > self.max_lag  # stale once queues are empty
-        return lagging or self._model(pool).queued >= self.max_queued
+        model = self._model(pool)
+        return (lagging or model.queued >= self.max_queued
+                or model.queued_bytes >= self.max_queued_bytes)
 
     @property
     def pressed(self) -> bool:
@@ -121,7 +126,10 @@ class Scheduler(BatchRounds):
         """Queue an item behind the stream's earlier ones; a tick will answer it."""
         stream.queue.append(item)
         if type(item) is Frame:
-            self._models[stream.pool].queued += 1
+            model = self._models[stream.pool]
+            model.queued += 1
+            model.queued_bytes += item.samples.nbytes
+            stream.queued_bytes += item.samples.nbytes
         if stream not in self._ready:
             self._ready[stream] = None
         self._wake()
@@ -152,8 +160,10 @@ class Scheduler(BatchRounds):
         if dropped:
             model = self._models[stream.pool]
             model.queued -= dropped
+            model.queued_bytes -= stream.queued_bytes
             model.queue.set(model.queued)
         stream.queue.clear()
+        stream.queued_bytes = 0
         stream.epoch += 1  # batches still holding it leave it out
         self.drops += 1
         self._ready.pop(stream, None)
@@ -291,8 +301,7 @@ class Scheduler(BatchRounds):
                 continue
             if frame.pieces:
                 out = out if stream.output_last else np.concatenate([*frame.pieces, out])
-            stream.queue.popleft()
-            model.queued -= 1
+            self._finish(stream)
             latencies.append(frame.received)
             stream.sink.frame_done(frame, out)
 
@@ -379,5 +388,9 @@ class Scheduler(BatchRounds):
         stream.sink.control_done(Control("error", error, frame.seq, frame.entry), None)
 
     def _finish(self, stream: Stream) -> None:
-        stream.queue.popleft()
-        self._models[stream.pool].queued -= 1
+        """The head frame leaves the queue (answered or rejected)."""
+        size = stream.queue.popleft().samples.nbytes
+        model = self._models[stream.pool]
+        model.queued -= 1
+        model.queued_bytes -= size
+        stream.queued_bytes -= size

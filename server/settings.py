@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         "`resume_not_found`"
     )
     session_queue: int = Field(64, ge=1, description="frames in flight per session")
+    session_queue_kb: int = Field(
+        4096, ge=1, description="KiB of samples (as float32) in flight per session: reading "
+        "pauses at this or at session_queue frames, whichever comes first (one frame always "
+        "goes in), so big frames cannot take the model's whole queue"
+    )
     pressed_queue: int = Field(
         2, ge=1, description="frames in flight per session while the server is under pressure "
         "(press_lag): the rest wait in the client's socket (TCP backpressure), so every session "
@@ -161,6 +166,10 @@ class Settings(BaseSettings):
     max_queued_frames: int = Field(
         65536, ge=1, description="frames queued per model before new ones are answered "
         "'overloaded'"
+    )
+    max_queued_mb: int = Field(
+        256, ge=1, description="MiB of samples (as float32) queued per model before new "
+        "frames are answered 'overloaded': with max_frame_bytes, what bounds queued memory"
     )
     max_lag: float = Field(
         1.0, gt=0, description="when the oldest waiting frame is older than this, new frames "

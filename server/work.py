@@ -93,6 +93,7 @@ class Stream:
     sink: Sink | None = None
     samples: int = 0
     queue: deque[Frame | Control | Batch] = field(default_factory=deque)
+    queued_bytes: int = 0  # samples of the frames in `queue`
     epoch: int = 0  # moves on when the queue is dropped
     placed: float = 0.0  # when its row was last moved (monotonic seconds)
 

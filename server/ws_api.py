@@ -205,7 +205,8 @@ class Connection(Link):
     def _queue(self, item: Frame | Control) -> None:
         stream = self.session.stream
         self.rt.scheduler.submit(stream, item)
-        if len(stream.queue) >= self._limit():
+        if (len(stream.queue) >= self._limit()
+                or stream.queued_bytes >= self.settings.session_queue_kb << 10):
             self._pause()
 
     def _limit(self) -> int:
@@ -274,5 +275,7 @@ class Connection(Link):
 
     def on_writable(self) -> None:
         """Resume reading once the session's queue is half drained and the socket writable."""
-        self._resume_if(self.session is None or
-                        len(self.session.stream.queue) <= self._limit() // 2)
+        stream = self.session.stream if self.session is not None else None
+        self._resume_if(stream is None or (
+            len(stream.queue) <= self._limit() // 2
+            and stream.queued_bytes <= (self.settings.session_queue_kb << 10) // 2))

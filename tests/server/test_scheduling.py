@@ -243,3 +243,76 @@ async def test_under_pressure_frames_wait_in_the_socket_not_in_the_queue(model_d
     assert 0 < deepest[0] <= settings.session_queue // 2 + 1
     for out in outs:
         np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+async def test_queued_samples_are_bounded_in_bytes_per_session_and_per_model(model_dirs,
+                                                                             tmp_path):
+    """Frames of 256 samples (2 KiB as float32) into a server that cannot keep up: reading
+    pauses at session_queue_kb (8 KiB: 4 frames), far below session_queue (64 frames); every
+    frame is still answered, in order, as predict computes it, and the byte counts return
+    to zero."""
+    settings = make_settings(model_dirs, tmp_path, press_lag=100.0, session_queue_kb=8,
+                             step_compiler="torchscript")
+    with ServerThread(settings) as srv:
+        scheduler, deepest = srv.runtime.scheduler, [0]
+        submit = scheduler.submit
+
+        def watched(stream, item):
+            submit(stream, item)
+            deepest[0] = max(deepest[0], len(stream.queue))
+
+        scheduler.submit = watched
+        backend = srv.runtime.models["seq"].backend
+        chunk = backend.chunk_flat
+
+        def slow_chunk(*args):  # a 256-sample frame is one chunk call
+            time.sleep(0.01)
+            return chunk(*args)
+
+        backend.chunk_flat = slow_chunk
+        u = np.random.default_rng(6).standard_normal((40 * 256, 2)).astype(np.float32)
+        ws = await connect(srv.ws_url, "seq")
+        await start(ws)
+        out = await stream_binary(ws, [u[i:i + 256] for i in range(0, len(u), 256)], 3)
+        await ws.close()
+        backend.chunk_flat = chunk
+        model = next(iter(scheduler._models.values()))
+        expected = np.asarray(predict(srv.url, "seq", u[None])["outputs"])[0]
+    assert 0 < deepest[0] <= 4  # 8 KiB of 2 KiB frames
+    assert model.queued == 0 and model.queued_bytes == 0
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+async def test_a_model_past_its_queued_bytes_answers_overloaded(model_dirs, tmp_path):
+    """max_queued_mb 1 with 64 KiB frames that take a while: the frames past 1 MiB queued are
+    answered `overloaded` in their reply slot (state unchanged), the others with outputs."""
+    settings = make_settings(model_dirs, tmp_path, press_lag=100.0, max_queued_mb=1,
+                             step_compiler="torchscript")
+    with ServerThread(settings) as srv:
+        scheduler, most = srv.runtime.scheduler, [0]
+        submit = scheduler.submit
+
+        def watched(stream, item):
+            submit(stream, item)
+            most[0] = max(most[0], next(iter(scheduler._models.values())).queued_bytes)
+
+        scheduler.submit = watched
+        backend = srv.runtime.models["seq"].backend
+        chunk = backend.chunk_flat
+
+        def slow_chunk(*args):
+            time.sleep(0.002)
+            return chunk(*args)
+
+        backend.chunk_flat = slow_chunk
+        frame = np.zeros((8192, 2), "<f4")  # 64 KiB
+        ws = await connect(srv.ws_url, "seq")
+        await start(ws)
+        for _ in range(40):
+            await ws.send(frame.tobytes())
+        replies = [await ws.recv() for _ in range(40)]
+        await ws.close()
+        backend.chunk_flat = chunk
+    refused = [json.loads(r)["code"] for r in replies if isinstance(r, str)]
+    assert refused and set(refused) == {"overloaded"}
+    assert len(refused) < 40 and most[0] <= (1 << 20) + frame.nbytes
