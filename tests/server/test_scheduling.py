@@ -5,6 +5,7 @@ are rejected whole, and the plain ASGI transport gives the same answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -245,6 +246,30 @@ async def test_under_pressure_frames_wait_in_the_socket_not_in_the_queue(model_d
         np.testing.assert_allclose(out, expected, atol=1e-4)
 
 
+@contextlib.contextmanager
+def watched_and_slowed(srv, seen, call: str, seconds: float):
+    """Every submit reported to `seen(stream)`, and the backend's `call` made `seconds`
+    slower, so that queues build up."""
+    scheduler, backend = srv.runtime.scheduler, srv.runtime.models["seq"].backend
+    submit, original = scheduler.submit, getattr(backend, call)
+
+    def watched(stream, item):
+        submit(stream, item)
+        seen(stream)
+
+    def slow(*args):
+        time.sleep(seconds)
+        return original(*args)
+
+    scheduler.submit = watched
+    setattr(backend, call, slow)
+    try:
+        yield
+    finally:
+        scheduler.submit = submit
+        setattr(backend, call, original)
+
+
 async def test_queued_samples_are_bounded_in_bytes_per_session_and_per_model(model_dirs,
                                                                              tmp_path):
     """Frames of 256 samples (2 KiB as float32) into a server that cannot keep up: reading
@@ -254,29 +279,19 @@ async def test_queued_samples_are_bounded_in_bytes_per_session_and_per_model(mod
     settings = make_settings(model_dirs, tmp_path, press_lag=100.0, session_queue_kb=8,
                              step_compiler="torchscript")
     with ServerThread(settings) as srv:
-        scheduler, deepest = srv.runtime.scheduler, [0]
-        submit = scheduler.submit
+        deepest = [0]
 
-        def watched(stream, item):
-            submit(stream, item)
+        def seen(stream):
             deepest[0] = max(deepest[0], len(stream.queue))
 
-        scheduler.submit = watched
-        backend = srv.runtime.models["seq"].backend
-        chunk = backend.chunk_flat
-
-        def slow_chunk(*args):  # a 256-sample frame is one chunk call
-            time.sleep(0.01)
-            return chunk(*args)
-
-        backend.chunk_flat = slow_chunk
         u = np.random.default_rng(6).standard_normal((40 * 256, 2)).astype(np.float32)
-        ws = await connect(srv.ws_url, "seq")
-        await start(ws)
-        out = await stream_binary(ws, [u[i:i + 256] for i in range(0, len(u), 256)], 3)
-        await ws.close()
-        backend.chunk_flat = chunk
-        model = next(iter(scheduler._models.values()))
+        # a 256-sample frame is one chunk call
+        with watched_and_slowed(srv, seen, "chunk_flat", 0.01):
+            ws = await connect(srv.ws_url, "seq")
+            await start(ws)
+            out = await stream_binary(ws, [u[i:i + 256] for i in range(0, len(u), 256)], 3)
+            await ws.close()
+        model = next(iter(srv.runtime.scheduler._models.values()))
         expected = np.asarray(predict(srv.url, "seq", u[None])["outputs"])[0]
     assert 0 < deepest[0] <= 4  # 8 KiB of 2 KiB frames
     assert model.queued == 0 and model.queued_bytes == 0
@@ -289,30 +304,20 @@ async def test_a_model_past_its_queued_bytes_answers_overloaded(model_dirs, tmp_
     settings = make_settings(model_dirs, tmp_path, press_lag=100.0, max_queued_mb=1,
                              step_compiler="torchscript")
     with ServerThread(settings) as srv:
-        scheduler, most = srv.runtime.scheduler, [0]
-        submit = scheduler.submit
+        most = [0]
+        models = srv.runtime.scheduler._models
 
-        def watched(stream, item):
-            submit(stream, item)
-            most[0] = max(most[0], next(iter(scheduler._models.values())).queued_bytes)
+        def seen(stream):
+            most[0] = max(most[0], models[stream.pool].queued_bytes)
 
-        scheduler.submit = watched
-        backend = srv.runtime.models["seq"].backend
-        chunk = backend.chunk_flat
-
-        def slow_chunk(*args):
-            time.sleep(0.002)
-            return chunk(*args)
-
-        backend.chunk_flat = slow_chunk
         frame = np.zeros((8192, 2), "<f4")  # 64 KiB
-        ws = await connect(srv.ws_url, "seq")
-        await start(ws)
-        for _ in range(40):
-            await ws.send(frame.tobytes())
-        replies = [await ws.recv() for _ in range(40)]
-        await ws.close()
-        backend.chunk_flat = chunk
+        with watched_and_slowed(srv, seen, "chunk_flat", 0.002):
+            ws = await connect(srv.ws_url, "seq")
+            await start(ws)
+            for _ in range(40):
+                await ws.send(frame.tobytes())
+            replies = [await ws.recv() for _ in range(40)]
+            await ws.close()
     refused = [json.loads(r)["code"] for r in replies if isinstance(r, str)]
     assert refused and set(refused) == {"overloaded"}
     assert len(refused) < 40 and most[0] <= (1 << 20) + frame.nbytes
