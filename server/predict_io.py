@@ -129,6 +129,8 @@ def read_npy(body: bytes, max_steps: int | None = None) -> np.ndarray:
     if max_steps is not None and len(shape) >= 2 and shape[0] * shape[1] > max_steps:
         raise ServeError("too_large", f"batch x length {shape[0] * shape[1]} is over the limit "
                          f"{max_steps}")
+    if any(n < 0 for n in shape) or (math.prod(shape) and max(shape) > len(body)):
+        raise ServeError("bad_request", f"the .npy header's shape {shape} is not possible")
     count, offset = math.prod(shape), stream.tell()
     data = len(body) - offset
     if data > count * dtype.itemsize:

@@ -83,7 +83,7 @@ def test_npy_header_checked_before_any_allocation():
     tracemalloc.start()
     try:
         assert code_of(lambda: read_npy(huge, max_steps=4_000_000)) == "too_large"
-        with pytest.raises(ServeError, match="describes 8000000000 bytes"):
+        with pytest.raises(ServeError, match="not possible"):
             read_npy(huge)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -126,3 +126,9 @@ def test_a_schema_error_answer_is_strict_json_without_the_clients_values(tmp_pat
     assert answer.status == 422
     body = json.loads(answer.body, parse_constant=lambda c: pytest.fail(f"{c} in the answer"))
     assert len(answer.body) < 1000 and body["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("shape", [(-1, -1), (0, 1, 2**63), (1, 0, 2**70), (1, 2**40, 1)])
+def test_impossible_npy_shapes_are_a_clear_error(shape):
+    body = npy_header("<f4", shape) + bytes(4)
+    assert code_of(lambda: read_npy(body)) == "bad_request"
