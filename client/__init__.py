@@ -14,7 +14,7 @@ dropped connection (reconnect, resume, replay: the caller sees every output exac
 `AsyncClient` has the same methods as coroutines. Dependencies: websockets, httpx, numpy.
 """
 
-from client.api import AsyncClient, Client, PredictResult, Stream
+from client.api import AsyncClient, Client, Mux, PredictResult, Stream
 from client.errors import ClientError, StreamError
 from client.mux import AsyncMux
 from client.stream import AsyncStream
@@ -25,6 +25,7 @@ __all__ = [
     "AsyncStream",
     "Client",
     "ClientError",
+    "Mux",
     "PredictResult",
     "Stream",
     "StreamError",

@@ -185,6 +185,10 @@ class Client:
     def stream(self, model: str, **options: Any) -> Stream:
         return Stream(self._async.stream(model, **options), self._run)
 
+    def mux(self, model: str, **options: Any) -> Mux:
+        """Many sessions over one connection (`with client.mux(name) as m`), as AsyncMux."""
+        return Mux(self._async.mux(model, **options), self._run)
+
 
 class Stream:
     """The synchronous face of AsyncStream (used by `Client.stream`)."""
@@ -229,6 +233,49 @@ class Stream:
 
     def end(self) -> int:
         return self._run(self._inner.end())
+
+    def close(self) -> None:
+        self._run(self._inner.close())
+
+
+class Mux:
+    """The synchronous face of AsyncMux (used by `Client.mux`)."""
+
+    def __init__(self, inner: AsyncMux, run: Callable[[Any], Any]) -> None:
+        self._inner, self._run = inner, run
+
+    @property
+    def sessions(self) -> dict[int, dict]:
+        return self._inner.sessions
+
+    @property
+    def reconnects(self) -> int:
+        return self._inner.reconnects
+
+    def __enter__(self) -> Mux:
+        self._run(self._inner.__aenter__())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self, **options: Any) -> int:
+        return self._run(self._inner.open(**options))
+
+    def send(self, frames: dict[int, np.ndarray]) -> dict[int, Any]:
+        return self._run(self._inner.send(frames))
+
+    def snapshot(self, sid: int) -> tuple[int, str]:
+        return self._run(self._inner.snapshot(sid))
+
+    def reset(self, sid: int) -> None:
+        self._run(self._inner.reset(sid))
+
+    def end(self, sid: int) -> int:
+        return self._run(self._inner.end(sid))
+
+    def detach(self, sid: int) -> int:
+        return self._run(self._inner.detach(sid))
 
     def close(self) -> None:
         self._run(self._inner.close())

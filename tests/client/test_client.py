@@ -52,6 +52,25 @@ def test_sync_client_models_predict_and_stream(server):
     np.testing.assert_allclose(np.concatenate(got), binary[0], atol=1e-4)
 
 
+def test_sync_client_mux(server):
+    u, v = signal(12), signal(12)[::-1].copy()
+    with Client(server.url) as c:
+        expected = c.predict("seq", np.stack([u, v])).outputs
+        with c.mux("seq") as m:
+            a, b = m.open(), m.open()
+            assert set(m.sessions) == {a, b}
+            got = [m.send({a: u[i:i + 1], b: v[i:i + 1]}) for i in range(6)]
+            samples, token = m.snapshot(a)
+            assert samples == 6 and token
+            got += [m.send({a: u[i:i + 3], b: v[i:i + 3]}) for i in (6, 9)]
+            assert m.end(b) == 12
+            m.reset(a)
+            again = m.send({a: u[:1]})[a]
+    np.testing.assert_allclose(np.concatenate([g[a] for g in got]), expected[0], atol=1e-4)
+    np.testing.assert_allclose(np.concatenate([g[b] for g in got]), expected[1], atol=1e-4)
+    np.testing.assert_allclose(again, expected[0, :1], atol=1e-4)
+
+
 async def test_prefill_then_stream_snapshot_reset_and_errors(server):
     u = signal(30, seed=1)
     async with AsyncClient(server.url) as c:
