@@ -47,7 +47,7 @@ def _finish(result, json_out: Path | None, png_out: Path | None = None) -> None:
 def stream(
     url: URL = "http://127.0.0.1:8000",
     model: MODEL = "motion",
-    sessions: Annotated[int, typer.Option("--sessions", "-n")] = 10,
+    sessions: Annotated[int, typer.Option("--sessions", "-n", help="concurrent sessions")] = 10,
     rate: Annotated[float, typer.Option(help="samples per second per session")] = 100.0,
     frame: Annotated[int, typer.Option("--frame", "-T", help="samples per frame")] = 1,
     wire: Annotated[str, typer.Option(help="float32 | int16 | json")] = "float32",
@@ -58,16 +58,19 @@ def stream(
     drain: Annotated[float, typer.Option(help="seconds to wait for late replies")] = 10.0,
     sample_rate: Annotated[float | None, typer.Option(help="session sample rate (Hz)")] = None,
     verify_sessions: Annotated[int, typer.Option(help="sessions checked against predict")] = 2,
-    verify_max_samples: int = 4096,
-    tolerance: float = 1e-4,
+    verify_max_samples: Annotated[
+        int, typer.Option(help="samples of each verified session compared")] = 4096,
+    tolerance: Annotated[
+        float, typer.Option(help="largest |stream - predict| of a verified output")] = 1e-4,
     workers: Annotated[int, typer.Option(help="client processes")] = 1,
     engine: Annotated[str, typer.Option(
         help="auto | raw (one lean client for every session of a process) | client (the "
              "client library's AsyncStream per session)")] = "auto",
-    allow_remote: bool = False,
-    token: Annotated[str | None, typer.Option(envvar="S4SERVE_TOKEN")] = None,
-    json_out: Path | None = None,
-    png_out: Path | None = None,
+    allow_remote: Annotated[
+        bool, typer.Option(help="allow a target that is not this machine (loopback)")] = False,
+    token: Annotated[str | None, typer.Option(envvar="S4SERVE_TOKEN", help="API key")] = None,
+    json_out: Annotated[Path | None, typer.Option(help="also write the result as JSON")] = None,
+    png_out: Annotated[Path | None, typer.Option(help="also plot the run into this PNG")] = None,
 ) -> None:
     """N concurrent WebSocket sessions streaming at a fixed rate; every reply is checked."""
     from loadtest.stream_load import run_loop, run_stream_load
@@ -91,15 +94,16 @@ def stream(
 def predict(
     url: URL = "http://127.0.0.1:8000",
     model: MODEL = "motion",
-    batch: int = 1,
-    length: int = 1000,
-    concurrency: int = 1,
+    batch: Annotated[int, typer.Option(help="sequences per request")] = 1,
+    length: Annotated[int, typer.Option(help="samples per sequence")] = 1000,
+    concurrency: Annotated[int, typer.Option(help="requests in flight at once")] = 1,
     duration: Annotated[float, typer.Option(help="seconds")] = 5.0,
-    max_requests: int = 100_000,
+    max_requests: Annotated[int, typer.Option(help="stop after this many requests")] = 100_000,
     body: Annotated[str, typer.Option(help="npy | json")] = "npy",
-    allow_remote: bool = False,
-    token: Annotated[str | None, typer.Option(envvar="S4SERVE_TOKEN")] = None,
-    json_out: Path | None = None,
+    allow_remote: Annotated[
+        bool, typer.Option(help="allow a target that is not this machine (loopback)")] = False,
+    token: Annotated[str | None, typer.Option(envvar="S4SERVE_TOKEN", help="API key")] = None,
+    json_out: Annotated[Path | None, typer.Option(help="also write the result as JSON")] = None,
 ) -> None:
     """Concurrent POST predict calls of batch × length; every answer's shape is checked."""
     from loadtest.predict_load import run_predict_load
@@ -128,9 +132,10 @@ def mux(
     hold: Annotated[float, typer.Option(help="seconds of load")] = 10.0,
     drain: Annotated[float, typer.Option(help="seconds to wait for late replies")] = 10.0,
     verify_sessions: Annotated[int, typer.Option(help="per gateway, checked by predict")] = 1,
-    allow_remote: bool = False,
-    token: Annotated[str | None, typer.Option(envvar="S4SERVE_TOKEN")] = None,
-    json_out: Path | None = None,
+    allow_remote: Annotated[
+        bool, typer.Option(help="allow a target that is not this machine (loopback)")] = False,
+    token: Annotated[str | None, typer.Option(envvar="S4SERVE_TOKEN", help="API key")] = None,
+    json_out: Annotated[Path | None, typer.Option(help="also write the result as JSON")] = None,
 ) -> None:
     """Gateways multiplexing many sessions over one connection each; every reply checked."""
     import json
