@@ -9,10 +9,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Split:
-    """One split: `inputs` (N, L, C) float32 at the dataset's sample rate, `targets` (N,) int64."""
+    """One split: `inputs` (N, L, C) float32 at the dataset's sample rate, `targets` (N,) int64;
+    `groups` (N,), where known, who made each item (a speaker), so that a validation can hold
+    out whole groups as the test split does."""
 
     inputs: np.ndarray
     targets: np.ndarray
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.inputs.ndim != 3:
@@ -27,7 +30,8 @@ class Split:
         """The first `count` sequences (datasets order their items so a prefix stays balanced)."""
         if count is None or count >= len(self):
             return self
-        return Split(self.inputs[:count], self.targets[:count])
+        groups = None if self.groups is None else self.groups[:count]
+        return Split(self.inputs[:count], self.targets[:count], groups)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ rate-change evaluation: a model trained at 16 kHz run with `rate=0.5`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -172,7 +173,9 @@ def load(
     low_rate_test = assemble(test_clips, cache, LOW_RATE_HZ)
     return Dataset(
         name=NAME,
-        train=assemble(train_clips, cache, SAMPLE_RATE_HZ),
+        train=dataclasses.replace(  # grouped by speaker variant, the unit the test holds out
+            assemble(train_clips, cache, SAMPLE_RATE_HZ),
+            groups=np.array([clip.utterance.variant for clip in train_clips])),
         test=assemble(test_clips, cache, SAMPLE_RATE_HZ),
         labels=list(WORDS),
         sample_rate=float(SAMPLE_RATE_HZ),

@@ -70,6 +70,50 @@ def evaluate(
             typer.echo(f"{key}: accuracy {value['accuracy']:.3f} at rate {value['rate']}")
 
 
+def refit_head(
+    model_dir: Path = typer.Argument(..., exists=True, file_okay=False,
+                                     help="a trained classifier's model directory"),
+    dataset: str = typer.Option(..., "--dataset", help="the dataset it was trained on"),
+    out: Path = typer.Option(..., "--out", help="model directory to write"),
+    version: str | None = typer.Option(None, help="the new model's version (default: "
+                                       "the old one's)"),
+    force: bool = typer.Option(False, "--force", help="write into --out even if not empty"),
+) -> None:
+    """Fit a classifier's decoder again (logistic regression on its frozen features, C by
+    cross-validation on the training split, grouped by speaker where known), then score it
+    and save it with its metrics (docs/models.md)."""
+    import json
+
+    from model.checkpoint import check_output_directory, load_model, save_model
+    from model.data import LOADERS, load_dataset
+    from model.refit import refit_decoder
+    from model.train import evaluate as score
+
+    check_output_directory(out, force)
+    net = load_model(model_dir)
+    if dataset not in LOADERS:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; known: "
+                                 f"{', '.join(sorted(LOADERS))}", param_hint="--dataset")
+    metrics_path = model_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    options = metrics.get("training", {}).get("data_options", {})
+    data = load_dataset(dataset, **options)
+    refit = refit_decoder(net, data.train)
+    if version is not None:
+        net.config = net.config.model_copy(update={"version": version})
+    results = score(net, data)
+    metrics.update(results)
+    metrics["head_refit"] = {**refit, "from": str(model_dir), "command": shlex.join(
+        ["s4serve", "refit-head", str(model_dir), "--dataset", dataset, "--out", str(out)]
+        + (["--version", version] if version else []))}
+    save_model(net, out, metrics=metrics)
+    typer.echo(f"C {refit['C']} (cross-validation {refit['cv_accuracy']}); held-out accuracy "
+               f"{results['test_accuracy']:.3f}; model written to {out}")
+    for key, value in results.items():
+        if isinstance(value, dict) and "rate" in value:
+            typer.echo(f"{key}: accuracy {value['accuracy']:.3f} at rate {value['rate']}")
+
+
 def _command_line(config: Path, dataset: str, out: Path, seed: int | None, epochs: int | None,
                   limit: int | None) -> str:
     """The command that reproduces this run (data caching options do not change the result)."""
@@ -83,3 +127,4 @@ def _command_line(config: Path, dataset: str, out: Path, seed: int | None, epoch
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("refit-head")(refit_head)
