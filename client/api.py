@@ -190,19 +190,26 @@ class Client:
         return Mux(self._async.mux(model, **options), self._run)
 
 
-class Stream:
-    """The synchronous face of AsyncStream (used by `Client.stream`)."""
+class _SyncFace:
+    """What the synchronous faces share: the asyncio object they drive, the client's loop."""
 
-    def __init__(self, inner: AsyncStream, run: Callable[[Any], Any]) -> None:
+    def __init__(self, inner: Any, run: Callable[[Any], Any]) -> None:
         self._inner, self._run = inner, run
-
-    @property
-    def info(self) -> dict:
-        return self._inner.info
 
     @property
     def reconnects(self) -> int:
         return self._inner.reconnects
+
+    def close(self) -> None:
+        self._run(self._inner.close())
+
+
+class Stream(_SyncFace):
+    """The synchronous face of AsyncStream (used by `Client.stream`)."""
+
+    @property
+    def info(self) -> dict:
+        return self._inner.info
 
     @property
     def replayed(self) -> int:
@@ -234,23 +241,13 @@ class Stream:
     def end(self) -> int:
         return self._run(self._inner.end())
 
-    def close(self) -> None:
-        self._run(self._inner.close())
 
-
-class Mux:
+class Mux(_SyncFace):
     """The synchronous face of AsyncMux (used by `Client.mux`)."""
-
-    def __init__(self, inner: AsyncMux, run: Callable[[Any], Any]) -> None:
-        self._inner, self._run = inner, run
 
     @property
     def sessions(self) -> dict[int, dict]:
         return self._inner.sessions
-
-    @property
-    def reconnects(self) -> int:
-        return self._inner.reconnects
 
     def __enter__(self) -> Mux:
         self._run(self._inner.__aenter__())
@@ -276,6 +273,3 @@ class Mux:
 
     def detach(self, sid: int) -> int:
         return self._run(self._inner.detach(sid))
-
-    def close(self) -> None:
-        self._run(self._inner.close())

@@ -11,6 +11,7 @@ MAX_SESSIONS = 20_000
 MAX_DURATION_S = 3_600.0
 MAX_FRAME_SAMPLES = 1_000_000
 
+
 def one_line(exc: ValidationError) -> str:
     """Pydantic's errors as one line a user reads: `field: what is wrong; ...`."""
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}"

@@ -16,10 +16,11 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from client import AsyncClient
+from client.connection import base_url
 from client.mux import AsyncMux
-from loadtest.processes import READY_TIMEOUT_S, UNREACHABLE_S, wait_ready
+from loadtest.processes import UNREACHABLE_S, wait_ready
 from loadtest.stream_load import fetch_model_info
-from loadtest.targets import check_target, http_base
+from loadtest.targets import check_target
 
 
 class MuxLoadConfig(BaseModel):
@@ -124,8 +125,8 @@ async def _gateway(cfg: MuxLoadConfig, index: int, info: dict, t0: float) -> _Ga
 
 async def run_mux_load(cfg: MuxLoadConfig) -> MuxResult:
     check_target(cfg.url, cfg.allow_remote)
-    base = http_base(cfg.url)
-    await asyncio.to_thread(wait_ready, base, READY_TIMEOUT_S, None, UNREACHABLE_S)
+    base = base_url(cfg.url)
+    await asyncio.to_thread(wait_ready, base, unreachable_s=UNREACHABLE_S)
     info = await fetch_model_info(base, cfg.model, cfg.token)
     t0 = time.perf_counter() + 1.0 + cfg.gateways * cfg.sessions_per_gateway / 2000
     gateways = await asyncio.gather(*(_gateway(cfg, i, info, t0) for i in range(cfg.gateways)))

@@ -11,11 +11,12 @@ import httpx
 import numpy as np
 
 from client import AsyncClient, ClientError
+from client.connection import base_url
 from loadtest.config import PredictLoadConfig
 from loadtest.signals import SignalSource
 from loadtest.stats import latency_summary_ms
 from loadtest.stream_load import fetch_model_info
-from loadtest.targets import check_target, http_base
+from loadtest.targets import check_target
 
 
 @dataclass
@@ -38,7 +39,7 @@ class PredictResult:
 async def run_predict_load(cfg: PredictLoadConfig) -> PredictResult:
     """Post until duration_s or max_requests; each answer must be (batch, length, d_output)."""
     check_target(cfg.url, cfg.allow_remote)
-    base = http_base(cfg.url)
+    base = base_url(cfg.url)
     info = await fetch_model_info(base, cfg.model, cfg.token)
     inputs = SignalSource(cfg.signal, int(info["d_input"]), cfg.seed, cfg.npy_path).batch(
         cfg.batch, cfg.length

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 
 from client import AsyncClient, ClientError
+from client.connection import base_url
 from client.wire import as_seen_by_server
 from loadtest.config import StreamLoadConfig
 from loadtest.processes import UNREACHABLE_S, wait_ready
@@ -21,7 +22,7 @@ from loadtest.scrape import MetricsPoller, ServerView
 from loadtest.session import SessionPlan, SessionRecord, run_session
 from loadtest.signals import SignalSource
 from loadtest.stats import latency_summary_ms, timeline
-from loadtest.targets import check_target, http_base
+from loadtest.targets import check_target
 
 # Signals longer than this repeat; keeps memory flat for long, fast streams.
 SIGNAL_LOOP_SAMPLES = 1 << 16
@@ -79,7 +80,7 @@ def plan_sessions(
 
 
 async def run_plans(cfg: StreamLoadConfig, info: dict, plans: list[SessionPlan]) -> list:
-    base = http_base(cfg.url)
+    base = base_url(cfg.url)
     if engine_for(cfg) == "raw":
         return await run_raw_plans(plans, base, cfg.model, cfg.token, int(info["d_output"]),
                                    cfg.drain_s)
@@ -91,7 +92,7 @@ def engine_for(cfg: StreamLoadConfig) -> str:
     """`auto`: the lean engine where it applies (binary frames over plain ws://)."""
     if cfg.engine != "auto":
         return cfg.engine
-    plain = http_base(cfg.url).startswith("http://")
+    plain = base_url(cfg.url).startswith("http://")
     return "raw" if cfg.wire != "json" and plain else "client"
 
 
@@ -254,9 +255,9 @@ def judge(
 async def run_stream_load(cfg: StreamLoadConfig) -> StreamResult:
     """Run the whole streaming load test against cfg.url and judge it."""
     check_target(cfg.url, cfg.allow_remote)
-    base = http_base(cfg.url)
+    base = base_url(cfg.url)
     headers = auth_headers(cfg.token)
-    await asyncio.to_thread(wait_ready, base, cfg.ready_timeout_s, None, UNREACHABLE_S)
+    await asyncio.to_thread(wait_ready, base, cfg.ready_timeout_s, unreachable_s=UNREACHABLE_S)
     info = await fetch_model_info(base, cfg.model, cfg.token)
     poller = MetricsPoller(base, cfg.model, headers, cfg.scrape_interval_s)
     stop = asyncio.Event()

@@ -6,8 +6,6 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from client.connection import base_url
-
 
 class RemoteTargetError(ValueError):
     """The target resolves to a non-loopback address and --allow-remote was not given."""
@@ -30,8 +28,3 @@ def check_target(url: str, allow_remote: bool = False) -> None:
         raise RemoteTargetError(
             f"{host} resolves to non-loopback {', '.join(remote)}; pass --allow-remote to load it"
         )
-
-
-def http_base(url: str) -> str:
-    """The http(s) base URL, accepting ws(s):// as well (ValueError for anything else)."""
-    return base_url(url)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.wire import INT16_SCALE
 from server.errors import ServeError
-from server.protocol import finite_float32, leaves, to_float_array
+from server.protocol import finite_float32, to_float_array
 
 NPY_TYPE = "application/x-npy"
 
@@ -47,10 +47,10 @@ class SchemaError(Exception):
 def parse_json(body: bytes, d_input: int, max_steps: int | None = None) -> PredictRequest:
     """A JSON body. `max_steps` (batch x length): refused with 413 before the body is parsed
     when it must hold more numbers, since parsing costs ~30x the body's size in memory."""
-    if max_steps is not None and least_json_numbers(body) > max_steps * d_input:
-        raise ServeError("too_large", f"the body holds at least {least_json_numbers(body)} "
-                         f"numbers, over the limit of batch x length {max_steps} "
-                         f"(x {d_input} inputs)")
+    least = least_json_numbers(body)
+    if max_steps is not None and least > max_steps * d_input:
+        raise ServeError("too_large", f"the body holds at least {least} numbers, over the "
+                         f"limit of batch x length {max_steps} (x {d_input} inputs)")
     try:
         request = PredictBody.model_validate_json(body, strict=True)
     except ValidationError as exc:
@@ -59,12 +59,10 @@ def parse_json(body: bytes, d_input: int, max_steps: int | None = None) -> Predi
         raise SchemaError(_schema_errors(exc)) from exc
     if request.inputs is None:
         raise SchemaError([{"loc": ["body", "inputs"], "msg": "Field required"}])
-    # numpy reads true as 1.0: look for booleans among the inputs when the body has any
-    # `true`/`false` that is not return_state's
+    # booleans among the inputs are only possible with a `true`/`false` that is not
+    # return_state's: a scan of every number is spared otherwise
     words = body.count(b"true") + body.count(b"false") - (b'"return_state"' in body)
-    if words > 0 and any(isinstance(x, bool) for x in leaves(request.inputs)):
-        raise ServeError("bad_dtype", "arrays must hold numbers (true / false are not)")
-    inputs = shape_inputs(to_float_array(request.inputs), d_input)
+    inputs = shape_inputs(to_float_array(request.inputs, booleans=words > 0), d_input)
     return PredictRequest(
         finite_float32(inputs), request.sample_rate, request.outputs,
         request.return_state, request.state,
@@ -129,16 +127,15 @@ def read_npy(body: bytes, max_steps: int | None = None) -> np.ndarray:
     if max_steps is not None and len(shape) >= 2 and shape[0] * shape[1] > max_steps:
         raise ServeError("too_large", f"batch x length {shape[0] * shape[1]} is over the limit "
                          f"{max_steps}")
-    if any(n < 0 for n in shape) or (math.prod(shape) and max(shape) > len(body)):
+    if any(n < 0 for n in shape) or (0 not in shape and max(shape, default=0) > len(body)):
         raise ServeError("bad_request", f"the .npy header's shape {shape} is not possible")
     count, offset = math.prod(shape), stream.tell()
-    data = len(body) - offset
-    if data > count * dtype.itemsize:
-        raise ServeError("bad_request", f"{data - count * dtype.itemsize} bytes after the .npy "
-                         "array")
-    if data < count * dtype.itemsize:
-        raise ServeError("bad_request", f"the .npy header describes {count * dtype.itemsize} "
-                         f"bytes of data, the body has {data}")
+    data, size = len(body) - offset, count * dtype.itemsize
+    if data > size:
+        raise ServeError("bad_request", f"{data - size} bytes after the .npy array")
+    if data < size:
+        raise ServeError("bad_request", f"the .npy header describes {size} bytes of data, the "
+                         f"body has {data}")
     array = np.frombuffer(body, dtype, count, offset).reshape(shape, order="F" if fortran else "C")
     return array.astype(native, copy=False)
 

@@ -93,8 +93,6 @@ def json_samples(message: dict[str, Any], d_input: int) -> np.ndarray:
     data = message.get("data")
     if not isinstance(data, list) or not data:
         raise ServeError("bad_shape", "data must be a non-empty list of T rows")
-    if any(isinstance(x, bool) for x in leaves(data)):  # numpy would read true as 1.0
-        raise ServeError("bad_dtype", "data must hold numbers (true / false are not)")
     array = to_float_array(data)
     if array.ndim == 1 and d_input == 1:
         array = array[:, None]
@@ -105,8 +103,12 @@ def json_samples(message: dict[str, Any], d_input: int) -> np.ndarray:
     return finite_float32(array)
 
 
-def to_float_array(data: Any) -> np.ndarray:
-    """Nested JSON lists -> float64 array; ragged lists and non-numbers are rejected."""
+def to_float_array(data: Any, booleans: bool = True) -> np.ndarray:
+    """Nested JSON lists -> float64 array; ragged lists and non-numbers are rejected.
+    `booleans`: whether `data` may hold true/false, which numpy would read as 1.0 / 0.0 among
+    numbers (False spares the scan of every item when the caller knows there are none)."""
+    if booleans and any(isinstance(x, bool) for x in leaves(data)):
+        raise ServeError("bad_dtype", "arrays must hold numbers (true / false are not)")
     try:
         array = np.asarray(data)
     except ValueError as exc:

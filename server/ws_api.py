@@ -205,8 +205,7 @@ class Connection(Link):
     def _queue(self, item: Frame | Control) -> None:
         stream = self.session.stream
         self.rt.scheduler.submit(stream, item)
-        if (len(stream.queue) >= self._limit()
-                or stream.queued_bytes >= self.settings.session_queue_kb << 10):
+        if len(stream.queue) >= self._limit() or stream.queued_bytes >= self._byte_limit:
             self._pause()
 
     def _limit(self) -> int:
@@ -214,6 +213,11 @@ class Connection(Link):
         pressed_queue while the server is under pressure."""
         settings = self.settings
         return settings.pressed_queue if self.rt.scheduler.pressed else settings.session_queue
+
+    @property
+    def _byte_limit(self) -> int:
+        """Bytes of queued samples before the socket stops being read (session_queue_kb)."""
+        return self.settings.session_queue_kb << 10
 
     # ----- replies (scheduler sink) ------------------------------------------------------
     # every reply after `started` is counted and kept in the session's ring (server/replies.py)
@@ -278,4 +282,4 @@ class Connection(Link):
         stream = self.session.stream if self.session is not None else None
         self._resume_if(stream is None or (
             len(stream.queue) <= self._limit() // 2
-            and stream.queued_bytes <= (self.settings.session_queue_kb << 10) // 2))
+            and stream.queued_bytes <= self._byte_limit // 2))

@@ -123,11 +123,11 @@ def stream(
     import httpx
 
     from client import Client, ClientError, StreamError
-    from loadtest.targets import http_base
+    from client.connection import base_url
 
     if plot is not None:
         _need_matplotlib()  # before streaming the file, not after
-    url = http_base(url)
+    url = base_url(url)
     samples, file_rate = read_samples(file)
     rate = file_rate or sample_rate
     wav = file_rate is not None

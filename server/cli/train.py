@@ -26,22 +26,17 @@ def train(
 ) -> None:
     """Train from CONFIG on --dataset and save weights, config.json and metrics.json in --out."""
     from model.checkpoint import check_output_directory
-    from model.data import LOADERS
     from model.train import train_and_save
 
     check_output_directory(out, force)
-    if dataset not in LOADERS:
-        raise typer.BadParameter(f"unknown dataset {dataset!r}; known: "
-                                 f"{', '.join(sorted(LOADERS))}", param_hint="--dataset")
+    _known_dataset(dataset)
     options = {"cache_dir": cache_dir} if cache_dir else {}
     command = _command_line(config, dataset, out, seed, epochs, limit)
     metrics = train_and_save(config, dataset, out, seed=seed, epochs=epochs, limit=limit,
                              command=command, baselines=baselines, dataset_options=options)
     typer.echo(f"held-out accuracy {metrics['test_accuracy']:.3f} "
                f"({metrics['data']['test_size']} sequences); model written to {out}")
-    for key, value in metrics.items():
-        if isinstance(value, dict) and "rate" in value:
-            typer.echo(f"{key}: accuracy {value['accuracy']:.3f} at rate {value['rate']}")
+    _echo_extra_evaluations(metrics)
     for name, result in metrics["baselines"].items():
         typer.echo(f"baseline {name}: accuracy {result['accuracy']:.3f}")
 
@@ -55,19 +50,14 @@ def evaluate(
 ) -> None:
     """Score a saved model on the held-out split and every extra evaluation (other rates)."""
     from model.checkpoint import load_model
-    from model.data import LOADERS
     from model.train import rescore
 
     load_model(model_dir)  # not a model: said before the data is loaded (or synthesised)
-    if dataset not in LOADERS:
-        raise typer.BadParameter(f"unknown dataset {dataset!r}; known: "
-                                 f"{', '.join(sorted(LOADERS))}", param_hint="--dataset")
+    _known_dataset(dataset)
     options = {"cache_dir": cache_dir} if cache_dir else {}
     results = rescore(model_dir, dataset, write=write, dataset_options=options)
     typer.echo(f"held-out accuracy {results['test_accuracy']:.3f}")
-    for key, value in results.items():
-        if isinstance(value, dict) and "rate" in value:
-            typer.echo(f"{key}: accuracy {value['accuracy']:.3f} at rate {value['rate']}")
+    _echo_extra_evaluations(results)
 
 
 def refit_head(
@@ -82,20 +72,15 @@ def refit_head(
     """Fit a classifier's decoder again (logistic regression on its frozen features, C by
     cross-validation on the training split, grouped by speaker where known), then score it
     and save it with its metrics (docs/models.md)."""
-    import json
-
-    from model.checkpoint import check_output_directory, load_model, save_model
-    from model.data import LOADERS, load_dataset
+    from model.checkpoint import check_output_directory, load_metrics, load_model, save_model
+    from model.data import load_dataset
     from model.refit import refit_decoder
     from model.train import evaluate as score
 
     check_output_directory(out, force)
     net = load_model(model_dir)
-    if dataset not in LOADERS:
-        raise typer.BadParameter(f"unknown dataset {dataset!r}; known: "
-                                 f"{', '.join(sorted(LOADERS))}", param_hint="--dataset")
-    metrics_path = model_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    _known_dataset(dataset)
+    metrics = load_metrics(model_dir) or {}
     options = metrics.get("training", {}).get("data_options", {})
     data = load_dataset(dataset, **options)
     refit = refit_decoder(net, data.train)
@@ -109,6 +94,19 @@ def refit_head(
     save_model(net, out, metrics=metrics)
     typer.echo(f"C {refit['C']} (cross-validation {refit['cv_accuracy']}); held-out accuracy "
                f"{results['test_accuracy']:.3f}; model written to {out}")
+    _echo_extra_evaluations(results)
+
+
+def _known_dataset(name: str) -> None:
+    from model.data import LOADERS
+
+    if name not in LOADERS:
+        raise typer.BadParameter(f"unknown dataset {name!r}; known: "
+                                 f"{', '.join(sorted(LOADERS))}", param_hint="--dataset")
+
+
+def _echo_extra_evaluations(results: dict) -> None:
+    """The accuracy of every extra evaluation (other rates) in `results`."""
     for key, value in results.items():
         if isinstance(value, dict) and "rate" in value:
             typer.echo(f"{key}: accuracy {value['accuracy']:.3f} at rate {value['rate']}")

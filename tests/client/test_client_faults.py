@@ -106,6 +106,15 @@ def few_entries(model_dirs, tmp_path_factory):
         yield running
 
 
+async def send_after_a_cut(cutter, m, sid: int, frame: np.ndarray, samples: int) -> np.ndarray:
+    """Cut the line, send `frame` on the mux (it reconnects once) and check that the session's
+    state then holds `samples`; its outputs."""
+    cutter.cut()
+    out = (await asyncio.wait_for(m.send({sid: frame}), 20))[sid]
+    assert m.reconnects == 1 and (await m.snapshot(sid))[0] == samples
+    return out
+
+
 async def test_mux_message_refused_whole_moves_no_session_forward(few_entries):
     u = signal(3, seed=7)
     expected = await expected_outputs(few_entries, u)
@@ -118,9 +127,7 @@ async def test_mux_message_refused_whole_moves_no_session_forward(few_entries):
         assert refused.value.code == "bad_request" and m._state[a].sent == 1
         got.append((await m.send({a: u[1:2]}))[a])
         await m.snapshot(a)
-        cutter.cut()
-        got.append((await asyncio.wait_for(m.send({a: u[2:3]}), 20))[a])
-        assert m.reconnects == 1 and (await m.snapshot(a))[0] == 3
+        got.append(await send_after_a_cut(cutter, m, a, u[2:3], 3))
     await cutter.stop()
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
 
@@ -137,9 +144,7 @@ async def test_mux_entries_sent_while_a_reset_is_answered_start_at_zero(server):
         await reset
         got = [(await tick)[a], (await m.send({a: u[4:5]}))[a]]
         assert m._state[a].sent == 2
-        cutter.cut()
-        got.append((await asyncio.wait_for(m.send({a: u[5:6]}), 20))[a])
-        assert m.reconnects == 1 and (await m.snapshot(a))[0] == 3
+        got.append(await send_after_a_cut(cutter, m, a, u[5:6], 3))
     await cutter.stop()
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4)
 
