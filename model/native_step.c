@@ -286,3 +286,15 @@ long s4d_network_run(const Net *net, long batch, long steps, const float *u, lon
   }
   return written;
 }
+
+/* s4d_network_run for one sample per row whose inputs lie in a byte buffer as received (the
+ * records of a wire message): row b's input at base + offset + b * stride (bytes, whole
+ * floats apart). Returns -3 when those inputs are not float-aligned, else as that function. */
+long s4d_network_run_at(const Net *net, long batch, const char *base, long offset, long stride,
+                        float *s32, long s32_stride, double *s64, long s64_stride, float *y,
+                        long y_stride, const int64_t *rows, long n_rows, uint8_t *kept) {
+  const char *u = base + offset;
+  if ((uintptr_t)u % sizeof(float) || stride % (long)sizeof(float)) return -3;
+  return s4d_network_run(net, batch, 1, (const float *)u, stride / (long)sizeof(float), s32,
+                         s32_stride, s64, s64_stride, y, y_stride, rows, n_rows, kept);
+}

@@ -110,10 +110,15 @@ def library(cache_dir: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     fn = lib.s4d_network_run
     fn.restype = ctypes.c_long
+    # after the inputs: the states, outputs, rows and flags (pointer, stride or count)
+    rows = [ctypes.c_void_p, ctypes.c_long] * 4 + [ctypes.c_void_p]
     fn.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                   ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                   ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                   ctypes.c_long, ctypes.c_void_p]
+                   ctypes.c_long, *rows]
+    at = lib.s4d_network_run_at
+    at.restype = ctypes.c_long
+    # the inputs' buffer as c_void_p: a bytes object passes as a pointer to its data, no copy
+    at.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                   ctypes.c_long, *rows]
     _loaded[path] = lib
     return lib
 
@@ -185,7 +190,8 @@ class NativeStep:
         if reason is not None:
             raise ValueError(f"no native step for this network: {reason}")
         self.layout = layout
-        self._run = library(cache_dir).s4d_network_run
+        lib = library(cache_dir)
+        self._run, self._run_at = lib.s4d_network_run, lib.s4d_network_run_at
         self._d_input, self._d_output = template.config.d_input, template.config.d_output
 
     def __call__(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
@@ -213,29 +219,48 @@ class NativeStep:
         Returns how many were."""
         if rows.ndim != 1 or len(rows) != len(u):
             raise ValueError(f"rows must be one index per input, got {rows.shape}")
-        batch = len(rows)
-        for name, a, width, writable in (("u", u, self._d_input, False),
-                                         ("y", y, self._d_output, True)):
-            if (a.dtype != np.float32 or a.shape != (batch, width) or a.strides[1] != 4
-                    or a.strides[0] % 4 or not a.flags.aligned
-                    or (writable and not a.flags.writeable)):
-                raise ValueError(f"{name} must be float32 ({batch}, {width}) rows of whole "
-                                 f"floats{', writable' if writable else ''}, got {a.dtype} "
-                                 f"{a.shape} strides {a.strides}")
+        self._check_rows(rows, kept)
+        self._check_records("u", u, len(rows), self._d_input, writable=False)
+        self._check_records("y", y, len(rows), self._d_output, writable=True)
+        self._check_states(pool32, pool64, pool32.shape[0])
+        if not len(rows):
+            return 0
+        return self._done(self._run(
+            self._bound(rec).ref, len(rows), 1, u.ctypes.data, u.strides[0] // 4,
+            pool32.data_ptr(), pool32.stride(0), pool64.data_ptr(), pool64.stride(0),
+            y.ctypes.data, y.strides[0] // 4, rows.ctypes.data, pool32.shape[0],
+            kept.ctypes.data), pool32.shape[0])
+
+    def rows_call(self, rec: nn.Module, pool32: torch.Tensor, pool64: torch.Tensor,
+                  rows: np.ndarray, y: np.ndarray, kept: np.ndarray) -> RowsCall:
+        """`at_rows_into` for these rows, outputs and flags, checked once, with the inputs
+        read from a byte buffer at each call (a wire message as received): the call a
+        connection makes for every message of the same sessions."""
+        self._check_rows(rows, kept)
+        self._check_records("y", y, len(rows), self._d_output, writable=True)
+        self._check_states(pool32, pool64, pool32.shape[0])
+        return RowsCall(self._run_at, self._bound(rec), self._d_input, pool32, pool64, rows, y,
+                        kept)
+
+    @staticmethod
+    def _check_rows(rows: np.ndarray, kept: np.ndarray) -> None:
+        if rows.ndim != 1:
+            raise ValueError(f"rows must be one index per input, got {rows.shape}")
         if (rows.dtype != np.int64 or kept.dtype != np.uint8
-                or kept.shape != (batch,) or not (rows.flags.c_contiguous and rows.flags.aligned
-                                                  and kept.flags.c_contiguous)
+                or kept.shape != rows.shape or not (rows.flags.c_contiguous and rows.flags.aligned
+                                                    and kept.flags.c_contiguous)
                 or not kept.flags.writeable):
             raise ValueError("rows must be contiguous int64 and kept contiguous, writable "
                              "uint8, one per input")
-        self._check_states(pool32, pool64, pool32.shape[0])
-        if not batch:
-            return 0
-        return self._done(self._run(
-            self._bound(rec).ref, batch, 1, u.ctypes.data, u.strides[0] // 4, pool32.data_ptr(),
-            pool32.stride(0), pool64.data_ptr(), pool64.stride(0), y.ctypes.data,
-            y.strides[0] // 4, rows.ctypes.data, pool32.shape[0], kept.ctypes.data),
-            pool32.shape[0])
+
+    @staticmethod
+    def _check_records(name: str, a: np.ndarray, batch: int, width: int, writable: bool) -> None:
+        if (a.dtype != np.float32 or a.shape != (batch, width) or a.strides[1] != 4
+                or a.strides[0] % 4 or not a.flags.aligned
+                or (writable and not a.flags.writeable)):
+            raise ValueError(f"{name} must be float32 ({batch}, {width}) rows of whole "
+                             f"floats{', writable' if writable else ''}, got {a.dtype} "
+                             f"{a.shape} strides {a.strides}")
 
     def _bound(self, rec: nn.Module) -> _Bound:
         bound = rec.__dict__.get("_native")
@@ -279,3 +304,33 @@ class NativeStep:
             flat32.stride(0), flat64.data_ptr(), flat64.stride(0), y.data_ptr(),
             steps * self._d_output, None, batch, None), batch)
         return y
+
+
+class RowsCall:
+    """A prepared native step of fixed pool rows (model/native_step.py, `NativeStep.rows_call`):
+    its outputs, flags, rows and state pointers were checked once; a call only checks that
+    the inputs lie inside the buffer it gets. Holds what its pointers point into."""
+
+    def __init__(self, run, bound: _Bound, d_input: int, pool32: torch.Tensor,
+                 pool64: torch.Tensor, rows: np.ndarray, y: np.ndarray,
+                 kept: np.ndarray) -> None:
+        self._run, self._bound, self._d_input = run, bound, d_input
+        self._keep = (pool32, pool64, rows, y, kept)
+        self.batch = len(rows)
+        self._args = (pool32.data_ptr(), pool32.stride(0), pool64.data_ptr(), pool64.stride(0),
+                      y.ctypes.data, y.strides[0] // 4, rows.ctypes.data, pool32.shape[0],
+                      kept.ctypes.data)
+
+    def __call__(self, data: bytes, offset: int, stride: int) -> int:
+        """One sample for each row, row b's d_input float32 inputs at data[offset + b *
+        stride:]; y and kept written. Returns how many rows advanced."""
+        last = offset + (self.batch - 1) * stride + 4 * self._d_input
+        if offset < 0 or stride < 4 * self._d_input or last > len(data) or not self.batch:
+            if not self.batch and offset >= 0:
+                return 0
+            raise ValueError(f"{self.batch} inputs of {self._d_input} floats every {stride} "
+                             f"bytes from {offset} do not fit in {len(data)} bytes")
+        done = self._run(self._bound.ref, self.batch, data, offset, stride, *self._args)
+        if done == -3:
+            raise ValueError("inputs must lie on whole floats (offset and stride)")
+        return NativeStep._done(done, self._args[7])

@@ -37,6 +37,7 @@ from server.mux_table import (
 from server.protocol import binary_frame, parse_start, parse_text
 from server.scheduler import Batch, Control, Frame
 from server.sessions import Session
+from server.work import BATCH_FAILED, BATCH_NON_FINITE, BATCH_OK
 
 router = APIRouter()
 
@@ -216,7 +217,7 @@ class MuxConnection(Link):
             return False
         entries = np.frombuffer(data, wire.uniform_entries(1, d_input), count, HEADER.size)
         sids = entries["sid"]
-        if (entries["T"] != 1).any():
+        if np.count_nonzero(entries["T"] != 1):
             return False
         scheduler = self.rt.scheduler
         route = self.handles.route(sids, scheduler.drops)
@@ -228,17 +229,7 @@ class MuxConnection(Link):
         if not self._inflight and not self._controls and pool.in_place:
             # nothing of this connection is queued, so nothing is overtaken: step it now, from
             # the message's records into the reply's (a non-finite input is rejected there)
-            if route.reply is None:
-                route.reply = ok_records(sids, self.model.info.d_output)
-            reply = route.reply.copy()
-            y = reply["y"][:, 0]  # (count, d_output), a view of the reply's records
-            status = scheduler.step_now(pool, route.rate, route.streams, entries["x"][:, 0],
-                                        route.rows, y, received)
-            head = HEADER.pack(VERSION, KIND_OUTPUTS, 0, seq, count)
-            self.peer.send_bytes(head + (reply_body(sids, y, status, self.rt.error) if status.any()
-                                         else reply.tobytes()))
-            if not self.paused and not self.peer.can_write:
-                self._pause()
+            self._answer_now(route, pool, data, seq, sids, received)
             return True
         u = np.array(entries["x"][:, 0], np.float32)  # (count, d_input), a copy of transient data
         if not np.isfinite(u).all():
@@ -247,6 +238,28 @@ class MuxConnection(Link):
         scheduler.submit_batch(Batch(pool, route.rate, route.streams, u, received, self, index))
         self._sent_one()
         return True
+
+    def _answer_now(self, route, pool, data: bytes, seq: int, sids: np.ndarray,
+                    received: float) -> None:
+        count = len(sids)
+        if route.call is None:  # the same ids every tick: their reply's records, prepared once
+            route.reply = ok_records(sids, self.model.info.d_output)
+            route.kept = np.empty(count, np.uint8)
+            route.call = pool.backend.rows_call(pool.flat32, pool.flat64, route.rows,
+                                                route.rate, route.reply["y"][:, 0], route.kept)
+        done = self.rt.scheduler.step_message(
+            pool, route.streams, route.call, data, HEADER.size + ENTRY_IN.size,
+            ENTRY_IN.size + 4 * self.model.info.d_input, route.kept, received)
+        head = HEADER.pack(VERSION, KIND_OUTPUTS, 0, seq, count)
+        if done == count:
+            body = route.reply.tobytes()
+        else:
+            status = (np.full(count, BATCH_FAILED, np.uint8) if done < 0 else
+                      np.where(route.kept.view(bool), BATCH_OK, BATCH_NON_FINITE))
+            body = reply_body(route.reply["sid"], route.reply["y"][:, 0], status, self.rt.error)
+        self.peer.send_bytes(head + body)
+        if not self.paused and not self.peer.can_write:
+            self._pause()
 
     def batch_done(self, batch: Batch, outputs: np.ndarray, status: np.ndarray) -> None:
         message = self._messages.get(batch.ref)

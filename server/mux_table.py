@@ -85,7 +85,11 @@ class Route:
     rate: float
     rows: np.ndarray  # their slots (int64): used only where rows never move (in-place pools)
     drops: int  # the scheduler's drop count then: while it stands, the streams are as they were
-    reply: np.ndarray | None = None  # a reply's records for these ids, ok (mux_api fills it)
+    # in-place pools: a reply's records for these ids (ok, one row each), the step prepared to
+    # write their outputs there, and its per-row flags (mux_api fills them on first use)
+    reply: np.ndarray | None = None
+    call: Any = None
+    kept: np.ndarray | None = None
 
 
 class HandleTable:

@@ -153,9 +153,9 @@ class PushProtocol(WebSocketsSansIOProtocol):
             stop = head + 4 + size
             if stop > end:
                 break
-            frame, at = buf[at:stop], stop
+            start, at = at, stop
             if opcode >= 8:  # ping, pong, close: websockets' parser, then uvicorn's handlers
-                super().data_received(frame)
+                super().data_received(buf[start:stop])
             elif not self._deliver(apply_mask(buf[head + 4:stop], buf[head:head + 4]),
                                    opcode == 1):
                 return

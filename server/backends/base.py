@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,16 @@ class ModelBackend(ABC):
         advanced (its input and output finite; the others are left as they were). Returns
         how many did."""
         raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
+
+    def rows_call(self, pool32: torch.Tensor, pool64: torch.Tensor, rows: np.ndarray,
+                  rate: float, y: np.ndarray, kept: np.ndarray) -> Callable[[bytes, int, int],
+                                                                            int] | None:
+        """`step_rows_into` for fixed rows, outputs and flags, prepared once for many calls
+        (a connection that sends the same sessions every tick), each with its inputs in a
+        byte buffer: call(data, offset, stride) reads row b's d_input float32 inputs at
+        data[offset + b * stride:] and returns how many rows advanced. None where the
+        backend has no such call (when not `rows_in_place`)."""
+        return None
 
     def chunk_flat(self, u: torch.Tensor, flat32: torch.Tensor, flat64: torch.Tensor,
                    rate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -146,6 +146,11 @@ class TorchBackend(ModelBackend):
         # no inference_mode: the C step records no autograd graph (it cost ~5 us a call)
         return self._fused.at_rows_into(self._recurrence(rate), u, pool32, pool64, rows, y, kept)
 
+    def rows_call(self, pool32, pool64, rows, rate, y, kept):
+        if not self.rows_in_place:
+            return None
+        return self._fused.rows_call(self._recurrence(rate), pool32, pool64, rows, y, kept)
+
     @torch.inference_mode()
     def chunk(self, u, state, rate):
         return self._recurrence(rate).chunk(u, state)

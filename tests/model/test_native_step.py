@@ -211,6 +211,41 @@ def test_rows_step_from_and_into_strided_records(cache):
                           reply["y"][:, 0], kept)
 
 
+def test_a_rows_call_steps_inputs_read_from_a_received_message(cache):
+    """The prepared call reads each row's inputs out of the message's bytes (header and
+    entry records around them) and gives what at_rows_into gives; every call advances the
+    rows again; a NaN row is neither advanced nor counted; inputs outside the buffer or off
+    whole floats are refused before anything changes."""
+    net, rec, layout, step = _classifier(cache)
+    d_in, d_out = net.config.d_input, net.config.d_output
+    pool32, pool64 = layout.join(_random_state(rec, 10))
+    twin32, twin64 = pool32.clone(), pool64.clone()
+    rows = np.array([7, 2, 5, 0])
+    entries = np.zeros(4, [("sid", "<u4"), ("T", "<u4"), ("x", "<f4", (1, d_in))])
+    reply = np.zeros(4, [("sid", "<u4"), ("status", "<u2"), ("res", "<u2"), ("rows", "<u4"),
+                         ("y", "<f4", (1, d_out))])
+    kept = np.empty(4, np.uint8)
+    call = step.rows_call(rec, pool32, pool64, rows, reply["y"][:, 0], kept)
+    header, stride = 12, entries.itemsize
+    for t in range(3):
+        u = torch.randn(4, d_in)
+        if t == 2:
+            u[3, 0] = math.nan
+        entries["x"][:, 0] = u.numpy()
+        message = b"H" * header + entries.tobytes()
+        done = call(message, header + 8, stride)
+        expected, flags = np.empty((4, d_out), np.float32), np.empty(4, np.uint8)
+        assert step.at_rows_into(rec, u.numpy(), twin32, twin64, rows, expected, flags) == done
+        assert done == (3 if t == 2 else 4) and kept.tolist() == flags.tolist()
+        assert np.array_equal(reply["y"][:done, 0], expected[:done])
+        assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
+    for offset, stride_ in ((header + 8, stride + 1), (header + 9, stride), (header + 12, stride),
+                            (-4, stride), (header + 8, 4)):
+        with pytest.raises(ValueError):
+            call(message, offset, stride_)
+    assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, 3e38])
 def test_a_row_whose_input_or_output_is_not_finite_is_left_as_it_was(bad, cache):
     """3e38 is finite, but its output is not: that row must not advance either."""

@@ -179,6 +179,28 @@ async def test_one_sample_messages_are_batched_with_the_same_numbers(server):
     assert _mux_messages(server.url, "per_entry") - per_entry >= 2
 
 
+async def test_a_failed_step_answers_each_entry_internal_and_changes_no_state(server,
+                                                                               monkeypatch):
+    """The step of a batched message raises: every entry is answered `internal`, no session
+    advanced, and the connection goes on."""
+    def failing(*args, **kwargs):
+        def call(*_):
+            raise RuntimeError("the step failed")
+        return call
+
+    u = signal(2, 40)
+    async with AsyncClient(server.url) as c, c.mux("seq") as m:
+        a, b = await m.open(), await m.open()
+        with monkeypatch.context() as patch:
+            patch.setattr(server.runtime.models["seq"].pool.backend, "rows_call", failing)
+            failed = await m.send({a: u[0:1], b: u[0:1]})
+        assert failed[a].code == "internal" and failed[b].code == "internal"
+        assert (await m.snapshot(a))[0] == 0 and (await m.snapshot(b))[0] == 0
+        await m.detach(b)  # a new list of ids: a new route, its step prepared afresh
+        assert (await m.send({a: u[0:1]}))[a].shape == (1, 3)
+        assert (await m.snapshot(a))[0] == 1
+
+
 async def test_close_and_end_come_after_the_entries_sent_before_them(server):
     u = signal(8, 30)
     async with AsyncClient(server.url) as c, c.mux("seq") as m:
