@@ -177,14 +177,19 @@ def test_rows_anywhere_in_a_pool_step_where_they_lie(cache):
         step.at_rows_into(rec, u.numpy(), pool32, pool64, np.array([1, 2]), y, kept)
 
 
+def _pool_and_twin(cache):
+    """The classifier, a pool of 10 random rows and a copy of it."""
+    net, rec, layout, step = _classifier(cache)
+    pool32, pool64 = layout.join(_random_state(rec, 10))
+    return net, rec, step, pool32, pool64, pool32.clone(), pool64.clone()
+
+
 def test_rows_step_from_and_into_strided_records(cache):
     """at_rows_into reads inputs from, and writes outputs into, records of a larger dtype
     (a wire message and its reply): the same numbers as from contiguous arrays; a row with a
     NaN input is neither advanced nor counted."""
-    net, rec, layout, step = _classifier(cache)
+    net, rec, step, pool32, pool64, twin32, twin64 = _pool_and_twin(cache)
     d_in, d_out = net.config.d_input, net.config.d_output
-    pool32, pool64 = layout.join(_random_state(rec, 10))
-    twin32, twin64 = pool32.clone(), pool64.clone()
     rows = np.array([7, 2, 5, 0])
     u = torch.randn(4, d_in)
     u[3, 0] = math.nan
@@ -216,10 +221,8 @@ def test_a_rows_call_steps_inputs_read_from_a_received_message(cache):
     entry records around them) and gives what at_rows_into gives; every call advances the
     rows again; a NaN row is neither advanced nor counted; inputs outside the buffer or off
     whole floats are refused before anything changes."""
-    net, rec, layout, step = _classifier(cache)
+    net, rec, step, pool32, pool64, twin32, twin64 = _pool_and_twin(cache)
     d_in, d_out = net.config.d_input, net.config.d_output
-    pool32, pool64 = layout.join(_random_state(rec, 10))
-    twin32, twin64 = pool32.clone(), pool64.clone()
     rows = np.array([7, 2, 5, 0])
     entries = np.zeros(4, [("sid", "<u4"), ("T", "<u4"), ("x", "<f4", (1, d_in))])
     reply = np.zeros(4, [("sid", "<u4"), ("status", "<u2"), ("res", "<u2"), ("rows", "<u4"),
