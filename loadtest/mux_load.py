@@ -49,6 +49,9 @@ class MuxResult:
     latency_ms: dict
     throughput: dict
     verify: dict = field(default_factory=dict)
+    # perf_counter when the first message was due: gateway i sends its message k at
+    # schedule_start + (i / gateways + k) / rate (how a caller finds the steady part of a run)
+    schedule_start: float = 0.0
 
 
 @dataclass
@@ -168,5 +171,5 @@ async def run_mux_load(cfg: MuxLoadConfig) -> MuxResult:
                     "session_samples_per_s": samples / cfg.hold_s,
                     "offered_session_samples_per_s":
                         cfg.gateways * cfg.sessions_per_gateway * cfg.rate * cfg.frame},
-        verify={"sessions": checked, "max_abs_err": worst},
+        verify={"sessions": checked, "max_abs_err": worst}, schedule_start=t0,
     )

@@ -178,26 +178,76 @@ def _step_per_session(model_dir: Path, batches: tuple[int, ...], sessions: int =
     return seconds
 
 
+class _CpuTrace:
+    """The server's CPU seconds (all workers) sampled every `period_s` from a thread, so that
+    the CPU of any stretch of a run can be read afterwards."""
+
+    def __init__(self, pid: int, period_s: float = 0.05) -> None:
+        self.pid, self.period_s = pid, period_s
+        self.points: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> _CpuTrace:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.points.append((time.perf_counter(), _cpu_seconds(self.pid)))
+            if self._stop.wait(self.period_s):
+                return
+
+    def between(self, a: float, b: float) -> float:
+        """CPU seconds from perf_counter time a to b (interpolated between samples)."""
+        times, cpu = zip(*self.points, strict=True)
+        return float(np.interp(b, times, cpu) - np.interp(a, times, cpu))
+
+
+def _steady_window(cfg: MuxLoadConfig, start: float) -> tuple[float, float, int]:
+    """The steady part of a mux run, (from, to, session-samples due in it): the hold less its
+    first second (routes and caches being set up) and its last half second."""
+    a, b = start + 1.0, start + cfg.hold_s - 0.5
+    due = np.add.outer(np.arange(cfg.gateways) / cfg.gateways,
+                       np.arange(int(cfg.hold_s * cfg.rate))) / cfg.rate + start
+    return a, b, int(((due >= a) & (due < b)).sum()) * cfg.sessions_per_gateway * cfg.frame
+
+
 def _mux(server: ServerProcess, model_dir: Path, gateways: int, per: int, hold_s: float,
          workers: int) -> dict:
+    """The mux load against the server; its CPU per session-sample over the steady part of
+    the hold (the streaming itself) and over the whole run (opening and closing the sessions
+    included), against the in-process step."""
     cfg = MuxLoadConfig(url=server.url, model="motion", gateways=gateways,
                         sessions_per_gateway=per, rate=100.0, hold_s=hold_s)
     before, batches_before = _cpu_seconds(server.pid), _batch_totals(server.url)
-    result = run_loop(run_mux_load(cfg))
-    cpu = _cpu_seconds(server.pid) - before
+    with _CpuTrace(server.pid) as trace:
+        result = run_loop(run_mux_load(cfg))
+    whole = _cpu_seconds(server.pid) - before
     rows, calls, stepping = (a - b for a, b in zip(_batch_totals(server.url), batches_before,
                                                    strict=True))
     samples = result.counts["messages_answered"] * per
+    a, b, steady_samples = _steady_window(cfg, result.schedule_start)
+    steady = steady_samples > 0 and result.counts["lost"] == 0
+    # a run too short for a steady part, or one that lost messages: the whole run's figure
+    per_sample = (trace.between(a, b) / steady_samples if steady
+                  else whole / max(samples, 1))
     served = max(1, round(rows / max(calls, 1)))  # mean sessions per step call, as served
     batch = max(1, gateways * per // workers)  # every session of a worker in one call
     gap = workers / max(1.0, result.throughput["messages_per_s"])  # between a worker's messages
     step, step_all, cycled, paced = _step_per_session(model_dir, (served, batch), batch, gap)
-    per_sample = cpu / max(samples, 1)
     return {"gateways": gateways, "sessions_per_gateway": per, "ok": result.ok,
             "failures": result.failures, "counts": result.counts,
             "latency_ms": result.latency_ms, "throughput": result.throughput,
-            "verify": result.verify, "server_cpu_s": cpu,
+            "verify": result.verify, "server_cpu_s": whole,
             "server_cpu_per_session_sample_s": per_sample,
+            "cpu_window_s": [a - result.schedule_start, b - result.schedule_start] if steady
+            else None,
+            "server_cpu_per_session_sample_whole_run_s": whole / max(samples, 1),
             "step_per_session_s": step, "step_batch": served,
             "cost_vs_step": per_sample / step,
             "step_cycled_per_session_s": cycled, "cycled_sessions": batch,
