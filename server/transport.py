@@ -94,6 +94,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
     _fast = False  # parsing here: websockets' parser was left at a frame boundary
     _slow = False  # never again (an unusual frame was seen)
     _rest = b""  # received bytes not parsed yet (a frame's start, or held while paused)
+    _data_at = 0.0  # loop time of the last read from the peer
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -108,6 +109,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
 
     # ----- the fast path: simple data frames parsed here ---------------------------------
     def data_received(self, data: bytes) -> None:
+        self._data_at = self.loop.time()
         if not self._fast:
             if self.handler is None or self._slow or not self._at_boundary():
                 return super().data_received(data)
@@ -213,9 +215,11 @@ class PushProtocol(WebSocketsSansIOProtocol):
 
     def keepalive_timeout(self) -> None:
         """No pong in time: the client is gone, unless reading is paused by our own flow
-        control (a client whose frames wait for compute is healthy, and its pong waits
-        unread behind them): then ping again later instead of closing it 1011."""
-        if self.read_paused and not self.close_sent:
+        control or bytes came from it since the ping (a client whose frames wait for
+        compute is healthy, and its pong waits unread behind them): then ping again later
+        instead of closing it 1011."""
+        alive = self.read_paused or self._data_at > self.ping_sent_at
+        if alive and not self.close_sent:
             self.pong_timer = None
             self.pending_ping_payload = None
             self.schedule_ping()

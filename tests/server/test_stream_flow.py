@@ -42,6 +42,45 @@ async def test_keepalive_does_not_close_a_client_whose_frames_wait(model_dirs, t
             assert got == 30 and ws.close_code is None
 
 
+async def _silent_for(ws, seconds: float, send_every: float | None) -> None:
+    """The client reads nothing (so answers no ping) for `seconds`, sending a one-sample
+    frame every `send_every` seconds, or nothing."""
+    ws.transport.pause_reading()
+    frame = np.zeros((1, 2), np.float32).tobytes()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        if send_every is not None:
+            await ws.send(frame)
+        await asyncio.sleep(send_every or 0.1)
+    ws.transport.resume_reading()
+
+
+async def test_keepalive_closes_a_silent_client_but_not_one_that_sends(model_dirs, tmp_path):
+    """A client that neither answers pings nor sends anything for longer than interval +
+    timeout is closed 1011; one whose pongs are late but whose frames keep coming is alive,
+    and is pinged again instead."""
+    with ServerThread(make_settings(model_dirs, tmp_path), ws_ping_interval=0.3,
+                      ws_ping_timeout=0.3) as server:
+        url = server.ws_url + "/v1/models/seq/stream"
+        async with websockets.connect(url, ping_interval=None) as ws:
+            await ws.send(json.dumps({"type": "start"}))
+            await ws.recv()
+            await _silent_for(ws, 2.0, send_every=0.05)
+            answered = 0
+            while answered < 10:  # every frame sent while silent is answered, in order
+                answered += isinstance(await asyncio.wait_for(ws.recv(), 10), bytes)
+            assert ws.close_code is None
+        async with websockets.connect(url, ping_interval=None) as ws:
+            await ws.send(json.dumps({"type": "start"}))
+            await ws.recv()
+            await _silent_for(ws, 2.0, send_every=None)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd.code == 1011
+
+
 async def test_the_stream_fails_every_recv_once_the_session_is_gone(model_dirs, tmp_path):
     """Taken over with frames queued and reading paused (session_queue 2): the close comes at
     once, and every later recv() raises."""
