@@ -14,6 +14,7 @@ HTTP_STATUS: dict[str, int] = {
     "not_streamable": 400,
     "unauthorized": 401,
     "model_not_found": 404,
+    "body_timeout": 408,
     "too_large": 413,
     "unsupported_media_type": 415,
     "invalid_request": 422,

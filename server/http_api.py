@@ -126,7 +126,7 @@ async def predict(name: str, request: Request) -> Response:
                              "supported: send the body uncompressed")
         rt.pending_requests += 1
         counted = True
-        body = await _read_body(request, rt.settings.max_body_bytes)
+        body = await _read_body(request, rt.settings.max_body_bytes, rt.settings.body_timeout)
         media = request.headers.get("content-type", JSON_TYPE).split(";")[0].strip().lower()
         job = Job(name, body, media, dict(request.query_params),
                   NPY_TYPE in request.headers.get("accept", ""))
@@ -174,14 +174,19 @@ async def _answer(rt: Runtime, job: Job) -> Answer:
     return await loop.run_in_executor(rt.predict_executor, run_job, backends, limits, job)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServeError("too_large", f"body over the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():  # counted as it arrives, whatever the header said
-        size += len(chunk)
-        if size > limit:
-            raise ServeError("too_large", f"body over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():  # counted as it arrives, whatever it declared
+                size += len(chunk)
+                if size > limit:
+                    raise ServeError("too_large", f"body over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ServeError("body_timeout", f"the body did not arrive within {timeout:g} s "
+                         f"({size} bytes came)") from None
     return b"".join(chunks)

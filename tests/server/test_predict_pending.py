@@ -53,6 +53,25 @@ def test_uploads_in_progress_count_against_max_pending_requests(model_dirs, tmp_
         assert server.runtime.pending_requests == 0
 
 
+def test_a_body_that_does_not_arrive_in_time_is_answered_408_and_frees_its_place(model_dirs,
+                                                                                tmp_path):
+    settings = make_settings(model_dirs, tmp_path, max_pending_requests=1, body_timeout=0.5)
+    with ServerThread(settings) as server:
+        stalled = _stalled_upload(int(server.url.rsplit(":", 1)[1]))
+        stalled.settimeout(10)
+        began = time.perf_counter()
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            answer += stalled.recv(4096)
+        waited = time.perf_counter() - began
+        stalled.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in answer
+        assert 0.4 < waited < 5
+        body = {"inputs": np.zeros((1, 5, 2)).tolist()}
+        answered = httpx.post(server.url + "/v1/models/seq/predict", json=body, timeout=30)
+        assert answered.status_code == 200  # the stalled request's place is free again
+
+
 async def test_no_free_predict_worker_within_the_timeout_is_overloaded(model_dirs,
                                                                        monkeypatch):
     monkeypatch.setattr("server.predict_worker._MIN_WAIT_S", 0.2)
