@@ -52,6 +52,7 @@ class MuxResult:
     # perf_counter when the first message was due: gateway i sends its message k at
     # schedule_start + (i / gateways + k) / rate (how a caller finds the steady part of a run)
     schedule_start: float = 0.0
+    max_send_lag_s: float = 0.0  # the latest any message went out after it was due
 
 
 @dataclass
@@ -61,6 +62,7 @@ class _Gateway:
     bad: int = 0
     errors: dict = field(default_factory=dict)
     latency: list = field(default_factory=list)
+    lag: float = 0.0  # seconds, the most a message went out after it was due
     checks: list = field(default_factory=list)  # (inputs, outputs) of verified sessions
 
 
@@ -115,6 +117,7 @@ async def _gateway(cfg: MuxLoadConfig, index: int, info: dict, t0: float) -> _Ga
             if delay > 0:
                 await asyncio.sleep(delay)
             await gate.acquire()
+            g.lag = max(g.lag, time.perf_counter() - (start + k / cfg.rate))
             g.sent += 1
             tasks.append(asyncio.create_task(one(k)))
         _, pending = await asyncio.wait(tasks, timeout=cfg.drain_s) if tasks else ((), ())
@@ -172,4 +175,5 @@ async def run_mux_load(cfg: MuxLoadConfig) -> MuxResult:
                     "offered_session_samples_per_s":
                         cfg.gateways * cfg.sessions_per_gateway * cfg.rate * cfg.frame},
         verify={"sessions": checked, "max_abs_err": worst}, schedule_start=t0,
+        max_send_lag_s=max(g.lag for g in gateways),
     )

@@ -137,7 +137,9 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
         runtime.error(exc.code)
-        return JSONResponse(exc.body(), status_code=exc.http_status)
+        # a stalled upload's connection is not worth keeping (RFC 9110: 408 closes it)
+        close = {"connection": "close"} if exc.code == "body_timeout" else None
+        return JSONResponse(exc.body(), status_code=exc.http_status, headers=close)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

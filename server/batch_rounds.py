@@ -66,6 +66,7 @@ class BatchRounds:
             done = call(data, offset, stride)
         except Exception:  # the states were not written: nothing is lost
             log.exception("batched call failed")
+            self.flushes.ticked(time.perf_counter(), quiet=not self._pending)
             return -1
         now = time.perf_counter()
         for stream in streams if done == len(streams) else compress(streams, kept):

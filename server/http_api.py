@@ -97,7 +97,9 @@ _PREDICT_DOC = {
                             NPY_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
         **{str(status): {"description": why, "content": {JSON_TYPE: {"schema": _ERROR}}}
            for status, why in ((400, "bad input"), (401, "no or wrong key"),
-                               (404, "no such model"), (413, "too large"),
+                               (404, "no such model"),
+                               (408, "no bytes of the body for body_timeout seconds"),
+                               (413, "too large"),
                                (415, "unsupported media type"), (422, "schema mismatch"),
                                (503, "overloaded or not ready"), (504, "timeout"))},
     },
@@ -179,14 +181,17 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServeError("too_large", f"body over the limit of {limit} bytes")
     chunks, size = [], 0
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout):
+        # a deadline for the next bytes, not for the whole body: a slow link is not a stall
+        async with asyncio.timeout(loop.time() + timeout) as deadline:
             async for chunk in request.stream():  # counted as it arrives, whatever it declared
+                deadline.reschedule(loop.time() + timeout)
                 size += len(chunk)
                 if size > limit:
                     raise ServeError("too_large", f"body over the limit of {limit} bytes")
                 chunks.append(chunk)
     except TimeoutError:
-        raise ServeError("body_timeout", f"the body did not arrive within {timeout:g} s "
-                         f"({size} bytes came)") from None
+        raise ServeError("body_timeout", f"no bytes of the body came for {timeout:g} s "
+                         f"({size} bytes before)") from None
     return b"".join(chunks)

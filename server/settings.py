@@ -107,9 +107,9 @@ class Settings(BaseSettings):
     mux_max_entries: int = Field(4096, ge=1, description="entries per mux data message")
     max_body_bytes: int = Field(64 << 20, ge=1, description="largest predict request body")
     body_timeout: float = Field(
-        60.0, gt=0, description="a predict request's body must have arrived within this "
-        "many seconds of its headers, else 408 body_timeout (a stalled upload holds a place "
-        "among max_pending_requests)")
+        60.0, gt=0, description="a predict upload that sends no bytes for this many seconds "
+        "is answered 408 body_timeout (a stalled upload holds a place among "
+        "max_pending_requests)")
     max_batch_length: int = Field(4_000_000, ge=1, description="largest batch × length")
     max_json_values: int = Field(
         16_000_000, ge=1, description="most numbers in a JSON predict answer's outputs (413 "

@@ -215,8 +215,14 @@ def _soak(r: dict) -> list[str]:
             f"p99 {num(lat['p99'])} ms; all replies "
             f"ok and no session closed: {yes(run['ok'])}"
             + (f" ({'; '.join(run['failures'])})" if run["failures"] else "") + ". Server RSS "
-            f"(all workers) {mib(r['rss_after_warmup'])} after warm-up, {mib(r['rss_end'])} at "
-            f"the end: {'-' if growth is None else f'{growth:+.1%}'}.", ""]
+            f"(all workers) {mib(r['rss_after_warmup'])} after "
+            f"{r.get('warm_s', 60):.0f} s of warm-up, {mib(r['rss_end'])} at "
+            f"the end: {'-' if growth is None else f'{growth:+.1%}'}"
+            + (f"; anonymous memory {mib(r['anon_after_warmup'])} -> {mib(r['anon_end'])}"
+               if r.get("anon_end") else "") + "."
+            + (" RSS (anonymous) every 30 s: " + ", ".join(
+                f"{t} s {mib(total)} ({mib(anon)})" for t, total, anon in r["rss_curve"])
+               + "." if r.get("rss_curve") else ""), ""]
 
 
 def _targets(result: dict) -> list[str]:

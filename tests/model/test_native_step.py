@@ -242,9 +242,12 @@ def test_a_rows_call_steps_inputs_read_from_a_received_message(cache):
         assert done == (3 if t == 2 else 4) and kept.tolist() == flags.tolist()
         assert np.array_equal(reply["y"][:done, 0], expected[:done])
         assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
-    for offset, stride_ in ((header + 8, stride + 1), (header + 9, stride), (header + 12, stride),
-                            (-4, stride), (header + 8, 4)):
-        with pytest.raises(ValueError):
+    padded = message + bytes(8)  # room, so that these reach the C step's own check
+    for offset, stride_ in ((header + 8, stride + 1), (header + 9, stride)):
+        with pytest.raises(ValueError, match="whole floats"):
+            call(padded, offset, stride_)
+    for offset, stride_ in ((header + 12, stride), (-4, stride), (header + 8, 4)):
+        with pytest.raises(ValueError, match="do not fit"):
             call(message, offset, stride_)
     assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
 

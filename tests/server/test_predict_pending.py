@@ -5,6 +5,7 @@ predict worker free in time is answered instead of waiting for good."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
@@ -53,23 +54,41 @@ def test_uploads_in_progress_count_against_max_pending_requests(model_dirs, tmp_
         assert server.runtime.pending_requests == 0
 
 
-def test_a_body_that_does_not_arrive_in_time_is_answered_408_and_frees_its_place(model_dirs,
-                                                                                tmp_path):
+def _answer_of(conn: socket.socket) -> bytes:
+    """A whole HTTP answer with a JSON body, read from a raw connection."""
+    conn.settimeout(10)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        answer += conn.recv(4096)
+    return answer
+
+
+def test_an_upload_that_stalls_is_answered_408_and_frees_its_place(model_dirs, tmp_path):
+    """No bytes for body_timeout: 408 body_timeout, the connection closed, and its place among
+    max_pending_requests given back at once (the next predict is answered while the stalled
+    client still holds its socket). An upload that is slow but keeps sending is not cut off."""
     settings = make_settings(model_dirs, tmp_path, max_pending_requests=1, body_timeout=0.5)
     with ServerThread(settings) as server:
-        stalled = _stalled_upload(int(server.url.rsplit(":", 1)[1]))
-        stalled.settimeout(10)
+        port = int(server.url.rsplit(":", 1)[1])
+        stalled = _stalled_upload(port)
         began = time.perf_counter()
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            answer += stalled.recv(4096)
-        waited = time.perf_counter() - began
-        stalled.close()
+        answer = _answer_of(stalled)
+        assert 0.4 < time.perf_counter() - began < 5
         assert answer.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in answer
-        assert 0.4 < waited < 5
+        assert b"connection: close" in answer.lower()
         body = {"inputs": np.zeros((1, 5, 2)).tolist()}
         answered = httpx.post(server.url + "/v1/models/seq/predict", json=body, timeout=30)
-        assert answered.status_code == 200  # the stalled request's place is free again
+        assert answered.status_code == 200
+        stalled.close()
+        payload = json.dumps(body).encode()
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /v1/models/seq/predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        for i in range(0, len(payload), len(payload) // 5 + 1):  # 6 pieces over ~1.5 s
+            slow.sendall(payload[i:i + len(payload) // 5 + 1])
+            time.sleep(0.25)
+        assert _answer_of(slow).startswith(b"HTTP/1.1 200")
+        slow.close()
 
 
 async def test_no_free_predict_worker_within_the_timeout_is_overloaded(model_dirs,
