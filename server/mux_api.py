@@ -30,7 +30,6 @@ from server.mux_table import (
     Handle,
     HandleTable,
     Message,
-    ok_records,
     read_entries,
     reply_body,
 )
@@ -242,11 +241,7 @@ class MuxConnection(Link):
     def _answer_now(self, route, pool, data: bytes, seq: int, sids: np.ndarray,
                     received: float) -> None:
         count = len(sids)
-        if route.call is None:  # the same ids every tick: their reply's records, prepared once
-            route.reply = ok_records(sids, self.model.info.d_output)
-            route.kept = np.empty(count, np.uint8)
-            route.call = pool.backend.rows_call(pool.flat32, pool.flat64, route.rows,
-                                                route.rate, route.reply["y"][:, 0], route.kept)
+        route.prepare(pool, sids, self.model.info.d_output)
         done = self.rt.scheduler.step_message(
             pool, route.streams, route.call, data, HEADER.size + ENTRY_IN.size,
             ENTRY_IN.size + 4 * self.model.info.d_input, route.kept, received)

@@ -91,6 +91,15 @@ class Route:
     call: Any = None
     kept: np.ndarray | None = None
 
+    def prepare(self, pool: Any, sids: np.ndarray, d_output: int) -> None:
+        """The reply's records, the flags and the step call of these ids, on first use (a
+        gateway sends the same ids every tick)."""
+        if self.call is None:
+            self.reply = ok_records(sids, d_output)
+            self.kept = np.empty(len(sids), np.uint8)
+            self.call = pool.backend.rows_call(pool.flat32, pool.flat64, self.rows, self.rate,
+                                               self.reply["y"][:, 0], self.kept)
+
 
 class HandleTable:
     """The handles of one connection's sessions by id. A route, the streams of a data

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,27 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtest.bench.proc_stats import cpu_seconds
 from loadtest.cluster import Cluster, metric
 from loadtest.failover import run_failover
 from loadtest.processes import ServerProcess
 
 MOTION = Path(__file__).resolve().parents[2] / "model" / "zoo" / "motion"
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its live descendants."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICKS
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
 
 
 # quick mode (a smoke test): TorchScript steps, which start in a second instead of compiling
