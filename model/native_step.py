@@ -325,11 +325,11 @@ class RowsCall:
         """One sample for each row, row b's d_input float32 inputs at data[offset + b *
         stride:]; y and kept written. Returns how many rows advanced."""
         last = offset + (self.batch - 1) * stride + 4 * self._d_input
-        if offset < 0 or stride < 4 * self._d_input or last > len(data) or not self.batch:
-            if not self.batch and offset >= 0:
-                return 0
+        if offset < 0 or (self.batch and (stride < 4 * self._d_input or last > len(data))):
             raise ValueError(f"{self.batch} inputs of {self._d_input} floats every {stride} "
                              f"bytes from {offset} do not fit in {len(data)} bytes")
+        if not self.batch:
+            return 0
         done = self._run(self._bound.ref, self.batch, data, offset, stride, *self._args)
         if done == -3:
             raise ValueError("inputs must lie on whole floats (offset and stride)")
