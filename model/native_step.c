@@ -241,21 +241,26 @@ static void sample(const Net *net, const float *u, const void *s32, const double
  * finite (else it stays as it was, whole); `kept` (batch, or NULL) says which were.
  * Returns the number of rows replaced, -1 when scratch memory could not be had, -2 when a
  * row index is not in [0, n_rows) (nothing changed then). */
-long s4d_network_run(const Net *net, long batch, long steps, const float *u, long u_stride,
-                     float *s32, long s32_stride, double *s64, long s64_stride, float *y,
-                     long y_stride, const int64_t *rows, long n_rows, uint8_t *kept) {
-  const int h = net->d_model, hc = net->channels * h, wide = steps > NARROW_STEPS;
+static long run_rows(const Net *net, long batch, long steps, const int64_t *steps_each,
+                     const float *u, long u_stride, float *s32, long s32_stride, double *s64,
+                     long s64_stride, float *y, long y_stride, const int64_t *rows, long n_rows,
+                     uint8_t *kept) {
+  const int h = net->d_model, hc = net->channels * h;
   const long w32 = net->width32, w64 = net->width64;
   double *pool = scratch_for(sizeof(double) * (2 * (size_t)w64 + 2 * (size_t)w32) +
                              sizeof(float) * (5 * (size_t)h + 2 * (size_t)hc));
   if (!pool) return -1;
   for (long b = 0; rows && b < batch; b++)
     if (rows[b] < 0 || rows[b] >= n_rows) return -2;
+  for (long b = 0; steps_each && b < batch; b++)
+    if (steps_each[b] < 0 || steps_each[b] > steps) return -4;
   double *pool_buf[2] = {pool, pool + w64};
   double *buf[2] = {pool + 2 * w64, pool + 2 * w64 + w32}; /* float or double states */
   float *act = (float *)(buf[1] + w32);
   long written = 0;
   for (long b = 0; b < batch; b++) {
+    const long n = steps_each ? (long)steps_each[b] : steps;
+    const int wide = n > NARROW_STEPS;
     const float *ub = u + b * u_stride;
     const long r = rows ? (long)rows[b] : b;
     float *row32 = s32 + r * s32_stride, *yb = y + b * y_stride;
@@ -266,25 +271,53 @@ long s4d_network_run(const Net *net, long batch, long steps, const float *u, lon
       for (long k = 0; k < w32; k++) buf[1][k] = row32[k];
       cur32 = buf[1];
     }
-    for (long t = 0; t < steps; t++) {
+    for (long t = 0; t < n; t++) {
       sample(net, ub + t * net->d_input, cur32, cur64, buf[t & 1], pool_buf[t & 1], wide, act,
              yb + t * net->d_output);
       cur32 = buf[t & 1];
       cur64 = pool_buf[t & 1];
     }
-    const int fine = finite_all(ub, (int)(steps * net->d_input)) &&
-                     finite_all(yb, (int)(steps * net->d_output));
+    const int fine = finite_all(ub, (int)(n * net->d_input)) &&
+                     finite_all(yb, (int)(n * net->d_output));
     if (kept) kept[b] = (uint8_t)fine;
     if (!fine) continue;
+    written++;
+    if (!n) continue; /* nothing computed: the row is its own result */
     if (wide) {
       for (long k = 0; k < w32; k++) row32[k] = (float)((const double *)cur32)[k];
     } else {
       memcpy(row32, cur32, sizeof(float) * (size_t)w32);
     }
     if (w64) memcpy(row64, cur64, sizeof(double) * (size_t)w64);
-    written++;
   }
   return written;
+}
+
+/* Advances `batch` rows by `steps` samples each: u (batch, steps, d_input), row b at
+ * u + b * u_stride; state rows s32, s64 with row strides (row b at index rows[b] when
+ * `rows` is given: a pool's rows stepped where they lie; distinct); y (batch, steps, d_output),
+ * row b at y + b * y_stride (strides let a caller read its inputs from, and write its outputs
+ * into, the records of a wire message). A block of more than NARROW_STEPS keeps the state in
+ * float64 until its end. A row's state is replaced only when all its inputs and outputs are
+ * finite (else it stays as it was, whole); `kept` (batch, or NULL) says which were.
+ * Returns the number of rows replaced, -1 when scratch memory could not be had, -2 when a
+ * row index is not in [0, n_rows) (nothing changed then). */
+long s4d_network_run(const Net *net, long batch, long steps, const float *u, long u_stride,
+                     float *s32, long s32_stride, double *s64, long s64_stride, float *y,
+                     long y_stride, const int64_t *rows, long n_rows, uint8_t *kept) {
+  return run_rows(net, batch, steps, NULL, u, u_stride, s32, s32_stride, s64, s64_stride, y,
+                  y_stride, rows, n_rows, kept);
+}
+
+/* s4d_network_run with a number of samples per row: row b advances by steps_each[b] (at most
+ * `steps`, the room its input and output rows have; -4 otherwise, nothing changed): the
+ * queued one-sample frames of many sessions, each session's as one block. */
+long s4d_network_run_each(const Net *net, long batch, long steps, const int64_t *steps_each,
+                          const float *u, long u_stride, float *s32, long s32_stride,
+                          double *s64, long s64_stride, float *y, long y_stride,
+                          const int64_t *rows, long n_rows, uint8_t *kept) {
+  return run_rows(net, batch, steps, steps_each, u, u_stride, s32, s32_stride, s64, s64_stride,
+                  y, y_stride, rows, n_rows, kept);
 }
 
 /* s4d_network_run for one sample per row whose inputs lie in a byte buffer as received (the

@@ -119,6 +119,10 @@ def library(cache_dir: Path) -> ctypes.CDLL:
     # the inputs' buffer as c_void_p: a bytes object passes as a pointer to its data, no copy
     at.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
                    ctypes.c_long, *rows]
+    each = lib.s4d_network_run_each
+    each.restype = ctypes.c_long
+    each.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                     ctypes.c_void_p, ctypes.c_long, *rows]
     _loaded[path] = lib
     return lib
 
@@ -192,6 +196,7 @@ class NativeStep:
         self.layout = layout
         lib = library(cache_dir)
         self._run, self._run_at = lib.s4d_network_run, lib.s4d_network_run_at
+        self._run_each = lib.s4d_network_run_each
         self._d_input, self._d_output = template.config.d_input, template.config.d_output
 
     def __call__(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
@@ -211,18 +216,22 @@ class NativeStep:
 
     def at_rows_into(self, rec: nn.Module, u: np.ndarray, pool32: torch.Tensor,
                      pool64: torch.Tensor, rows: np.ndarray, y: np.ndarray,
-                     kept: np.ndarray) -> int:
+                     kept: np.ndarray, steps: np.ndarray | None = None) -> int:
         """Rows `rows` (B distinct indices) of the pool's (S, W32), (S, W64) state advanced by
         one sample where they lie (no gather, no scatter), on numpy views that may have any
         row stride (the records of a wire message and of its reply): u (B, d_input) read,
         y (B, d_output) written, kept (B) uint8 set to whether each row's state was replaced.
-        Returns how many were."""
+        With `steps` (B,) int64, each of at most K: row b advances by steps[b] samples,
+        u (B, K, d_input) and y (B, K, d_output) contiguous, as one block (exactly that many
+        steps; kept when all its inputs and outputs are finite). Returns how many were."""
         if rows.ndim != 1 or len(rows) != len(u):
             raise ValueError(f"rows must be one index per input, got {rows.shape}")
         self._check_rows(rows, kept)
+        self._check_states(pool32, pool64, pool32.shape[0])
+        if steps is not None:
+            return self._blocks(rec, u, pool32, pool64, rows, y, kept, steps)
         self._check_records("u", u, len(rows), self._d_input, writable=False)
         self._check_records("y", y, len(rows), self._d_output, writable=True)
-        self._check_states(pool32, pool64, pool32.shape[0])
         if not len(rows):
             return 0
         return self._done(self._run(
@@ -230,6 +239,31 @@ class NativeStep:
             pool32.data_ptr(), pool32.stride(0), pool64.data_ptr(), pool64.stride(0),
             y.ctypes.data, y.strides[0] // 4, rows.ctypes.data, pool32.shape[0],
             kept.ctypes.data), pool32.shape[0])
+
+    def _blocks(self, rec: nn.Module, u: np.ndarray, pool32: torch.Tensor,
+                pool64: torch.Tensor, rows: np.ndarray, y: np.ndarray, kept: np.ndarray,
+                steps: np.ndarray) -> int:
+        batch, most = u.shape[0], u.shape[1] if u.ndim == 3 else -1
+        for name, a, width, writable in (("u", u, self._d_input, False),
+                                         ("y", y, self._d_output, True)):
+            if (a.dtype != np.float32 or a.shape != (batch, most, width)
+                    or not a.flags.c_contiguous or (writable and not a.flags.writeable)):
+                raise ValueError(f"{name} must be contiguous float32 ({batch}, K, {width}) "
+                                 f"with u and y of one K, got {a.dtype} {a.shape}")
+        if (steps.dtype != np.int64 or steps.shape != (batch,)
+                or not steps.flags.c_contiguous):
+            raise ValueError(f"steps must be contiguous int64 ({batch},), got {steps.dtype} "
+                             f"{steps.shape}")
+        if not batch:
+            return 0
+        done = self._run_each(
+            self._bound(rec).ref, batch, most, steps.ctypes.data, u.ctypes.data,
+            most * self._d_input, pool32.data_ptr(), pool32.stride(0), pool64.data_ptr(),
+            pool64.stride(0), y.ctypes.data, most * self._d_output, rows.ctypes.data,
+            pool32.shape[0], kept.ctypes.data)
+        if done == -4:
+            raise ValueError(f"steps must lie in [0, {most}]")
+        return self._done(done, pool32.shape[0])
 
     def rows_call(self, rec: nn.Module, pool32: torch.Tensor, pool64: torch.Tensor,
                   rows: np.ndarray, y: np.ndarray, kept: np.ndarray) -> RowsCall:

@@ -50,6 +50,10 @@ class Handle:
     def frame_done(self, frame: Frame, outputs: np.ndarray) -> None:
         self.conn._entry(frame.seq, frame.entry, self.sid, 0, outputs)
 
+    def frames_done(self, frames: list[Frame], outputs: np.ndarray) -> None:
+        for frame, out in zip(frames, outputs, strict=True):
+            self.conn._entry(frame.seq, frame.entry, self.sid, 0, out[None])
+
     def frame_failed(self, frame: Frame, exc: Exception) -> None:
         self.conn._entry(frame.seq, frame.entry, self.sid, STATUS["internal"], None)
 

@@ -5,7 +5,8 @@ snapshot, end, an error reply). A round takes every ready stream (at most `max_b
 the control items at their heads, and advances the head frame of each by at most `piece`
 samples (one sample for frames of at most STEPPED_FRAMES) in one call per group: one-sample
 pieces of one (model, rate) as one batched `step`, pieces of one (model, rate, T) as one
-batched `chunk`. How a frame is cut into pieces depends only on its own
+batched `chunk`; on a pool stepped in place, a session's queued one-sample frames advance as
+one block (server/sample_rounds.py). How a frame is cut into pieces depends only on its own
 length, never on other sessions, so batching changes a session's numbers by float32 rounding
 at most (docs/server.md gives the measured bound).
 
@@ -22,14 +23,17 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from server.batch_rounds import BatchRounds
+from server.cork import CORK
 from server.errors import ServeError
 from server.metrics import FlushTimer, Metrics, ModelMetrics
+from server.sample_rounds import SampleRounds
 from server.slots import SlotPool
 from server.work import (
     Batch,
@@ -48,7 +52,7 @@ log = logging.getLogger("s4serve.scheduler")
 STEPPED_FRAMES = 4
 
 
-class Scheduler(BatchRounds):
+class Scheduler(SampleRounds, BatchRounds):
     def __init__(self, metrics: Metrics, max_batch: int = 1024, tick: float = 0.0,
                  piece: int = 256, max_queued: int = 1 << 16, max_lag: float = 1.0,
                  budget: float = 0.02, press_lag: float = 0.1,
@@ -71,6 +75,7 @@ class Scheduler(BatchRounds):
         self._models: dict[SlotPool, ModelMetrics] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
+        self._after_tick: list[Callable[[], None]] = []
         self.flushes = FlushTimer(self._models)
 
     # ----- lifecycle ---------------------------------------------------------------------
@@ -134,6 +139,14 @@ class Scheduler(BatchRounds):
             self._ready[stream] = None
         self._wake()
 
+    def after_tick(self, callback: Callable[[], None]) -> None:
+        """Call `callback` at the end of the next tick. A connection that answered frames
+        `overloaded` stops reading until then: answering costs about as much as computing,
+        so reading and refusing a flood of frames would take the loop from the ticks that
+        end the overload (measured: a collapse to ~10% of capacity at 1000 sessions)."""
+        self._after_tick.append(callback)
+        self._wake()
+
     def _wake(self) -> None:
         if not self._pending:
             self._pending = True
@@ -189,13 +202,18 @@ class Scheduler(BatchRounds):
         self._pending = False
         self.ticks += 1
         started = time.perf_counter()
-        self.lag = self._round(started)
-        while (self._ready or self._batches) and time.perf_counter() - started < self.budget:
-            self._round(started)
+        with CORK:  # each connection's replies of the tick in one write
+            self.lag = self._round(started)
+            while (self._ready or self._batches) and time.perf_counter() - started < self.budget:
+                self._round(started)
         if (self._ready or self._batches) and not self._pending:
             self._pending = True
             self._loop.call_soon(self._tick)
         self.flushes.ticked(time.perf_counter(), quiet=not self._pending)
+        if self._after_tick:
+            callbacks, self._after_tick = self._after_tick, []
+            for callback in callbacks:
+                callback()
 
     def flush_metrics(self) -> None:
         """Hand every observation so far to prometheus_client (a scrape of this process
@@ -249,61 +267,6 @@ class Scheduler(BatchRounds):
             value = self.snapshot(stream)
         if stream.sink is not None:
             stream.sink.control_done(item, value)
-
-    def _step_frames(self, pool: SlotPool, rate: float, members: list[Stream]) -> None:
-        """The per-sample path: one sample of each member's head frame in one batched step.
-        What `_advance` does for a piece of length 1, with the least work per frame."""
-        backend, model = pool.backend, self._models[pool]
-        members.sort(key=lambda stream: stream.slot)  # consecutive rows gather as a view
-        frames = [s.queue[0] for s in members]
-        u = np.stack([f.samples[f.done] for f in frames])  # (B, d_input)
-        slots, in_place = [s.slot for s in members], pool.in_place
-        index = None if in_place else pool.index(slots)
-        for stream, frame in zip(members, frames, strict=True):
-            if frame.done == 0 and len(frame.samples) > 1:  # a short frame spans a few rounds
-                frame.before = pool.rows(stream.slot)
-        cpu = pool.on_cpu
-        started = time.perf_counter()
-        rows = len(members)
-        try:
-            if in_place:  # rows where they lie; a non-finite input or output leaves its row
-                y = np.empty((rows, backend.info.d_output), np.float32)
-                kept = np.empty(rows, np.uint8)
-                backend.step_rows_into(u, pool.flat32, pool.flat64, np.array(slots), rate, y,
-                                       kept)
-            else:
-                x = torch.from_numpy(u) if cpu else torch.from_numpy(u).to(backend.device)
-                y, flat32, flat64 = backend.step_flat(x, *pool.gather(index), rate)
-                y = y.to("cpu", torch.float32) if not cpu or y.dtype != torch.float32 else y
-                y = y.numpy()  # (B, d_output) float32
-        except Exception as exc:  # the states were not written back: nothing is lost
-            self._failed(members, frames, exc)
-            return
-        elapsed = time.perf_counter() - started
-        fine = None  # the usual case, checked at once: every input and output finite
-        if in_place:  # checked in the step
-            fine = None if kept.all() else kept.view(bool)
-        elif not (np.isfinite(y).all() and np.isfinite(u).all()):
-            fine = np.isfinite(y).all(1) & np.isfinite(u).all(1)
-        if not in_place:
-            self._write_back(pool, members, index, flat32, flat64, fine)
-        model.call("step", elapsed, rows, rows if fine is None else int(fine.sum()))
-        latencies = model.latencies
-        for i, (stream, frame) in enumerate(zip(members, frames, strict=True)):
-            out = y[i:i + 1]  # (1, d_output)
-            if fine is not None and not fine[i]:
-                self._reject_non_finite(stream, frame)
-                continue
-            stream.samples += 1
-            done = frame.done = frame.done + 1
-            if done < len(frame.samples):
-                frame.pieces = [out] if stream.output_last else [*(frame.pieces or ()), out]
-                continue
-            if frame.pieces:
-                out = out if stream.output_last else np.concatenate([*frame.pieces, out])
-            self._finish(stream)
-            latencies.append(frame.received)
-            stream.sink.frame_done(frame, out)
 
     def _advance(self, pool: SlotPool, rate: float, length: int, members: list[Stream]) -> None:
         backend, model = pool.backend, self._models[pool]

@@ -28,6 +28,7 @@ from websockets.speedups import apply_mask
 from websockets.streams import StreamReader
 
 from client.wire import ws_header, ws_length
+from server.cork import CORK
 
 EXTENSION = "s4serve.push"
 
@@ -95,6 +96,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
     _slow = False  # never again (an unusual frame was seen)
     _rest = b""  # received bytes not parsed yet (a frame's start, or held while paused)
     _data_at = 0.0  # loop time of the last read from the peer
+    _held: list[bytes] | None = None  # frames written during a tick (server/cork.py)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -259,9 +261,9 @@ class PushProtocol(WebSocketsSansIOProtocol):
             return
         if self.conn.extensions:  # e.g. permessage-deflate: let websockets frame it
             self.conn.send_binary(data)
-            self.transport.write(b"".join(self.conn.data_to_send()))
-        else:  # the common case, framed here: a header and the payload, one write
-            self.transport.write(ws_header(2, len(data)) + data)
+            self._write(b"".join(self.conn.data_to_send()))
+        else:  # the common case, framed here: a header and the payload
+            self._write(ws_header(2, len(data)) + data)
 
     def send_text(self, text: str) -> None:
         if not self.open:
@@ -269,13 +271,31 @@ class PushProtocol(WebSocketsSansIOProtocol):
         data = text.encode()
         if self.conn.extensions:
             self.conn.send_text(data)
-            self.transport.write(b"".join(self.conn.data_to_send()))
+            self._write(b"".join(self.conn.data_to_send()))
         else:  # framed here, as binary replies are (error replies past capacity are many)
-            self.transport.write(ws_header(1, len(data)) + data)
+            self._write(ws_header(1, len(data)) + data)
+
+    def _write(self, data: bytes) -> None:
+        """Now, or held to the end of the tick that runs (one write per tick)."""
+        if not CORK.active:
+            self.transport.write(data)
+        elif self._held is None:
+            self._held = [data]
+            CORK.hold(self)
+        else:
+            self._held.append(data)
+
+    def release(self) -> None:
+        """Write the held frames (dropped if the connection closed meanwhile: a close frame
+        must be the last one sent)."""
+        held, self._held = self._held, None
+        if held and self.open:
+            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def close(self, code: int, reason: str) -> None:
         if self.close_sent or self.disconnected:
             return
+        self.release()  # the replies written before the close go before it
         self.conn.send_close(code, reason)
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True  # later messages are dropped; the peer's close reply ends it

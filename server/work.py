@@ -42,6 +42,10 @@ class Sink(Protocol):
 
     def frame_done(self, frame: Frame, outputs: np.ndarray) -> None: ...
 
+    def frames_done(self, frames: list[Frame], outputs: np.ndarray) -> None:
+        """Consecutive one-sample frames applied as one block: outputs (len(frames),
+        d_output), frame j's in row j."""
+
     def frame_failed(self, frame: Frame, exc: Exception) -> None: ...
 
     def control_done(self, item: Control, value: Any) -> None: ...
@@ -96,6 +100,7 @@ class Stream:
     queued_bytes: int = 0  # samples of the frames in `queue`
     epoch: int = 0  # moves on when the queue is dropped
     placed: float = 0.0  # when its row was last moved (monotonic seconds)
+    careful: int = 0  # head frames to step one at a time (a block of them was refused)
 
     @property
     def model(self) -> str:

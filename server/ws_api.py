@@ -54,6 +54,7 @@ class Connection(Link):
         super().__init__(runtime, peer, websocket)
         self.session: Session | None = None
         self.seq = 0
+        self._refused = 0  # frames answered `overloaded` since the last tick
         self._handoff: asyncio.Future | None = None
 
     def _let_go(self) -> None:
@@ -186,10 +187,20 @@ class Connection(Link):
             self._frames_error.inc()
             self._text_reply(OVERLOADED_REPLY % self.seq)
             self.seq += 1
-            self._flow()  # answered at once, but not faster than the client reads
+            self._refused += 1
+            if self._refused == self.settings.pressed_queue:  # the rest wait in the socket
+                self._pause()
+                scheduler.after_tick(self._after_refusals)
+            else:
+                self._flow()  # answered at once, but not faster than the client reads
             return
         self._queue(Frame(samples, self.seq, time.perf_counter(), text))
         self.seq += 1
+
+    def _after_refusals(self) -> None:
+        self._refused = 0
+        if not self.finished.done():
+            self.on_writable()
 
     def _reject(self, err: ServeError) -> None:
         """A bad data frame: rejected whole, its error takes the frame's reply slot."""
@@ -233,6 +244,20 @@ class Connection(Link):
             payload = outputs.tobytes()
             self.session.ring.add(payload)
             self.peer.send_bytes(payload)
+        self._flow()
+
+    def frames_done(self, frames: list[Frame], outputs: np.ndarray) -> None:
+        ring, peer = self.session.ring, self.peer
+        for frame, out in zip(frames, outputs, strict=True):
+            if frame.text:
+                payload = json.dumps({"type": "outputs", "seq": frame.seq, "t": frame.t,
+                                      "data": [out.tolist()]})
+                ring.add(payload)
+                peer.send_text(payload)
+            else:
+                payload = out.tobytes()
+                ring.add(payload)
+                peer.send_bytes(payload)
         self._flow()
 
     def _flow(self) -> None:

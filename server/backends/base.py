@@ -117,13 +117,16 @@ class ModelBackend(ABC):
     rows_in_place: bool = False
 
     def step_rows_into(self, u: np.ndarray, pool32: torch.Tensor, pool64: torch.Tensor,
-                       rows: np.ndarray, rate: float, y: np.ndarray, kept: np.ndarray) -> int:
+                       rows: np.ndarray, rate: float, y: np.ndarray, kept: np.ndarray,
+                       steps: np.ndarray | None = None) -> int:
         """Rows `rows` (distinct) of a slot pool's state advanced by one sample where they lie
         (when `rows_in_place`; else the caller gathers, steps and scatters): u (B, d_input)
         read, y (B, d_output) written, both numpy views of any row stride (the records of a
         wire message and of its reply need no copy); kept (B) uint8 set to whether each row
-        advanced (its input and output finite; the others are left as they were). Returns
-        how many did."""
+        advanced (its input and output finite; the others are left as they were). With
+        `steps` (B,) int64: row b advances by steps[b] samples as one block (exactly that
+        many steps, kept whole or not at all), u (B, K, d_input) and y (B, K, d_output)
+        contiguous, K >= every steps[b]. Returns how many did."""
         raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
 
     def rows_call(self, pool32: torch.Tensor, pool64: torch.Tensor, rows: np.ndarray,

@@ -140,11 +140,12 @@ class TorchBackend(ModelBackend):
     def rows_in_place(self) -> bool:
         return isinstance(self._fused, NativeStep)
 
-    def step_rows_into(self, u, pool32, pool64, rows, rate, y, kept):
+    def step_rows_into(self, u, pool32, pool64, rows, rate, y, kept, steps=None):
         if not self.rows_in_place:
-            return super().step_rows_into(u, pool32, pool64, rows, rate, y, kept)
+            return super().step_rows_into(u, pool32, pool64, rows, rate, y, kept, steps)
         # no inference_mode: the C step records no autograd graph (it cost ~5 us a call)
-        return self._fused.at_rows_into(self._recurrence(rate), u, pool32, pool64, rows, y, kept)
+        return self._fused.at_rows_into(self._recurrence(rate), u, pool32, pool64, rows, y, kept,
+                                        steps)
 
     def rows_call(self, pool32, pool64, rows, rate, y, kept):
         if not self.rows_in_place:

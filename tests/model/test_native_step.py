@@ -252,6 +252,35 @@ def test_a_rows_call_steps_inputs_read_from_a_received_message(cache):
     assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
 
 
+def test_blocks_of_queued_samples_are_exactly_their_steps(cache):
+    """Rows advanced by different numbers of samples in one call (a session's queued
+    one-sample frames as one block): the outputs and states of as many single steps, bit for
+    bit; a row given 0 samples stays as it was, and a block with one NaN is refused whole."""
+    net, rec, step, pool32, pool64, twin32, twin64 = _pool_and_twin(cache)
+    d_in, d_out = net.config.d_input, net.config.d_output
+    rows, steps = np.array([7, 2, 5, 0]), np.array([3, 1, 0, 2])
+    u = np.random.default_rng(3).standard_normal((4, 3, d_in)).astype(np.float32)
+    u[3, 1, 0] = math.nan
+    y, kept = np.full((4, 3, d_out), 9.0, np.float32), np.empty(4, np.uint8)
+    before32, before64 = pool32.clone(), pool64.clone()
+    done = step.at_rows_into(rec, u, pool32, pool64, rows, y, kept, steps)
+    assert done == 3 and kept.tolist() == [1, 1, 1, 0]
+    for b, (row, n) in enumerate(zip(rows.tolist()[:3], steps.tolist()[:3], strict=True)):
+        for t in range(n):
+            expected = np.empty((1, d_out), np.float32)
+            step.at_rows_into(rec, u[b, t][None], twin32, twin64, np.array([row]), expected,
+                              np.empty(1, np.uint8))
+            assert np.array_equal(y[b, t], expected[0])
+    assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
+    assert torch.equal(pool32[[5, 0]], before32[[5, 0]])  # no samples; the refused block
+    assert torch.equal(pool64[[5, 0]], before64[[5, 0]])
+    with pytest.raises(ValueError, match=r"steps must lie in \[0, 3\]"):
+        step.at_rows_into(rec, u, pool32, pool64, rows, y, kept, np.array([4, 1, 0, 0]))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        step.at_rows_into(rec, u[:, :2], pool32, pool64, rows, y, kept, steps)
+    assert torch.equal(pool32, twin32)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, 3e38])
 def test_a_row_whose_input_or_output_is_not_finite_is_left_as_it_was(bad, cache):
     """3e38 is finite, but its output is not: that row must not advance either."""

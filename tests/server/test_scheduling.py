@@ -238,9 +238,9 @@ async def test_under_pressure_frames_wait_in_the_socket_not_in_the_queue(model_d
             await ws.close()
         backend.step_flat = step
         expected = np.asarray(predict(srv.url, "seq", u[None])["outputs"])[0]
-    # a connection resumes reading at half its limit (32 of session_queue 64); once pressure
+    # a connection resumes reading at half its limit (8 of session_queue 16); once pressure
     # is known its next frame pauses it, so no queue fills to session_queue (without
-    # pressure they do: 64)
+    # pressure they do: 16)
     assert 0 < deepest[0] <= settings.session_queue // 2 + 1
     for out in outs:
         np.testing.assert_allclose(out, expected, atol=1e-4)
@@ -273,7 +273,7 @@ def watched_and_slowed(srv, seen, call: str, seconds: float):
 async def test_queued_samples_are_bounded_in_bytes_per_session_and_per_model(model_dirs,
                                                                              tmp_path):
     """Frames of 256 samples (2 KiB as float32) into a server that cannot keep up: reading
-    pauses at session_queue_kb (8 KiB: 4 frames), far below session_queue (64 frames); every
+    pauses at session_queue_kb (8 KiB: 4 frames), far below session_queue (16 frames); every
     frame is still answered, in order, as predict computes it, and the byte counts return
     to zero."""
     settings = make_settings(model_dirs, tmp_path, press_lag=100.0, session_queue_kb=8,
@@ -299,10 +299,11 @@ async def test_queued_samples_are_bounded_in_bytes_per_session_and_per_model(mod
 
 
 async def test_a_model_past_its_queued_bytes_answers_overloaded(model_dirs, tmp_path):
-    """max_queued_mb 1 with 64 KiB frames that take a while: the frames past 1 MiB queued are
+    """max_queued_mb 1 with 64 KiB frames that take a while (session_queue 64, so that one
+    session can reach the model's bound): the frames past 1 MiB queued are
     answered `overloaded` in their reply slot (state unchanged), the others with outputs."""
     settings = make_settings(model_dirs, tmp_path, press_lag=100.0, max_queued_mb=1,
-                             step_compiler="torchscript")
+                             session_queue=64, step_compiler="torchscript")
     with ServerThread(settings) as srv:
         most = [0]
         models = srv.runtime.scheduler._models
@@ -321,3 +322,35 @@ async def test_a_model_past_its_queued_bytes_answers_overloaded(model_dirs, tmp_
     refused = [json.loads(r)["code"] for r in replies if isinstance(r, str)]
     assert refused and set(refused) == {"overloaded"}
     assert len(refused) < 40 and most[0] <= (1 << 20) + frame.nbytes
+
+
+async def test_frames_refused_past_capacity_are_read_a_few_per_tick(model_dirs, tmp_path):
+    """Past capacity, a connection answers at most `pressed_queue` frames `overloaded` and then
+    stops reading until a tick has run: answering costs about what computing does, and a
+    flood of frames read and refused took the loop from the ticks that end the overload.
+    Every frame is still answered, in order."""
+    settings = make_settings(model_dirs, tmp_path, pressed_queue=2)
+    with ServerThread(settings) as srv:
+        scheduler, runtime = srv.runtime.scheduler, srv.runtime
+        ticks_at_refusal: list[int] = []
+        error = runtime.error
+
+        def counted(code: str) -> None:
+            if code == "overloaded":
+                ticks_at_refusal.append(scheduler.ticks)
+            error(code)
+
+        async with await connect(srv.ws_url, "seq") as ws:
+            await start(ws)
+            runtime.error = counted
+            scheduler.overloaded = lambda pool: True
+            try:
+                frame = np.zeros((1, 2), "<f4").tobytes()
+                await asyncio.gather(*(ws.send(frame) for _ in range(12)))
+                replies = [json.loads(await ws.recv()) for _ in range(12)]
+            finally:
+                del scheduler.overloaded
+                runtime.error = error
+    assert [(r["code"], r["seq"]) for r in replies] == [("overloaded", s) for s in range(12)]
+    per_tick = [ticks_at_refusal.count(t) for t in set(ticks_at_refusal)]
+    assert len(ticks_at_refusal) == 12 and max(per_tick) <= 2 and len(per_tick) >= 6
