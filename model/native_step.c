@@ -1,8 +1,13 @@
-/* The whole-network S4D step, one session row at a time, on flat state rows in place.
+/* The whole-network S4D step on flat state rows in place: a row at a time, or for a batch of
+ * single steps layer by layer over tiles of rows (run_tiled).
  *
  * Why C: at large batches a step is memory bound, and a graph compiler's step reads and writes
  * each layer's state several times (new state, output reduction, the final concatenation); here
- * every row's state is read once and written once. At B=1 a graph's per-call and per-kernel
+ * every row's state is read once and written once. Measured (session 20, reference network
+ * 4 x 128, N=64, one thread, alternating builds): B=1024 41.5 / 41.7 ms a row at a time, 32.5 /
+ * 35.5 ms in tiles of 8 rows (16 and 32: 32.7, 32.9; 4: 36.7); B=100 3.6-3.8 -> 3.3-3.4 ms.
+ * Of a row's ~30 us (perf at B=8): the SSM 1/3, the output linear 30%, the new state's copy
+ * from scratch and GELU/GLU a fifth each: compute, not memory, at this size. At B=1 a graph's per-call and per-kernel
  * overheads dominate; here a call is one loop nest.
  *
  * Per row (model/network.py, RecurrentNetwork.step; model/recurrent.py, DiagonalRecurrence):
@@ -191,29 +196,34 @@ static double *scratch_for(size_t bytes) {
   return scratch;
 }
 
-/* One sample of one row: u (d_input) and the state (s32, s64) -> y (d_output) and the new
- * state (n32, n64); `act` holds the activations. `wide`: s32 and n32 hold the float32 part
- * of the state as float64. */
-static void sample(const Net *net, const float *u, const void *s32, const double *s64,
-                   void *n32, double *n64, int wide, float *act, float *y) {
+/* A sample's parts, so that rows can also go layer by layer (run_tiled): the encoder (x from u),
+ * one layer (x and the state's part of layer i: s32 -> n32), and the end (pooled mean from s64
+ * into n64, decoder). `act` holds the other activations. */
+static void sample_begin(const Net *net, const float *u, float *x) {
+  if (net->enc_w_t) linear(u, net->d_input, net->enc_w_t, net->enc_b, net->d_model, x);
+  else memcpy(x, u, sizeof(float) * (size_t)net->d_model);
+}
+
+static void sample_layer(const Net *net, int i, float *x, const void *s32, void *n32, int wide,
+                         float *act) {
   const int h = net->d_model, hc = net->channels * h;
-  float *x = act, *z = x + h, *ys = z + hc, *out = ys + hc, *v = out + 2 * h;
-  if (net->enc_w_t) linear(u, net->d_input, net->enc_w_t, net->enc_b, h, x);
-  else memcpy(x, u, sizeof(float) * (size_t)h);
-  for (int i = 0; i < net->n_layers; i++) {
-    const Layer *l = net->layers + i;
-    memcpy(z, x, sizeof(float) * (size_t)h);
-    if (net->prenorm && l->ln_w) layer_norm(z, h, l->ln_w, l->ln_b, net->ln_eps);
-    if (wide) ssm_wide(l, hc, h, net->n2, z, s32, n32, ys);
-    else ssm(l, hc, h, net->n2, z, s32, n32, ys);
-    tail(l, hc, h, ys, out, v);
-    if (net->residual) {
-      for (int k = 0; k < h; k++) x[k] += v[k];
-    } else {
-      memcpy(x, v, sizeof(float) * (size_t)h);
-    }
-    if (!net->prenorm && l->ln_w) layer_norm(x, h, l->ln_w, l->ln_b, net->ln_eps);
+  float *z = act, *ys = z + hc, *out = ys + hc, *v = out + 2 * h;
+  const Layer *l = net->layers + i;
+  memcpy(z, x, sizeof(float) * (size_t)h);
+  if (net->prenorm && l->ln_w) layer_norm(z, h, l->ln_w, l->ln_b, net->ln_eps);
+  if (wide) ssm_wide(l, hc, h, net->n2, z, s32, n32, ys);
+  else ssm(l, hc, h, net->n2, z, s32, n32, ys);
+  tail(l, hc, h, ys, out, v);
+  if (net->residual) {
+    for (int k = 0; k < h; k++) x[k] += v[k];
+  } else {
+    memcpy(x, v, sizeof(float) * (size_t)h);
   }
+  if (!net->prenorm && l->ln_w) layer_norm(x, h, l->ln_w, l->ln_b, net->ln_eps);
+}
+
+static void sample_end(const Net *net, float *x, const double *s64, double *n64, float *y) {
+  const int h = net->d_model;
   if (net->pooled) { /* the running mean, float64 so long streams keep it exact */
     const double count = s64[net->off_count] + 1.0;
     n64[net->off_count] = count;
@@ -224,6 +234,17 @@ static void sample(const Net *net, const float *u, const void *s32, const double
   }
   if (net->dec_w_t) linear(x, h, net->dec_w_t, net->dec_b, net->d_output, y);
   else memcpy(y, x, sizeof(float) * (size_t)net->d_output);
+}
+
+/* One sample of one row: u (d_input) and the state (s32, s64) -> y (d_output) and the new
+ * state (n32, n64); `act` holds the activations. `wide`: s32 and n32 hold the float32 part
+ * of the state as float64. */
+static void sample(const Net *net, const float *u, const void *s32, const double *s64,
+                   void *n32, double *n64, int wide, float *act, float *y) {
+  float *x = act;
+  sample_begin(net, u, x);
+  for (int i = 0; i < net->n_layers; i++) sample_layer(net, i, x, s32, n32, wide, x + net->d_model);
+  sample_end(net, x, s64, n64, y);
 }
 
 /* Blocks of up to this many samples round the state to float32 at every sample, as steps do:
@@ -241,6 +262,58 @@ static void sample(const Net *net, const float *u, const void *s32, const double
  * finite (else it stays as it was, whole); `kept` (batch, or NULL) says which were.
  * Returns the number of rows replaced, -1 when scratch memory could not be had, -2 when a
  * row index is not in [0, n_rows) (nothing changed then). */
+/* Rows per tile of run_tiled. */
+#define TILE_ROWS 8
+
+/* One sample for each of `batch` rows, layer by layer over tiles of TILE_ROWS rows: a layer's
+ * tables and output linear (224 KB for 128 x N=64) are read from L2 for every row of the tile
+ * instead of from L3 (a whole network's weights do not fit in L2 beside a row's state). Each
+ * row's arithmetic is that of `sample`, in the same order: the same numbers bit for bit. The
+ * tile's new states go to scratch and are copied to rows whose inputs and outputs are finite,
+ * as run_rows does. Arguments as run_rows (steps 1). */
+static long run_tiled(const Net *net, long batch, const float *u, long u_stride, float *s32,
+                      long s32_stride, double *s64, long s64_stride, float *y, long y_stride,
+                      const int64_t *rows, uint8_t *kept) {
+  const int h = net->d_model, hc = net->channels * h;
+  const long w32 = net->width32, w64 = net->width64;
+  double *pool = scratch_for(sizeof(double) * (size_t)(TILE_ROWS * w64) +
+                             sizeof(float) * ((size_t)TILE_ROWS * (w32 + h) + 5 * (size_t)h +
+                                              2 * (size_t)hc));
+  if (!pool) return -1;
+  double *new64 = pool;
+  float *new32 = (float *)(pool + TILE_ROWS * w64), *xs = new32 + TILE_ROWS * w32;
+  float *act = xs + TILE_ROWS * h;
+  long written = 0;
+  for (long b0 = 0; b0 < batch; b0 += TILE_ROWS) {
+    const int n = batch - b0 < TILE_ROWS ? (int)(batch - b0) : TILE_ROWS;
+    float *row32[TILE_ROWS];
+    double *row64[TILE_ROWS];
+    for (int r = 0; r < n; r++) {
+      const long at = rows ? (long)rows[b0 + r] : b0 + r;
+      row32[r] = s32 + at * s32_stride;
+      row64[r] = s64 + at * s64_stride;
+      sample_begin(net, u + (b0 + r) * u_stride, xs + r * h);
+    }
+    for (int i = 0; i < net->n_layers; i++)
+      for (int r = 0; r < n; r++)
+        sample_layer(net, i, xs + r * h, row32[r], new32 + r * w32, 0, act);
+    for (int r = 0; r < n; r++) {
+      const long b = b0 + r;
+      float *yb = y + b * y_stride;
+      if (w64) memcpy(new64 + r * w64, row64[r], sizeof(double) * (size_t)w64);
+      sample_end(net, xs + r * h, row64[r], new64 + r * w64, yb);
+      const int fine = finite_all(u + b * u_stride, net->d_input) &&
+                       finite_all(yb, net->d_output);
+      if (kept) kept[b] = (uint8_t)fine;
+      if (!fine) continue;
+      memcpy(row32[r], new32 + r * w32, sizeof(float) * (size_t)w32);
+      if (w64) memcpy(row64[r], new64 + r * w64, sizeof(double) * (size_t)w64);
+      written++;
+    }
+  }
+  return written;
+}
+
 static long run_rows(const Net *net, long batch, long steps, const int64_t *steps_each,
                      const float *u, long u_stride, float *s32, long s32_stride, double *s64,
                      long s64_stride, float *y, long y_stride, const int64_t *rows, long n_rows,
@@ -254,6 +327,9 @@ static long run_rows(const Net *net, long batch, long steps, const int64_t *step
     if (rows[b] < 0 || rows[b] >= n_rows) return -2;
   for (long b = 0; steps_each && b < batch; b++)
     if (steps_each[b] < 0 || steps_each[b] > steps) return -4;
+  if (!steps_each && steps == 1 && batch > 1)
+    return run_tiled(net, batch, u, u_stride, s32, s32_stride, s64, s64_stride, y, y_stride,
+                     rows, kept);
   double *pool_buf[2] = {pool, pool + w64};
   double *buf[2] = {pool + 2 * w64, pool + 2 * w64 + w32}; /* float or double states */
   float *act = (float *)(buf[1] + w32);

@@ -252,6 +252,32 @@ def test_a_rows_call_steps_inputs_read_from_a_received_message(cache):
     assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
 
 
+@pytest.mark.parametrize("option", ["classification", "postnorm", "plain", "channels"])
+def test_a_batch_goes_layer_by_layer_with_the_numbers_of_rows_one_at_a_time(option, cache):
+    """A step of many rows runs layer by layer over tiles of rows (a layer's weights stay in
+    cache across the tile): each row's outputs and state bit for bit those of the row stepped
+    alone; a row with a NaN input, in the middle of a tile, is left as it was."""
+    net = perturbed_network(layer="s4d", **OPTIONS[option])
+    rec = net.to_recurrent(1.0)
+    layout = StateLayout.of(rec.state_spec)
+    step = NativeStep(rec, layout, cache)
+    pool32, pool64 = layout.join(_random_state(rec, 20))
+    twin32, twin64 = pool32.clone(), pool64.clone()
+    d_in, d_out = net.config.d_input, net.config.d_output
+    rows = np.array([19, 3, 0, 7, 12, 5, 1, 18, 9, 2, 15], np.int64)  # a tile and a part
+    u = np.random.default_rng(4).standard_normal((len(rows), d_in)).astype(np.float32)
+    u[4, 0] = math.nan
+    y, kept = np.empty((len(rows), d_out), np.float32), np.empty(len(rows), np.uint8)
+    assert step.at_rows_into(rec, u, pool32, pool64, rows, y, kept) == len(rows) - 1
+    assert kept.tolist() == [1, 1, 1, 1, 0] + [1] * 6
+    for b, row in enumerate(rows.tolist()):
+        alone, flag = np.empty((1, d_out), np.float32), np.empty(1, np.uint8)
+        step.at_rows_into(rec, u[b:b + 1], twin32, twin64, rows[b:b + 1], alone, flag)
+        if flag[0]:
+            assert np.array_equal(y[b], alone[0])
+    assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
+
+
 def test_blocks_of_queued_samples_are_exactly_their_steps(cache):
     """Rows advanced by different numbers of samples in one call (a session's queued
     one-sample frames as one block): the outputs and states of as many single steps, bit for
