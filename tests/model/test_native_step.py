@@ -270,7 +270,7 @@ def test_a_batch_goes_layer_by_layer_with_the_numbers_of_rows_one_at_a_time(opti
     y, kept = np.empty((len(rows), d_out), np.float32), np.empty(len(rows), np.uint8)
     assert step.at_rows_into(rec, u, pool32, pool64, rows, y, kept) == len(rows) - 1
     assert kept.tolist() == [1, 1, 1, 1, 0] + [1] * 6
-    for b, row in enumerate(rows.tolist()):
+    for b in range(len(rows)):
         alone, flag = np.empty((1, d_out), np.float32), np.empty(1, np.uint8)
         step.at_rows_into(rec, u[b:b + 1], twin32, twin64, rows[b:b + 1], alone, flag)
         if flag[0]:
