@@ -7,7 +7,8 @@
  * 4 x 128, N=64, one thread, alternating builds): B=1024 41.5 / 41.7 ms a row at a time, 32.5 /
  * 35.5 ms in tiles of 8 rows (16 and 32: 32.7, 32.9; 4: 36.7); B=100 3.6-3.8 -> 3.3-3.4 ms.
  * Of a row's ~30 us (perf at B=8): the SSM 1/3, the output linear 30%, the new state's copy
- * from scratch and GELU/GLU a fifth each: compute, not memory, at this size. At B=1 a graph's per-call and per-kernel
+ * from scratch and GELU/GLU a fifth each: compute, not memory, at this size; GELU/GLU were
+ * scalar loops, vectorised since (-fno-trapping-math, model/native_step.py): B=1024 ~29 ms. At B=1 a graph's per-call and per-kernel
  * overheads dominate; here a call is one loop nest.
  *
  * Per row (model/network.py, RecurrentNetwork.step; model/recurrent.py, DiagonalRecurrence):

@@ -32,7 +32,12 @@ from torch import nn
 from model.fused import StateLayout
 
 SOURCE = Path(__file__).with_name("native_step.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
+# -fno-trapping-math: without it GCC left the GELU and GLU loops scalar ("control flow in
+# loop": it will not turn the exp's clamp into a vector select when a comparison may trap);
+# results are unchanged (no reassociation, same rounding), and no one reads FP exception
+# flags. Measured (session 20, reference network, one thread): B=1024 35.5 / 36.3 -> 29.6 /
+# 28.4 ms, B=8 -17%.
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-fPIC", "-shared")
 _loaded: dict[Path, ctypes.CDLL] = {}
 
 
