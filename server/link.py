@@ -9,6 +9,7 @@ import logging
 
 from fastapi import WebSocket
 
+from server.asgi_peer import AsgiPeer
 from server.errors import (
     CLOSE_INTERNAL,
     CLOSE_POLICY,
@@ -19,7 +20,7 @@ from server.errors import (
 from server.models import LoadedModel
 from server.runtime import Runtime
 from server.sessions import Owner, Session
-from server.transport import EXTENSION, AsgiPeer, Peer
+from server.transport import EXTENSION, Peer
 
 log = logging.getLogger("s4serve.ws")
 RESUME_POLL_S = 0.05  # how often a waiting resume looks in the store again

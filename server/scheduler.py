@@ -140,7 +140,8 @@ class Scheduler(SampleRounds, BatchRounds):
         self._wake()
 
     def after_tick(self, callback: Callable[[], None]) -> None:
-        """Call `callback` at the end of the next tick. A connection that answered frames
+        """Call `callback` at the end of a tick (this one, when called from within it). A
+        connection that answered frames
         `overloaded` stops reading until then: answering costs about as much as computing,
         so reading and refusing a flood of frames would take the loop from the ticks that
         end the overload (measured: a collapse to ~10% of capacity at 1000 sessions)."""
@@ -202,9 +203,13 @@ class Scheduler(SampleRounds, BatchRounds):
         self._pending = False
         self.ticks += 1
         started = time.perf_counter()
-        with CORK:  # each connection's replies of the tick in one write
+        # each connection's replies of a round in one write, at the round's end (a tick's end
+        # would hold a reply up to `budget`: a client sending one frame per reply beside a
+        # long frame waited two ticks per frame)
+        with CORK:
             self.lag = self._round(started)
-            while (self._ready or self._batches) and time.perf_counter() - started < self.budget:
+        while (self._ready or self._batches) and time.perf_counter() - started < self.budget:
+            with CORK:
                 self._round(started)
         if (self._ready or self._batches) and not self._pending:
             self._pending = True

@@ -89,7 +89,8 @@ class Settings(BaseSettings):
         "`resume_not_found`"
     )
     session_queue: int = Field(
-        16, ge=1, description="frames in flight per session; with many sessions per worker "
+        16, ge=1, description="frames in flight per session (per mux connection: messages); "
+        "with many sessions per worker "
         "this sets the backlog a tick must work through once the server is pressed (measured, "
         "2 workers, 1000 per-sample sessions: at 64, ~32k frames queued per worker took over "
         "max_lag to drain and new frames were refused; at 16, none were)")

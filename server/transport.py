@@ -1,22 +1,21 @@
-"""WebSocket transport for streams: messages pushed to a handler, replies written at once.
+"""WebSocket transport for streams: messages pushed to a handler, replies written without a task.
 
 uvicorn's sans-I/O WebSocket protocol hands every message to the app through an asyncio queue
 and pauses reading until the app's task has taken it: a task wake-up per message, and a client
 whose replies back up stops being read, pongs included. `PushProtocol` keeps uvicorn's parser,
 handshake, keepalive and close handling, and adds an ASGI extension, `s4serve.push`: once the
 app has accepted the connection it attaches a `Handler`, which from then on gets each message
-as a plain call from `data_received` and writes replies synchronously. Reading pauses only when
+as a plain call from `data_received` and writes replies synchronously (during a round of a tick,
+held to its end and written once per connection: server/cork.py). Reading pauses only when
 the handler asks (its own flow control), so pings and pongs keep flowing otherwise, and while
 it is paused a missing pong does not close the connection.
 
-`AsgiPeer` gives the same interface over any ASGI server (a pump task and a writer task), so
-the app also runs where `PushProtocol` is not installed.
+`server.asgi_peer.AsgiPeer` gives the same interface over any ASGI server (a pump task and a
+writer task), so the app also runs where `PushProtocol` is not installed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import deque
 from typing import Any, Protocol
 
@@ -33,7 +32,7 @@ from server.cork import CORK
 EXTENSION = "s4serve.push"
 
 
-def _payload(message: dict) -> bytes | str:
+def payload_of(message: dict) -> bytes | str:
     """An ASGI websocket.receive's data; an empty binary message stays binary (b"")."""
     data = message.get("bytes")
     return data if data is not None else message.get("text") or ""
@@ -96,7 +95,8 @@ class PushProtocol(WebSocketsSansIOProtocol):
     _slow = False  # never again (an unusual frame was seen)
     _rest = b""  # received bytes not parsed yet (a frame's start, or held while paused)
     _data_at = 0.0  # loop time of the last read from the peer
-    _held: list[bytes] | None = None  # frames written during a tick (server/cork.py)
+    _held: list[bytes] | None = None  # frames written during a round (server/cork.py)
+    _resume_due = False  # reading resumes once the round that asked for it is over
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -251,7 +251,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
                 self.handler = None
                 handler.on_disconnect()
                 return
-            handler.on_message(_payload(message))
+            handler.on_message(payload_of(message))
         if self.read_paused and not self._peer_paused:
             self.read_paused = False
             self.transport.resume_reading()
@@ -276,7 +276,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
             self._write(ws_header(1, len(data)) + data)
 
     def _write(self, data: bytes) -> None:
-        """Now, or held to the end of the tick that runs (one write per tick)."""
+        """Now, or held to the end of the round that runs (one write per round)."""
         if not CORK.active:
             self.transport.write(data)
         elif self._held is None:
@@ -292,6 +292,13 @@ class PushProtocol(WebSocketsSansIOProtocol):
         if held and self.open:
             self.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
+    def handle_close(self, event: Frame) -> None:
+        """The client's close: the replies held in this round go before our close reply."""
+        held, self._held = self._held, None
+        if held and not (self.close_sent or self.disconnected):
+            self.transport.write(b"".join(held))
+        super().handle_close(event)
+
     def close(self, code: int, reason: str) -> None:
         if self.close_sent or self.disconnected:
             return
@@ -303,15 +310,21 @@ class PushProtocol(WebSocketsSansIOProtocol):
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     async def flushed(self) -> None:
-        return  # every send was written to the transport synchronously
+        return  # every send was written to the transport synchronously, or at its round's end
 
     def pause_reading(self) -> None:
         self._peer_paused = True
+        self._resume_due = False  # a resume asked for earlier in this round is void
         if not self.read_paused and not self.disconnected:
             self.read_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        if CORK.active:  # not in the middle of a round (server/cork.py): at its end
+            if not self._resume_due:
+                self._resume_due = True
+                CORK.later(self._resume_after_tick)
+            return
         self._peer_paused = False
         self._deliver_backlog()
         if self._rest and self._fast and not self._peer_paused:
@@ -323,86 +336,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
             self.read_paused = False
             self.transport.resume_reading()
 
-
-
-class AsgiPeer:
-    """The `Peer` interface over a plain ASGI WebSocket (any server): one pump task reads
-    messages into the handler, one writer task sends what the handler queued, in order."""
-
-    def __init__(self, websocket: Any) -> None:
-        self.ws = websocket
-        self.handler: Handler | None = None
-        self._out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._reading = asyncio.Event()
-        self._reading.set()
-        self._closed = False
-        self._writer = asyncio.create_task(self._write())
-        self._pump_task: asyncio.Task | None = None
-
-    @property
-    def open(self) -> bool:
-        return not self._closed
-
-    can_write = True
-
-    def attach(self, handler: Handler) -> None:
-        self.handler = handler
-        self._pump_task = asyncio.create_task(self._pump())
-
-    async def flushed(self) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
-
-    async def _pump(self) -> None:
-        while True:
-            await self._reading.wait()
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                self._gone()
-                return
-            if self.handler is not None and not self._closed:
-                self.handler.on_message(_payload(message))
-
-    async def _write(self) -> None:
-        while True:
-            kind, payload = await self._out.get()
-            try:
-                if kind == "bytes":
-                    await self.ws.send_bytes(payload)
-                elif kind == "text":
-                    await self.ws.send_text(payload)
-                else:
-                    await self.ws.close(code=payload[0], reason=payload[1])
-                    self._gone()
-                    return
-            except Exception:  # the peer is gone
-                self._gone()
-                return
-
-    def _gone(self) -> None:
-        self._closed = True
-        for task in (self._writer, self._pump_task):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-        if self.handler is not None:
-            handler, self.handler = self.handler, None
-            handler.on_disconnect()
-
-    def send_bytes(self, data: bytes) -> None:
-        if not self._closed:
-            self._out.put_nowait(("bytes", data))
-
-    def send_text(self, text: str) -> None:
-        if not self._closed:
-            self._out.put_nowait(("text", text))
-
-    def close(self, code: int, reason: str) -> None:
-        if not self._closed:
-            self._closed = True
-            self._out.put_nowait(("close", (code, reason)))
-
-    def pause_reading(self) -> None:
-        self._reading.clear()
-
-    def resume_reading(self) -> None:
-        self._reading.set()
+    def _resume_after_tick(self) -> None:
+        if self._resume_due:
+            self._resume_due = False
+            self.resume_reading()

@@ -1,11 +1,12 @@
 """WS /v1/models/{name}/stream: the transport side of one streaming session.
 
 The connection is a `transport.Handler`: each client message arrives as a plain call on the
-event loop, is validated and queued with the scheduler, and each reply is written to the socket
-the moment a tick produces it; no task, timer or future per message. Flow control: when a
-session has `session_queue` items unanswered, or its socket's write buffer is full, reading
-pauses (TCP backpressure) until it drains, so a client that floods or never reads cannot grow
-server memory; keepalive pings are answered by the transport regardless.
+event loop, is validated and queued with the scheduler, and the replies a round of a tick
+produces are written to the socket at its end, one write (server/cork.py); no task, timer or
+future per message. Flow control: when a session has `session_queue` items unanswered, or its
+socket's write buffer is full, reading pauses (TCP backpressure) until it drains, so a client
+that floods or never reads cannot grow server memory; keepalive pings are answered by the
+transport regardless.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Connection(Link):
         super().__init__(runtime, peer, websocket)
         self.session: Session | None = None
         self.seq = 0
-        self._refused = 0  # frames answered `overloaded` since the last tick
+        self._refused = 0  # frames answered `overloaded` since reading last resumed
         self._handoff: asyncio.Future | None = None
 
     def _let_go(self) -> None:

@@ -1,7 +1,8 @@
-"""server/cork.py: replies written during a tick leave as one write per connection at its end,
-in order; outside a tick they leave at once; a connection closed meanwhile sends none of them
-after its close frame."""
+"""server/cork.py: replies written during a round leave as one write per connection at its end,
+in order; outside a round they leave at once; a connection closed meanwhile sends none of them
+after its close frame; reading resumes at the round's end, unless paused again meanwhile."""
 
+from collections import deque
 from types import SimpleNamespace
 
 from websockets.protocol import State
@@ -20,7 +21,7 @@ def _peer() -> tuple[PushProtocol, list[bytes]]:
     return peer, writes
 
 
-def test_a_ticks_replies_leave_as_one_write_per_connection():
+def test_a_rounds_replies_leave_as_one_write_per_connection():
     (a, a_writes), (b, b_writes) = _peer(), _peer()
     with CORK:
         a.send_bytes(b"one")
@@ -41,3 +42,36 @@ def test_held_replies_are_dropped_once_the_connection_closed():
         peer.send_bytes(b"late")
         peer.close_sent = True  # e.g. uvicorn answered the client's close meanwhile
     assert writes == []
+
+
+def _reader() -> tuple[PushProtocol, list[str]]:
+    peer, _ = _peer()
+    calls: list[str] = []
+    peer.transport.pause_reading = lambda: calls.append("pause")
+    peer.transport.resume_reading = lambda: calls.append("resume")
+    peer._backlog, peer.handler, peer.read_paused = deque(), None, False
+    peer.pause_reading()
+    calls.clear()
+    return peer, calls
+
+
+def test_reading_resumes_at_the_end_of_the_round_not_within_it():
+    """A message read mid-round could end or take over a session the round has stepped but
+    not answered yet: a resume asked for within a round happens at its end."""
+    peer, calls = _reader()
+    with CORK:
+        peer.resume_reading()
+        peer.resume_reading()  # asked twice, resumed once
+        assert calls == []
+    assert calls == ["resume"]
+    peer.pause_reading()
+    peer.resume_reading()  # outside a round: at once
+    assert calls == ["resume", "pause", "resume"]
+
+
+def test_a_pause_after_a_resume_in_the_same_round_keeps_reading_paused():
+    peer, calls = _reader()
+    with CORK:
+        peer.resume_reading()
+        peer.pause_reading()
+    assert calls == [] and peer.read_paused
