@@ -8,8 +8,8 @@
  * 35.5 ms in tiles of 8 rows (16 and 32: 32.7, 32.9; 4: 36.7); B=100 3.6-3.8 -> 3.3-3.4 ms.
  * Of a row's ~30 us (perf at B=8): the SSM 1/3, the output linear 30%, the new state's copy
  * from scratch and GELU/GLU a fifth each: compute, not memory, at this size; GELU/GLU were
- * scalar loops, vectorised since (-fno-trapping-math, model/native_step.py): B=1024 ~29 ms. At B=1 a graph's per-call and per-kernel
- * overheads dominate; here a call is one loop nest.
+ * scalar loops, vectorised since (-fno-trapping-math, model/native_step.py): B=1024 ~29 ms.
+ * At B=1 a graph's per-call and per-kernel overheads dominate; here a call is one loop nest.
  *
  * Per row (model/network.py, RecurrentNetwork.step; model/recurrent.py, DiagonalRecurrence):
  *   x = encoder(u)
@@ -244,7 +244,8 @@ static void sample(const Net *net, const float *u, const void *s32, const double
                    void *n32, double *n64, int wide, float *act, float *y) {
   float *x = act;
   sample_begin(net, u, x);
-  for (int i = 0; i < net->n_layers; i++) sample_layer(net, i, x, s32, n32, wide, x + net->d_model);
+  for (int i = 0; i < net->n_layers; i++)
+    sample_layer(net, i, x, s32, n32, wide, x + net->d_model);
   sample_end(net, x, s64, n64, y);
 }
 
@@ -253,6 +254,7 @@ static void sample(const Net *net, const float *u, const void *s32, const double
  * stream of short frames behaves as one of single samples. Longer blocks (audio frames) keep
  * the state in float64 until their end. */
 #define NARROW_STEPS 32
+const long s4d_narrow_steps = NARROW_STEPS; /* read by model/native_step.py */
 
 /* Advances `batch` rows by `steps` samples each: u (batch, steps, d_input), row b at
  * u + b * u_stride; state rows s32, s64 with row strides (row b at index rows[b] when
@@ -263,6 +265,25 @@ static void sample(const Net *net, const float *u, const void *s32, const double
  * finite (else it stays as it was, whole); `kept` (batch, or NULL) says which were.
  * Returns the number of rows replaced, -1 when scratch memory could not be had, -2 when a
  * row index is not in [0, n_rows) (nothing changed then). */
+/* The end of a row's samples: whether its inputs u (nu floats) and outputs y (ny) are all
+ * finite, into *kept when given; if so, its new state (n32, as float64 when `wide`, and n64;
+ * n32 NULL: nothing computed, the row is its own result) replaces the row's. */
+static int commit_row(const Net *net, const float *u, long nu, const float *y, long ny,
+                      float *row32, const void *n32, int wide, double *row64, const double *n64,
+                      uint8_t *kept) {
+  const long w32 = net->width32, w64 = net->width64;
+  const int fine = finite_all(u, (int)nu) && finite_all(y, (int)ny);
+  if (kept) *kept = (uint8_t)fine;
+  if (!fine || !n32) return fine;
+  if (wide) {
+    for (long k = 0; k < w32; k++) row32[k] = (float)((const double *)n32)[k];
+  } else {
+    memcpy(row32, n32, sizeof(float) * (size_t)w32);
+  }
+  if (w64) memcpy(row64, n64, sizeof(double) * (size_t)w64);
+  return fine;
+}
+
 /* Rows per tile of run_tiled. */
 #define TILE_ROWS 8
 
@@ -303,13 +324,9 @@ static long run_tiled(const Net *net, long batch, const float *u, long u_stride,
       float *yb = y + b * y_stride;
       if (w64) memcpy(new64 + r * w64, row64[r], sizeof(double) * (size_t)w64);
       sample_end(net, xs + r * h, row64[r], new64 + r * w64, yb);
-      const int fine = finite_all(u + b * u_stride, net->d_input) &&
-                       finite_all(yb, net->d_output);
-      if (kept) kept[b] = (uint8_t)fine;
-      if (!fine) continue;
-      memcpy(row32[r], new32 + r * w32, sizeof(float) * (size_t)w32);
-      if (w64) memcpy(row64[r], new64 + r * w64, sizeof(double) * (size_t)w64);
-      written++;
+      written += commit_row(net, u + b * u_stride, net->d_input, yb, net->d_output, row32[r],
+                            new32 + r * w32, 0, row64[r], new64 + r * w64,
+                            kept ? kept + b : NULL);
     }
   }
   return written;
@@ -354,18 +371,8 @@ static long run_rows(const Net *net, long batch, long steps, const int64_t *step
       cur32 = buf[t & 1];
       cur64 = pool_buf[t & 1];
     }
-    const int fine = finite_all(ub, (int)(n * net->d_input)) &&
-                     finite_all(yb, (int)(n * net->d_output));
-    if (kept) kept[b] = (uint8_t)fine;
-    if (!fine) continue;
-    written++;
-    if (!n) continue; /* nothing computed: the row is its own result */
-    if (wide) {
-      for (long k = 0; k < w32; k++) row32[k] = (float)((const double *)cur32)[k];
-    } else {
-      memcpy(row32, cur32, sizeof(float) * (size_t)w32);
-    }
-    if (w64) memcpy(row64, cur64, sizeof(double) * (size_t)w64);
+    written += commit_row(net, ub, n * net->d_input, yb, n * net->d_output, row32,
+                          n ? cur32 : NULL, wide, row64, cur64, kept ? kept + b : NULL);
   }
   return written;
 }

@@ -202,6 +202,8 @@ class NativeStep:
         lib = library(cache_dir)
         self._run, self._run_at = lib.s4d_network_run, lib.s4d_network_run_at
         self._run_each = lib.s4d_network_run_each
+        # the longest block stepped as exactly its single steps (float32 at every sample)
+        self.narrow_steps = ctypes.c_long.in_dll(lib, "s4d_narrow_steps").value
         self._d_input, self._d_output = template.config.d_input, template.config.d_output
 
     def __call__(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,

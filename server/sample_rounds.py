@@ -17,21 +17,17 @@ import torch
 from server.slots import SlotPool
 from server.work import Frame, Stream
 
-# Queued one-sample frames of one session stepped as one block, at most (the native step keeps
-# blocks of up to 32 samples in float32 at every sample: bit for bit their single steps).
-BLOCK = 32
 
-
-def _block(stream: Stream) -> int:
-    """How many head items of the stream are untouched one-sample frames (at least 1: the
-    head frame, which may be longer and partly done)."""
+def _block(stream: Stream, most: int) -> int:
+    """How many head items of the stream, at most `most`, are untouched one-sample frames
+    (at least 1: the head frame, which may be longer and partly done)."""
     if stream.careful:
         stream.careful -= 1
         return 1
     queue, k = stream.queue, 1
     if len(queue) == 1 or len(queue[0].samples) != 1 or queue[0].done:
         return 1
-    for item in islice(queue, 1, BLOCK):
+    for item in islice(queue, 1, most):
         if type(item) is not Frame or len(item.samples) != 1:
             break
         k += 1
@@ -94,33 +90,28 @@ class SampleRounds:
 
     def _step_blocks(self, pool: SlotPool, rate: float, members: list[Stream]) -> None:
         """The per-sample path on rows stepped where they lie: each member's queued
-        one-sample frames (up to BLOCK) as one block, exactly their steps, all members in
-        one call, and answered together (one socket write per session with the cork).
-        Under load a session has several such frames queued, and a round then costs one
-        pass per session rather than per frame; a frame of 2-4 samples still advances one
-        sample a round. A block refused for a non-finite value is retried frame by frame,
-        so that only the bad frame is refused."""
+        one-sample frames (up to the backend's `block_steps`: the native step keeps blocks of
+        up to 32 samples in float32 at every sample, bit for bit their single steps) as one
+        block, all members in one call, answered together (one socket write per session with
+        the cork). Under load a session has several such frames queued, and a round then
+        costs one pass per session rather than per frame; a frame of 2-4 samples still
+        advances one sample a round. A block refused for a non-finite value is retried frame
+        by frame, so that only the bad frame is refused."""
         backend, model = pool.backend, self._models[pool]
-        counts = [_block(stream) for stream in members]
+        counts = [_block(stream, backend.block_steps) for stream in members]
         most, n = max(counts), len(members)
         rows = np.fromiter((s.slot for s in members), np.int64, n)
-        if most == 1:
-            heads = [s.queue[0] for s in members]
+        heads = [s.queue[0] for s in members]
+        for stream, head in zip(members, heads, strict=True):
+            if head.done == 0 and len(head.samples) > 1:  # spans a few rounds
+                head.before = pool.rows(stream.slot)
+        if most == 1:  # the usual light load: one call of single steps (tiled in C)
             u, steps = np.stack([f.samples[f.done] for f in heads]), None  # (B, d_input)
-            for stream, frame in zip(members, heads, strict=True):
-                if frame.done == 0 and len(frame.samples) > 1:  # spans a few rounds
-                    frame.before = pool.rows(stream.slot)
         else:
             u = np.zeros((n, most, backend.info.d_input), np.float32)  # (B, K, d_input)
-            for i, (stream, k) in enumerate(zip(members, counts, strict=True)):
-                queue = stream.queue
-                if k == 1:
-                    head = queue[0]
-                    u[i, 0] = head.samples[head.done]
-                    if head.done == 0 and len(head.samples) > 1:
-                        head.before = pool.rows(stream.slot)
-                else:
-                    u[i, :k] = np.concatenate([queue[j].samples for j in range(k)])
+            for i, (stream, head, k) in enumerate(zip(members, heads, counts, strict=True)):
+                u[i, :k] = (head.samples[head.done:head.done + 1] if k == 1 else
+                            np.concatenate([stream.queue[j].samples for j in range(k)]))
             steps = np.array(counts, np.int64)
         y = np.empty((*u.shape[:-1], backend.info.d_output), np.float32)
         kept = np.empty(n, np.uint8)
@@ -128,35 +119,29 @@ class SampleRounds:
         try:
             backend.step_rows_into(u, pool.flat32, pool.flat64, rows, rate, y, kept, steps)
         except Exception as exc:  # no row was written: nothing is lost
-            self._failed(members, [s.queue[0] for s in members], exc)
+            self._failed(members, heads, exc)
             return
         elapsed = time.perf_counter() - started
-        model.call("step", elapsed, n, int(np.dot(kept, counts)) if steps is not None
-                   else int(kept.sum()))
-        for i, (stream, k) in enumerate(zip(members, counts, strict=True)):
+        model.call("step", elapsed, n, int(np.dot(kept, counts)))
+        blocks = y if steps is not None else y[:, None]  # (B, K, d_output)
+        for i, (stream, head, k) in enumerate(zip(members, heads, counts, strict=True)):
             if not kept[i]:
                 if k > 1:
                     stream.careful = k  # each of them alone: only a bad one is refused
                 else:
-                    self._reject_non_finite(stream, stream.queue[0])
+                    self._reject_non_finite(stream, head)
             elif k == 1:
-                self._one_sample(stream, stream.queue[0], y[i:i + 1] if steps is None
-                                 else y[i, :1])
+                self._one_sample(stream, head, blocks[i, :1])
             else:
-                self._answer_block(stream, k, y[i, :k])
+                self._answer_block(stream, k, blocks[i, :k])
 
     def _answer_block(self, stream: Stream, k: int, outputs: np.ndarray) -> None:
         """k one-sample head frames applied (outputs (k, d_output)): all bookkeeping first,
-        then one call to the sink, which may read more from its socket."""
-        queue, t = stream.queue, stream.samples
-        frames = [queue.popleft() for _ in range(k)]
+        then one call to the sink."""
+        frames, t = list(islice(stream.queue, k)), stream.samples
         for j, frame in enumerate(frames):
             frame.t, frame.done = t + j, 1
         stream.samples = t + k
-        size = k * frames[0].samples.nbytes
-        model = self._models[stream.pool]
-        model.queued -= k
-        model.queued_bytes -= size
-        stream.queued_bytes -= size
-        model.latencies.extend([frame.received for frame in frames])
+        self._finish(stream, k)
+        self._models[stream.pool].latencies.extend([frame.received for frame in frames])
         stream.sink.frames_done(frames, outputs)

@@ -141,10 +141,10 @@ class Scheduler(SampleRounds, BatchRounds):
 
     def after_tick(self, callback: Callable[[], None]) -> None:
         """Call `callback` at the end of a tick (this one, when called from within it). A
-        connection that answered frames
-        `overloaded` stops reading until then: answering costs about as much as computing,
-        so reading and refusing a flood of frames would take the loop from the ticks that
-        end the overload (measured: a collapse to ~10% of capacity at 1000 sessions)."""
+        connection that answered frames `overloaded` stops reading until then: answering
+        costs about as much as computing, so reading and refusing a flood of frames would
+        take the loop from the ticks that end the overload (measured: a collapse to ~10% of
+        capacity at 1000 sessions)."""
         self._after_tick.append(callback)
         self._wake()
 
@@ -203,14 +203,9 @@ class Scheduler(SampleRounds, BatchRounds):
         self._pending = False
         self.ticks += 1
         started = time.perf_counter()
-        # each connection's replies of a round in one write, at the round's end (a tick's end
-        # would hold a reply up to `budget`: a client sending one frame per reply beside a
-        # long frame waited two ticks per frame)
-        with CORK:
-            self.lag = self._round(started)
+        self.lag = self._round(started)
         while (self._ready or self._batches) and time.perf_counter() - started < self.budget:
-            with CORK:
-                self._round(started)
+            self._round(started)
         if (self._ready or self._batches) and not self._pending:
             self._pending = True
             self._loop.call_soon(self._tick)
@@ -227,40 +222,43 @@ class Scheduler(SampleRounds, BatchRounds):
 
     def _round(self, now: float) -> float:
         """One batched call per group over the ready streams; returns the age of the oldest
-        frame it started."""
-        oldest = now
-        if self._batches:
-            oldest = min(oldest, self._batches[0].received)
-            self._advance_batches()
-        groups: dict[tuple, list[Stream]] = {}
-        taken: list[Stream] = []
-        ready, piece = self._ready, self.piece
-        for _ in range(min(len(ready), self.max_batch)):
-            stream, _ = ready.popitem(last=False)
-            queue = stream.queue
-            while queue and type(queue[0]) is Control:
-                self.apply(stream, queue.popleft())
-            if not queue or stream.sink is None or type(queue[0]) is Batch:
-                continue  # a batch at the head takes the stream along when it runs
-            frame = queue[0]
-            size = len(frame.samples)
-            if frame.done == 0:
-                frame.t = stream.samples
-                oldest = min(oldest, frame.received)
-                # equal pieces of at most `piece` samples (short frames: one sample a round)
-                frame.piece = 1 if size <= STEPPED_FRAMES else -(-size // -(-size // piece))
-            length = min(size - frame.done, frame.piece)
-            groups.setdefault((stream.pool, stream.rate, length), []).append(stream)
-            taken.append(stream)
-        for (pool, rate, length), members in groups.items():
-            if length == 1:
-                self._step_frames(pool, rate, members)
-            else:
-                self._advance(pool, rate, length, members)
-        for stream in taken:
-            if stream.queue and stream.sink is not None:
-                ready[stream] = None
-        return now - oldest
+        frame it started. Each connection's replies of the round leave in one write at its end
+        (server/cork.py; a tick's end would hold a reply up to `budget`: a client sending one
+        frame per reply beside a long frame waited two ticks per frame)."""
+        with CORK:
+            oldest = now
+            if self._batches:
+                oldest = min(oldest, self._batches[0].received)
+                self._advance_batches()
+            groups: dict[tuple, list[Stream]] = {}
+            taken: list[Stream] = []
+            ready, piece = self._ready, self.piece
+            for _ in range(min(len(ready), self.max_batch)):
+                stream, _ = ready.popitem(last=False)
+                queue = stream.queue
+                while queue and type(queue[0]) is Control:
+                    self.apply(stream, queue.popleft())
+                if not queue or stream.sink is None or type(queue[0]) is Batch:
+                    continue  # a batch at the head takes the stream along when it runs
+                frame = queue[0]
+                size = len(frame.samples)
+                if frame.done == 0:
+                    frame.t = stream.samples
+                    oldest = min(oldest, frame.received)
+                    # equal pieces of at most `piece` samples (short frames: one sample a round)
+                    frame.piece = 1 if size <= STEPPED_FRAMES else -(-size // -(-size // piece))
+                length = min(size - frame.done, frame.piece)
+                groups.setdefault((stream.pool, stream.rate, length), []).append(stream)
+                taken.append(stream)
+            for (pool, rate, length), members in groups.items():
+                if length == 1:
+                    self._step_frames(pool, rate, members)
+                else:
+                    self._advance(pool, rate, length, members)
+            for stream in taken:
+                if stream.queue and stream.sink is not None:
+                    ready[stream] = None
+            return now - oldest
 
     def apply(self, stream: Stream, item: Control) -> None:
         """Run a control item now (its turn has come) and hand the result to the sink."""
@@ -355,10 +353,12 @@ class Scheduler(SampleRounds, BatchRounds):
                            "not be finite; the frame was not applied")
         stream.sink.control_done(Control("error", error, frame.seq, frame.entry), None)
 
-    def _finish(self, stream: Stream) -> None:
-        """The head frame leaves the queue (answered or rejected)."""
-        size = stream.queue.popleft().samples.nbytes
+    def _finish(self, stream: Stream, count: int = 1) -> None:
+        """The head frame (or `count` head frames) leaves the queue, answered or rejected."""
+        queue, size = stream.queue, 0
+        for _ in range(count):
+            size += queue.popleft().samples.nbytes
         model = self._models[stream.pool]
-        model.queued -= 1
+        model.queued -= count
         model.queued_bytes -= size
         stream.queued_bytes -= size

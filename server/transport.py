@@ -285,18 +285,16 @@ class PushProtocol(WebSocketsSansIOProtocol):
         else:
             self._held.append(data)
 
-    def release(self) -> None:
-        """Write the held frames (dropped if the connection closed meanwhile: a close frame
-        must be the last one sent)."""
+    def release(self, closing: bool = False) -> None:
+        """Write the held frames: dropped if the connection closed meanwhile (a close frame
+        must be the last one sent), written before our close reply when the client's close
+        is being answered (`closing`)."""
         held, self._held = self._held, None
-        if held and self.open:
+        if held and (self.open or (closing and not (self.close_sent or self.disconnected))):
             self.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def handle_close(self, event: Frame) -> None:
-        """The client's close: the replies held in this round go before our close reply."""
-        held, self._held = self._held, None
-        if held and not (self.close_sent or self.disconnected):
-            self.transport.write(b"".join(held))
+        self.release(closing=True)  # the replies held in this round go before our close reply
         super().handle_close(event)
 
     def close(self, code: int, reason: str) -> None:
@@ -323,7 +321,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
         if CORK.active:  # not in the middle of a round (server/cork.py): at its end
             if not self._resume_due:
                 self._resume_due = True
-                CORK.later(self._resume_after_tick)
+                CORK.later(self._resume_after_round)
             return
         self._peer_paused = False
         self._deliver_backlog()
@@ -336,7 +334,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
             self.read_paused = False
             self.transport.resume_reading()
 
-    def _resume_after_tick(self) -> None:
+    def _resume_after_round(self) -> None:
         if self._resume_due:
             self._resume_due = False
             self.resume_reading()

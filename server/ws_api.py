@@ -238,6 +238,16 @@ class Connection(Link):
         self.peer.send_text(payload)
 
     def frame_done(self, frame: Frame, outputs: np.ndarray) -> None:
+        self._outputs(frame, outputs)
+        self._flow()
+
+    def frames_done(self, frames: list[Frame], outputs: np.ndarray) -> None:
+        for frame, out in zip(frames, outputs, strict=True):
+            self._outputs(frame, out[None])
+        self._flow()  # once: reading may resume only after all of them
+
+    def _outputs(self, frame: Frame, outputs: np.ndarray) -> None:
+        """A frame's reply: its outputs (T, d_output), as JSON for a text frame."""
         if frame.text:
             self._text_reply(json.dumps({"type": "outputs", "seq": frame.seq, "t": frame.t,
                                          "data": outputs.tolist()}))
@@ -245,21 +255,6 @@ class Connection(Link):
             payload = outputs.tobytes()
             self.session.ring.add(payload)
             self.peer.send_bytes(payload)
-        self._flow()
-
-    def frames_done(self, frames: list[Frame], outputs: np.ndarray) -> None:
-        ring, peer = self.session.ring, self.peer
-        for frame, out in zip(frames, outputs, strict=True):
-            if frame.text:
-                payload = json.dumps({"type": "outputs", "seq": frame.seq, "t": frame.t,
-                                      "data": [out.tolist()]})
-                ring.add(payload)
-                peer.send_text(payload)
-            else:
-                payload = out.tobytes()
-                ring.add(payload)
-                peer.send_bytes(payload)
-        self._flow()
 
     def _flow(self) -> None:
         if self.paused:

@@ -115,6 +115,8 @@ class ModelBackend(ABC):
 
     # whether `step_rows_into` can advance a slot pool's rows where they lie
     rows_in_place: bool = False
+    # the most samples per row `step_rows_into` advances as exactly that many single steps
+    block_steps: int = 1
 
     def step_rows_into(self, u: np.ndarray, pool32: torch.Tensor, pool64: torch.Tensor,
                        rows: np.ndarray, rate: float, y: np.ndarray, kept: np.ndarray,

@@ -140,6 +140,10 @@ class TorchBackend(ModelBackend):
     def rows_in_place(self) -> bool:
         return isinstance(self._fused, NativeStep)
 
+    @property
+    def block_steps(self) -> int:
+        return self._fused.narrow_steps if self.rows_in_place else 1
+
     def step_rows_into(self, u, pool32, pool64, rows, rate, y, kept, steps=None):
         if not self.rows_in_place:
             return super().step_rows_into(u, pool32, pool64, rows, rate, y, kept, steps)
