@@ -3,7 +3,8 @@
  *
  * Why C: at large batches a step is memory bound, and a graph compiler's step reads and writes
  * each layer's state several times (new state, output reduction, the final concatenation); here
- * every row's state is read once and written once, where it lies. Measured (session 20,
+ * every row's state is read once and written once (a batch of single steps: where it lies; a
+ * block of samples: through two scratch rows). Measured (session 20,
  * reference network 4 x 128, N=64, one thread, alternating builds): B=1024 41.5 / 41.7 ms a row
  * at a time, 32.5 / 35.5 ms in tiles of 8 rows; GELU/GLU vectorised (-fno-trapping-math) ~29 ms.
  * Session 21 (the two builds in one process, alternating, medians of 12 rounds): 28.5 -> 21.5
@@ -25,8 +26,9 @@
  *   pooled:   sum += x, count += 1, x = sum / count (float64)
  *   out = decoder(x)
  * A block of T samples (a chunk) is T such steps, the state kept in two scratch rows in turn.
- * The new state is written back only when the row's inputs and outputs are all finite (a
- * rejected frame leaves its session as it was, as the graph steps do).
+ * A row's new state stands only when its inputs and outputs are all finite (a rejected frame
+ * leaves its session as it was, as the graph steps do): written back from scratch then, or, when
+ * written in place, its old values put back.
  */
 #include <math.h>
 #include <stdint.h>
@@ -111,7 +113,8 @@ static inline v8 fma8(v8 a, v8 b, v8 c) {
 static inline v4 fma4(v4 a, v4 b, v4 c) {
   return (v4)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
 }
-#else
+#else /* exact everywhere, fast where fmaf is an instruction (aarch64); a libm call on x86 without
+       * FMA (pre-2013 CPUs), which keeps the numbers and costs much of the speed */
 static inline v8 fma8(v8 a, v8 b, v8 c) {
   v8 r;
   for (int i = 0; i < 8; i++) r[i] = fmaf(a[i], b[i], c[i]);
@@ -298,7 +301,8 @@ static int finite_all(const float *x, int n) {
   return !bad;
 }
 
-/* Scratch per thread: two states (float64 and float32 parts) and the activations. */
+/* Scratch per thread: run_rows' two states (float64 and float32 parts), or run_tiled's kept
+ * rows, and the activations. */
 static __thread double *scratch;
 static __thread size_t scratch_bytes;
 
@@ -438,6 +442,16 @@ static void tile_layer(const Net *net, int i, int n, float *xs, float *const *ro
   }
 }
 
+/* Puts back the layers' states that ssm_keep kept (the parts of the row it wrote). */
+static void restore_layers(const Net *net, float *row32, const float *keep) {
+  const size_t bytes = sizeof(float) * (size_t)net->channels * net->d_model * net->n2;
+  for (int i = 0; i < net->n_layers; i++) {
+    const Layer *l = net->layers + i;
+    memcpy(row32 + l->off_re, keep + l->off_re, bytes);
+    memcpy(row32 + l->off_im, keep + l->off_im, bytes);
+  }
+}
+
 /* The float32 state rows of the tile starting at b0 (none past the batch); their number. */
 static int tile_rows(long b0, long batch, const int64_t *rows, float *s32, long s32_stride,
                      float **row32) {
@@ -452,7 +466,8 @@ static int tile_rows(long b0, long batch, const int64_t *rows, float *s32, long 
  * linear's weights once per four rows. Each row's arithmetic is that of `sample`, in the same
  * order: the same numbers bit for bit. A row's state is updated where it lies (read once,
  * written once, as the roofline pass does) and its old values kept in scratch, copied back when
- * its inputs or outputs are not finite. Arguments as run_rows (steps 1). */
+ * its inputs or outputs are not finite. Arguments as run_rows (steps 1); the rows must be
+ * distinct, as there (not checked: a row given twice would be stepped twice). */
 static long run_tiled(const Net *net, long batch, const float *u, long u_stride, float *s32,
                       long s32_stride, double *s64, long s64_stride, float *y, long y_stride,
                       const int64_t *rows, uint8_t *kept) {
@@ -490,7 +505,7 @@ static long run_tiled(const Net *net, long batch, const float *u, long u_stride,
         if (w64) memcpy(row64[r], new64 + r * w64, sizeof(double) * (size_t)w64);
         written++;
       } else {
-        memcpy(row32[r], keep + r * w32, sizeof(float) * (size_t)w32);
+        restore_layers(net, row32[r], keep + r * w32);
       }
     }
   }

@@ -25,6 +25,8 @@ OPTIONS = {
     # d_model 40: the output linear's 80 outputs are one register tile and a remainder;
     # d_state 20: 10 modes are one vector of 8 and two on their own
     "odd sizes": dict(d_model=40, d_state=20, task="classification", labels=list("abcde")),
+    # d_model 20: 40 outputs, not whole 16-wide tiles: a tile's linear goes row by row
+    "narrow": dict(d_model=20, d_state=20, task="sequence"),
 }
 
 
@@ -252,7 +254,8 @@ def test_a_rows_call_steps_inputs_read_from_a_received_message(cache):
     assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
 
 
-@pytest.mark.parametrize("option", ["classification", "postnorm", "plain", "channels"])
+@pytest.mark.parametrize("option", ["classification", "postnorm", "plain", "channels",
+                                    "odd sizes", "narrow"])
 def test_a_batch_goes_layer_by_layer_with_the_numbers_of_rows_one_at_a_time(option, cache):
     """A step of many rows runs layer by layer over tiles of rows (a layer's weights stay in
     cache across the tile): each row's outputs and state bit for bit those of the row stepped
