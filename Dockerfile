@@ -7,6 +7,10 @@
 #   docker build -t s4serve .
 #   docker run -p 8000:8000 s4serve
 #
+# Built where a C compiler is, the s4serve wheel carries a portable build of the native S4D step
+# (x86-64 with AVX2 and FMA; model/native_build.py), which the image, having no compiler, streams
+# with.
+#
 # Build arguments:
 #   BASE        base image with python3 >= 3.11 and its venv module (default: official slim image;
 #               deploy/docker/smoke.sh passes a local debootstrap-built Debian image instead)

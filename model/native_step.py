@@ -10,18 +10,17 @@ graph steps.
 
 The C source is compiled once per machine and compiler by the system C compiler (-O3,
 -march=native: the CPU's vector ISA) into the compile cache, and loaded with ctypes, which
-releases the GIL for the call.
+releases the GIL for the call. Where no compiler is installed, the portable build that the wheel
+carries serves (model/native_build.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import fcntl
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -30,18 +29,17 @@ import torch
 from torch import nn
 
 from model.fused import StateLayout
+from model.native_build import (
+    FLAGS,
+    PORTABLE_CPU_FLAGS,
+    SOURCE,
+    c_compiler,
+    compile_library,
+    cpu_flags,
+    portable_name,
+)
 
-SOURCE = Path(__file__).with_name("native_step.c")
-# -fno-trapping-math: without it GCC left the GELU and GLU loops scalar ("control flow in
-# loop": it will not turn the exp's clamp into a vector select when a comparison may trap);
-# results are unchanged (no reassociation, same rounding), and no one reads FP exception
-# flags. Measured (session 20, reference network, one thread): B=1024 35.5 / 36.3 -> 29.6 /
-# 28.4 ms, B=8 -17%.
-# -ffp-contract=off: the C source writes out its fused multiply-adds; nothing else may be fused,
-# else GCC's choice depends on the loop around an expression and rows stepped together and
-# alone differ in the last bit.
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-ffp-contract=off",
-         "-fPIC", "-shared")
+PREBUILT_DIR = SOURCE.parent  # where the wheel puts the portable library
 _loaded: dict[Path, ctypes.CDLL] = {}
 
 
@@ -62,10 +60,12 @@ class _Net(ctypes.Structure):
         + [("layers", ctypes.POINTER(_Layer))])
 
 
-def c_compiler() -> str | None:
-    for name in ("cc", "gcc", "clang"):
-        if path := shutil.which(name):
-            return path
+def prebuilt() -> Path | None:
+    """The portable library shipped in the wheel (model/native_build.py), when it was built
+    from this source and this CPU can run it; else None."""
+    path = PREBUILT_DIR / portable_name()
+    if path.exists() and cpu_flags() >= PORTABLE_CPU_FLAGS:
+        return path
     return None
 
 
@@ -80,8 +80,8 @@ def unsupported(rec: nn.Module) -> str | None:
         return "not on the CPU"
     if any(p.dtype != torch.float32 for p in rec.parameters()):
         return "weights not float32"
-    if c_compiler() is None:
-        return "no C compiler"
+    if c_compiler() is None and prebuilt() is None:
+        return "no C compiler, and no prebuilt library for this CPU"
     return None
 
 
@@ -89,30 +89,32 @@ def _build_key(compiler: str) -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     h.update(f"{version}|{FLAGS}|{platform.machine()}".encode())
-    with contextlib.suppress(OSError):  # -march=native: the library is this CPU's
-        h.update(next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("flags")), "").encode())
+    h.update(" ".join(sorted(cpu_flags())).encode())  # -march=native: the library is this CPU's
     return h.hexdigest()[:24]
 
 
 def library(cache_dir: Path) -> ctypes.CDLL:
     """The compiled step in `cache_dir`, built first if it is not there (serialised by a lock
-    file, so the workers of one server build it once)."""
+    file, so the workers of one server build it once); where no compiler is, the prebuilt
+    portable library."""
     compiler = c_compiler()
     if compiler is None:
-        raise RuntimeError("the native step needs a C compiler (cc, gcc or clang)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"native-{_build_key(compiler)}.so"
+        path = prebuilt()
+        if path is None:
+            raise RuntimeError("the native step needs a C compiler (cc, gcc or clang) or a "
+                               "prebuilt library for this CPU")
+    else:
+        path = cache_dir / f"native-{_build_key(compiler)}.so"
     if path in _loaded:
         return _loaded[path]
     if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
                 partial = path.with_suffix(f".{os.getpid()}.partial.so")
                 try:
-                    subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"],
-                                   check=True, capture_output=True, text=True)
+                    compile_library(compiler, FLAGS, partial)
                     os.replace(partial, path)
                 finally:
                     partial.unlink(missing_ok=True)

@@ -5,7 +5,9 @@
 #      `docker import`s it (cached: skipped when the tag exists);
 #   3. builds a wheelhouse (the project + runtime deps, torch pinned to the CPU wheel);
 #   4. builds the image with --build-arg BASE=<that base>, runs it, waits for /readyz and a
-#      healthy HEALTHCHECK, streams one session and one predict (smoke_client.py);
+#      healthy HEALTHCHECK, checks that its S4D models stream with the native step (the
+#      wheel's portable library: the image has no compiler), streams one session and one
+#      predict (smoke_client.py);
 #   5. removes the container and image it made (the base image stays as the cache).
 #
 # Exit status: 0 ok, 1 failure, 77 when this machine cannot run a Docker engine at all.
@@ -153,7 +155,7 @@ build_wheelhouse() {
   # the checkout) every run; dependency wheels are cached.
   local t0=$SECONDS deps="$CACHE/wheels" src="$WORK/src"
   mkdir -p "$deps" "$src" "$WORK/context/wheelhouse"
-  tar -C "$REPO" --exclude=__pycache__ --exclude='*.egg-info' -c pyproject.toml model server \
+  tar -C "$REPO" --exclude=__pycache__ --exclude='*.egg-info' -c pyproject.toml setup.py model server \
     client loadtest | tar -C "$src" -x
   if [ -f "$REPO/README.md" ]; then cp "$REPO/README.md" "$src/"; else : >"$src/README.md"; fi
   "$PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/project" "$src" \
@@ -247,6 +249,12 @@ main() {
   log "container runs as uid $uid; waiting for $url/readyz"
 
   poll_container 180 is_ready "$url" || { log "/readyz never answered 200"; exit 1; }
+  # No compiler in the image: the wheel's portable library (model/native_build.py) must serve
+  # the S4D streams, not the TorchScript fallback (~8x the cost per step).
+  if ! "$DOCKER" logs "$CONTAINER" 2>&1 | grep -q "streaming step compiled with native"; then
+    log "the image does not stream with the native step"; exit 1
+  fi
+  log "streams with the native step (the wheel's portable library)"
   log "ready after $(elapsed "$t0"); streaming one session and one predict"
   "$PYTHON" "$REPO/deploy/docker/smoke_client.py" --url "$url" --timeout 30
   if [ "$HOST_NETWORK" = no ]; then

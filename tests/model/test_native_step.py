@@ -2,12 +2,15 @@
 rate and batch, in place on strided pool rows, and a rejected row left exactly as it was."""
 
 import math
+import platform
 
 import numpy as np
 import pytest
 import torch
 
+from model import native_step
 from model.fused import StateLayout
+from model.native_build import PORTABLE_CPU_FLAGS, build_portable, cpu_flags
 from model.native_step import NativeStep, library, unsupported
 from tests.model.conftest import perturbed_network
 
@@ -355,3 +358,31 @@ def test_the_library_is_built_once_per_cache(tmp_path):
     stamp = built[0].stat().st_mtime_ns
     assert library(tmp_path) is first
     assert built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not cpu_flags() >= PORTABLE_CPU_FLAGS,
+                    reason="the portable library is for x86-64 CPUs with AVX2 and FMA")
+def test_where_no_compiler_is_the_prebuilt_portable_library_serves(cache, tmp_path,
+                                                                   monkeypatch):
+    """The container image has no C compiler: the portable library that setup.py puts in the
+    wheel serves there, with the numbers of the library built for this CPU; on a CPU without
+    its features (or with no library) the step is unsupported, and says why."""
+    net, rec, layout, here = _classifier(cache)
+    assert build_portable(tmp_path) is not None
+    monkeypatch.setattr(native_step, "PREBUILT_DIR", tmp_path)
+    monkeypatch.setattr(native_step, "c_compiler", lambda: None)
+    assert unsupported(rec) is None
+    portable = NativeStep(rec, layout, tmp_path / "no-cache")
+    assert not (tmp_path / "no-cache").exists()  # nothing compiled
+    flat32, flat64 = layout.join(_random_state(rec, 11))
+    twin32, twin64 = flat32.clone(), flat64.clone()
+    u = torch.randn(11, net.config.d_input)
+    y_here, _, _ = here(rec, u, flat32, flat64)
+    y_portable, _, _ = portable(rec, u, twin32, twin64)
+    assert torch.equal(y_here, y_portable)
+    assert torch.equal(flat32, twin32) and torch.equal(flat64, twin64)
+    monkeypatch.setattr(native_step, "cpu_flags", lambda: frozenset({"sse2", "avx"}))
+    assert "no C compiler" in unsupported(rec)
+    monkeypatch.setattr(native_step, "cpu_flags", cpu_flags)
+    monkeypatch.setattr(native_step, "PREBUILT_DIR", tmp_path / "elsewhere")
+    assert "no prebuilt library" in unsupported(rec)
