@@ -21,6 +21,8 @@ class BuildPy(build_py):
         if not self.editable_mode:  # an editable install compiles at run time, as a checkout does
             out = Path(self.build_lib) / "model"
             out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob("native_step-*.so"):  # an earlier source's, in a reused build/
+                stale.unlink()
             native_build.build_portable(out)
 
 
@@ -29,6 +31,5 @@ class PlatformDistribution(Distribution):
         return True
 
 
-portable = native_build.c_compiler() is not None
 setup(cmdclass={"build_py": BuildPy},
-      distclass=PlatformDistribution if portable else Distribution)
+      distclass=PlatformDistribution if native_build.can_build_portable() else Distribution)

@@ -10,6 +10,7 @@ library built from another version of the source is never loaded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import platform
 import shutil
@@ -39,6 +40,7 @@ def c_compiler() -> str | None:
     return None
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     with contextlib.suppress(OSError):
@@ -48,6 +50,7 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache
 def portable_name(source: Path = SOURCE) -> str:
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     return f"native_step-{digest}-{PORTABLE_MARCH}.so"
@@ -59,13 +62,17 @@ def compile_library(compiler: str, flags: tuple[str, ...], out: Path,
                    capture_output=True, text=True)
 
 
+def can_build_portable() -> bool:
+    """Whether this machine can compile the portable library: an x86-64 with a C compiler."""
+    return platform.machine() in ("x86_64", "AMD64") and c_compiler() is not None
+
+
 def build_portable(out_dir: Path) -> Path | None:
-    """The portable library compiled into `out_dir`; None where it cannot be (not x86-64, or
-    no compiler)."""
-    compiler = c_compiler()
-    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+    """The portable library compiled into `out_dir`; None where it cannot be
+    (`can_build_portable`)."""
+    if not can_build_portable():
         return None
     flags = tuple(f"-march={PORTABLE_MARCH}" if f == "-march=native" else f for f in FLAGS)
     out = out_dir / portable_name()
-    compile_library(compiler, flags, out)
+    compile_library(c_compiler(), flags, out)
     return out

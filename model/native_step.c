@@ -171,13 +171,13 @@ static inline double hsum4(v4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
  * `omp simd` reduction spilled its lanes to the stack on every row). */
 #define DEFINE_SSM(NAME, KEEP, T, V, LANES, HSUM, VFMA, FMA, A_RE, A_IM, B_RE, B_IM, C_RE,    \
                    C_NIM)                                                                        \
-  static void NAME(const Layer *l, int row0, int row1, int h, int n2, const float *z,            \
-                   const T *old, T *new, T *keep, float *y) {                                    \
+  static void NAME(const Layer *l, int hc, int h, int n2, const float *z, const T *old, T *new,  \
+                   T *keep, float *y) {                                                          \
     const T *xr = old + l->off_re, *xi = old + l->off_im;                                        \
     T *nr = new + l->off_re, *ni = new + l->off_im;                                              \
     T *kr = KEEP ? keep + l->off_re : NULL, *ki = KEEP ? keep + l->off_im : NULL;                \
     const int nv = n2 - n2 % LANES;                                                              \
-    for (int row = row0; row < row1; row++) {                                                    \
+    for (int row = 0; row < hc; row++) {                                                         \
       const long o = (long)row * n2;                                                             \
       const T u = z[row % h];                                                                    \
       const T *ar = l->A_RE + o, *ai = l->A_IM + o, *br = l->B_RE + o, *bi = l->B_IM + o;        \
@@ -295,6 +295,7 @@ static void layer_out(const Net *net, const Layer *l, float *x, const float *v) 
   }
   if (!net->prenorm && l->ln_w) layer_norm(x, h, l->ln_w, l->ln_b, net->ln_eps);
 }
+
 static int finite_all(const float *x, int n) {
   int bad = 0;
   for (int i = 0; i < n; i++) bad |= !isfinite(x[i]);
@@ -330,8 +331,8 @@ static void sample_layer(const Net *net, int i, float *x, const void *s32, void 
   float *z = act, *ys = z + hc, *out = ys + hc, *v = out + 2 * h;
   const Layer *l = net->layers + i;
   layer_in(net, l, x, z);
-  if (wide) ssm_wide(l, 0, hc, h, net->n2, z, s32, n32, NULL, ys);
-  else ssm(l, 0, hc, h, net->n2, z, s32, n32, NULL, ys);
+  if (wide) ssm_wide(l, hc, h, net->n2, z, s32, n32, NULL, ys);
+  else ssm(l, hc, h, net->n2, z, s32, n32, NULL, ys);
   gelu(ys, hc);
   linear(ys, hc, l->w_t, l->bias, 2 * h, out);
   glu(out, h, v);
@@ -371,15 +372,6 @@ static void sample(const Net *net, const float *u, const void *s32, const double
 #define NARROW_STEPS 32
 const long s4d_narrow_steps = NARROW_STEPS; /* read by model/native_step.py */
 
-/* Advances `batch` rows by `steps` samples each: u (batch, steps, d_input), row b at
- * u + b * u_stride; state rows s32, s64 with row strides (row b at index rows[b] when
- * `rows` is given: a pool's rows stepped where they lie; distinct); y (batch, steps, d_output),
- * row b at y + b * y_stride (strides let a caller read its inputs from, and write its outputs
- * into, the records of a wire message). A block of more than NARROW_STEPS keeps the state in
- * float64 until its end. A row's state is replaced only when all its inputs and outputs are
- * finite (else it stays as it was, whole); `kept` (batch, or NULL) says which were.
- * Returns the number of rows replaced, -1 when scratch memory could not be had, -2 when a
- * row index is not in [0, n_rows) (nothing changed then). */
 /* Whether a row's inputs u (nu floats) and outputs y (ny) are all finite, into *kept when
  * given: only then does its new state replace the old. */
 static int row_fine(const float *u, long nu, const float *y, long ny, uint8_t *kept) {
@@ -431,7 +423,7 @@ static void tile_layer(const Net *net, int i, int n, float *xs, float *const *ro
   float *zs = act, *ys = zs + (long)n * h, *out = ys + (long)n * hc, *v = out + (long)n * 2 * h;
   for (int r = 0; r < n; r++) layer_in(net, l, xs + r * h, zs + r * h);
   for (int r = 0; r < n; r++)
-    ssm_keep(l, 0, hc, h, net->n2, zs + r * h, row32[r], row32[r], keep + r * net->width32,
+    ssm_keep(l, hc, h, net->n2, zs + r * h, row32[r], row32[r], keep + r * net->width32,
              ys + r * hc);
   if (ahead) prefetch_layer(net, ahead, ahead_n, ahead32);
   gelu(ys, n * hc);
