@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.data import voices
 from model.data.base import Dataset, ExtraEvaluation, Split
 from model.data.speech import Utterance, read_wav, require_tools, resample, synthesize
 
@@ -80,18 +81,24 @@ def _voices(accents: tuple[str, ...], variants: tuple[str, ...]) -> list[tuple[s
     return pairs
 
 
+def train_voices(more_voices: bool = False, random_voices: int = 0) -> list[tuple[str, str]]:
+    """(accent, variant) of every training voice: the stock variants crossed with the training
+    accents, then each random speaker (model/data/voices.py) with one training accent."""
+    stock = _voices(TRAIN_ACCENTS, TRAIN_VARIANTS + (EXTRA_TRAIN_VARIANTS if more_voices else ()))
+    drawn = [(TRAIN_ACCENTS[i % len(TRAIN_ACCENTS)], voices.name(i)) for i in range(random_voices)]
+    return stock + drawn
+
+
 def plan(split: str, renditions: int = DEFAULT_RENDITIONS,
-         more_voices: bool = False) -> list[Clip]:
+         more_voices: bool = False, random_voices: int = 0) -> list[Clip]:
     """A split's items in a fixed order: rendition, voice, digit (so prefixes stay balanced).
-    `more_voices`: training also uses EXTRA_TRAIN_VARIANTS (the test split never changes)."""
-    accents, variants = (
-        (TRAIN_ACCENTS, TRAIN_VARIANTS) if split == "train" else (TEST_ACCENTS, TEST_VARIANTS)
-    )
-    if more_voices and split == "train":
-        variants = variants + EXTRA_TRAIN_VARIANTS
+    `more_voices` (EXTRA_TRAIN_VARIANTS) and `random_voices` (that many drawn speakers) add
+    training voices only: the test split never changes."""
+    pairs = (train_voices(more_voices, random_voices) if split == "train"
+             else _voices(TEST_ACCENTS, TEST_VARIANTS))
     clips = []
     for rendition in range(renditions):
-        for accent, variant in _voices(accents, variants):
+        for accent, variant in pairs:
             for target, word in enumerate(WORDS):
                 rng = _generator(NAME, accent, variant, rendition, word)
                 utterance = Utterance(
@@ -123,11 +130,13 @@ def generate(
 ) -> None:
     """Synthesise (16 kHz) and resample (other rates) every clip not already in the cache."""
     require_tools()
-
     def make(clip: Clip) -> None:
         source = _clip_path(cache_dir, clip, SAMPLE_RATE_HZ)
         if not source.exists():
-            synthesize(clip.utterance, source, SAMPLE_RATE_HZ)
+            variant = clip.utterance.variant
+            private = voices.private_data(cache_dir, variant) if variant.startswith(
+                voices.PREFIX) else None
+            synthesize(clip.utterance, source, SAMPLE_RATE_HZ, private)
         for rate in sample_rates:
             target = _clip_path(cache_dir, clip, rate)
             if rate != SAMPLE_RATE_HZ and not target.exists():
@@ -159,14 +168,15 @@ def load(
     workers: int | None = None,
     train_renditions: int | None = None,
     more_voices: bool = False,
-    **_: object,
+    random_voices: int = 0,
 ) -> Dataset:
     """Generate what is missing, then load train/test at 16 kHz plus the 8 kHz copy of test.
     `train_renditions` (default: `renditions`) gives training more takes per voice and
-    `more_voices` more speaker variants, while the held-out set stays the same."""
+    `more_voices` more speaker variants and `random_voices` drawn speakers, while the held-out
+    set stays the same."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     train_renditions = train_renditions or renditions
-    train_clips = plan("train", train_renditions, more_voices)[:limit]
+    train_clips = plan("train", train_renditions, more_voices, random_voices)[:limit]
     test_clips = plan("test", renditions)[:limit]
     generate(train_clips, cache, workers=workers)
     generate(test_clips, cache, sample_rates=(SAMPLE_RATE_HZ, LOW_RATE_HZ), workers=workers)
@@ -182,8 +192,7 @@ def load(
         provenance={
             "source": "espeak-ng words, sox resampling + silence trim (model/data/digits.py)",
             "split": "voice-disjoint: train and test share no accent and no speaker variant",
-            "train_voices": [f"{a}+{v}" for a, v in _voices(
-                TRAIN_ACCENTS, TRAIN_VARIANTS + (EXTRA_TRAIN_VARIANTS if more_voices else ()))],
+            "train_voices": [f"{a}+{v}" for a, v in train_voices(more_voices, random_voices)],
             "test_voices": [f"{a}+{v}" for a, v in _voices(TEST_ACCENTS, TEST_VARIANTS)],
             "renditions_per_voice": renditions,
             "train_renditions_per_voice": train_renditions,

@@ -57,7 +57,7 @@ def resampled(split: Split, up: int, down: int) -> Split:
     return Split(np.ascontiguousarray(inputs, dtype=np.float32), split.targets)
 
 
-def load(limit: int | None = None, **_: object) -> Dataset:
+def load(limit: int | None = None) -> Dataset:
     """BasicMotions with aeon's split; `limit` keeps the first (class-balanced) items per split.
     The test split is also offered at 20 Hz and 5 Hz, for models run with `rate` 2 and 0.5."""
     train, labels = _read_split("TRAIN", None)

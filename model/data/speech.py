@@ -59,11 +59,14 @@ def require_tools() -> None:
         )
 
 
-def synthesize(utterance: Utterance, path: Path, sample_rate: int) -> Path:
-    """Render `utterance` to a mono 16-bit WAV at `sample_rate`, silence trimmed; atomic write."""
+def synthesize(utterance: Utterance, path: Path, sample_rate: int,
+               data_path: Path | None = None) -> Path:
+    """Render `utterance` to a mono 16-bit WAV at `sample_rate`, silence trimmed; atomic write.
+    `data_path`: a directory holding an espeak-ng-data other than the system's (extra variants)."""
     speech = subprocess.run(
         [
             "espeak-ng",
+            *([f"--path={data_path}"] if data_path else []),
             "-v",
             utterance.voice,
             "-s",

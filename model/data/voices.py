@@ -1,0 +1,108 @@
+"""Random espeak-ng speakers: variant files drawn from the range the stock variants span.
+
+espeak-ng ships ~100 speaker variants; a model trained on a few hundred voices built from them
+still fits its training speakers and misses unseen ones (docs/models.md). A variant is a small
+text file (pitch range, per-formant frequency / height / width in percent, voicing, consonant
+strength, roughness, the Klatt mode), so new speakers can be drawn at random. Each is seeded by
+its name, so every machine writes the same files. Klatt modes 4 and up are never drawn: they
+belong to the held-out variants `klatt4` and `edward`, and no test speaker may be heard in
+training.
+
+espeak-ng looks variants up only under its data directory, so `private_data` builds one beside
+the cache (the system's data linked, the random variants added) and synthesis points `--path`
+at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+
+PREFIX = "rnd2"  # the recipe's version: cached clips are named after their variant
+KLATT_MODES = (0, 1, 2, 3)  # 0: espeak-ng's own synthesiser
+GROUP = 100
+
+
+def name(index: int) -> str:
+    return f"{PREFIX}{index:04d}"
+
+
+def variant_text(variant: str) -> str:
+    """The variant file of one random speaker: a vocal-tract scale shared by its formants
+    (longer for lower, male-like voices), each formant then moved, raised and widened on its
+    own over the range the stock variants use (e.g. `travis` puts F1 at 50 %, `michel` F4 at
+    30 % height), and for some a spectral tilt (`tone`)."""
+    digest = hashlib.sha256(f"s4serve-voice/{variant}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    female = bool(rng.random() < 0.5)
+    low = int(rng.integers(140, 191)) if female else int(rng.integers(60, 101))
+    high = low + int(rng.integers(40, 71) if female else rng.integers(30, 61))
+    tract = rng.uniform(1.03, 1.15) if female else rng.uniform(0.88, 1.02)
+    lines = ["language variant", f"name {variant}", f"gender {'female' if female else 'male'}",
+             f"pitch {low} {high}"]
+    for formant in range(9):
+        spread = np.log(1.15) if formant == 0 else np.log(1.35)
+        frequency = round(100 * tract * np.exp(rng.uniform(-spread, spread)))
+        height = int(rng.integers(30, 121))
+        width = int(rng.integers(50, 201))
+        lines.append(f"formant {formant} {frequency} {height} {width}")
+    lines += [
+        f"voicing {int(rng.integers(50, 221))}",
+        f"consonants {int(rng.integers(50, 201))} {int(rng.integers(50, 201))}",
+        f"roughness {int(rng.integers(0, 4))}",
+        f"flutter {int(rng.integers(0, 4))}",
+    ]
+    if rng.random() < 0.3:
+        corners = np.sort(rng.uniform(300, 4000, size=3)).round().astype(int)
+        gains = rng.integers(40, 151, size=3)
+        lines.append("tone " + " ".join(f"{f} {g}" for f, g in zip(corners, gains, strict=True)))
+    klatt = int(rng.choice(KLATT_MODES, p=(0.55, 0.15, 0.15, 0.15)))
+    if klatt:
+        lines.append(f"klatt {klatt}")
+    return "\n".join(lines) + "\n"
+
+
+def system_data() -> Path:
+    """The espeak-ng data directory the installed binary reads (it prints it with --version)."""
+    found = re.search(r"Data at:\s*(\S+)", subprocess.run(
+        ["espeak-ng", "--version"], check=True, capture_output=True, text=True).stdout)
+    if not found:
+        raise RuntimeError("espeak-ng --version did not name its data directory")
+    return Path(found.group(1))
+
+
+def private_data(root: Path, variant: str) -> Path:
+    """The directory to pass as espeak-ng's --path for a random variant: the system's data
+    (linked, not copied) with a `voices/!v` holding only the random variants of its group.
+    espeak-ng lists at most 349 voices (languages and variants together; 131 + ~100 stock
+    variants here), so the random ones are spread over groups of GROUP. Built once, atomically."""
+    group = int(variant[len(PREFIX):]) // GROUP
+    home = root / "espeak" / f"{PREFIX}-group{group:03d}"
+    if (home / "complete").is_file():
+        return home
+    staging = home.with_name(f".{home.name}.{os.getpid()}.{threading.get_ident()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    system = system_data()
+    data = staging / "espeak-ng-data"
+    (data / "voices" / "!v").mkdir(parents=True)
+    for entry in system.iterdir():
+        if entry.name != "voices":
+            (data / entry.name).symlink_to(entry)
+    for entry in (system / "voices").iterdir():
+        if entry.name != "!v":
+            (data / "voices" / entry.name).symlink_to(entry)
+    for index in range(group * GROUP, (group + 1) * GROUP):
+        (data / "voices" / "!v" / name(index)).write_text(variant_text(name(index)))
+    (staging / "complete").touch()
+    try:
+        staging.rename(home)
+    except OSError:  # another thread or process built it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return home

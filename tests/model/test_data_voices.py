@@ -1,0 +1,76 @@
+"""Random espeak-ng speakers: seeded variant files, a private data directory, real synthesis."""
+
+import pytest
+
+from model.data import digits, load_dataset, voices
+from model.data.speech import Utterance, read_wav, synthesize
+
+
+def _fields(text: str) -> dict[str, list[list[str]]]:
+    fields: dict[str, list[list[str]]] = {}
+    for line in text.splitlines():
+        key, *values = line.split()
+        fields.setdefault(key, []).append(values)
+    return fields
+
+
+def test_variant_files_are_seeded_by_name_and_stay_in_range():
+    names = [voices.name(i) for i in range(200)]
+    texts = [voices.variant_text(n) for n in names]
+    assert texts == [voices.variant_text(n) for n in names]
+    assert len(set(texts)) == len(texts)
+    klatt_modes, tones = set(), 0
+    for name, text in zip(names, texts, strict=True):
+        fields = _fields(text)
+        assert fields["name"] == [[name]]
+        assert len(fields["formant"]) == 9
+        for _index, frequency, height, width in fields["formant"]:
+            assert 55 <= int(frequency) <= 160 and 30 <= int(height) <= 120
+            assert 50 <= int(width) <= 200
+        low, high = map(int, fields["pitch"][0])
+        assert 60 <= low < high
+        klatt_modes.add(int(fields["klatt"][0][0]) if "klatt" in fields else 0)
+        tones += "tone" in fields
+    # Every mode the training speakers use is drawn; the held-out speakers' 4 and 5 never are.
+    assert klatt_modes == set(voices.KLATT_MODES)
+    assert 20 < tones < 120
+
+
+def test_random_speakers_add_training_voices_only():
+    stock = digits.plan("train", more_voices=True)
+    drawn = digits.plan("train", more_voices=True, random_voices=30)
+    assert digits.plan("test") == digits.plan("test", more_voices=True, random_voices=30)
+    extra = [c for c in drawn if c.utterance.variant.startswith(voices.PREFIX)]
+    assert len(drawn) == len(stock) + len(extra) and len(extra) == 30 * 10 * 2
+    assert len({c.utterance.variant for c in extra}) == 30
+    assert {c.utterance.accent for c in extra} == set(digits.TRAIN_ACCENTS)
+    assert [c.target for c in drawn[:10]] == list(range(10))
+
+
+def test_a_random_speaker_is_synthesised_with_its_own_variant(tmp_path):
+    variant = voices.name(voices.GROUP + 7)  # the second group: its own data directory
+    home = voices.private_data(tmp_path, variant)
+    listed = sorted(p.name for p in (home / "espeak-ng-data" / "voices" / "!v").iterdir())
+    assert listed == [voices.name(i) for i in range(voices.GROUP, 2 * voices.GROUP)]
+    assert voices.private_data(tmp_path, voices.name(voices.GROUP)) == home
+    assert voices.private_data(tmp_path, voices.name(0)) != home
+
+    def render(voice_variant: str, data_path) -> bytes:
+        utterance = Utterance("seven", "en-us", voice_variant, 170, 50, 80)
+        path = synthesize(utterance, tmp_path / f"{voice_variant}.wav", 16000, data_path)
+        samples, rate = read_wav(path)
+        assert rate == 16000 and len(samples) > 2000 and abs(samples).max() > 0.05
+        return samples.tobytes()
+
+    drawn = render(variant, home)
+    # espeak-ng falls back to the plain accent for a variant it cannot find: that must not be
+    # what was heard.
+    assert drawn != render("nosuchvariant", home)
+    assert drawn != render("m3", None)
+
+
+def test_a_mistyped_dataset_option_is_an_error():
+    with pytest.raises(ValueError, match="no option 'random_voice'"):
+        load_dataset("espeak-digits", random_voice=10)
+    with pytest.raises(ValueError, match="no option 'cache_dir'"):
+        load_dataset("basicmotions", cache_dir="/tmp")
