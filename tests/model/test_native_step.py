@@ -379,8 +379,16 @@ def test_where_no_compiler_is_the_prebuilt_portable_library_serves(cache, tmp_pa
     u = torch.randn(11, net.config.d_input)
     y_here, _, _ = here(rec, u, flat32, flat64)
     y_portable, _, _ = portable(rec, u, twin32, twin64)
-    assert torch.equal(y_here, y_portable)
-    assert torch.equal(flat32, twin32) and torch.equal(flat64, twin64)
+    # Built for a CPU with AVX-512 (Zen 4, recent Xeons), the native library adds its sums
+    # over wider vectors than the portable x86-64-v3 one, so the two round differently in the
+    # last bits; where the native build has the portable one's vectors they are the same code.
+    if "avx512f" in cpu_flags():
+        def same(a, b):
+            return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    else:
+        same = torch.equal
+    assert same(y_here, y_portable)
+    assert same(flat32, twin32) and same(flat64, twin64)
     monkeypatch.setattr(native_step, "cpu_flags", lambda: frozenset({"sse2", "avx"}))
     assert "no C compiler" in unsupported(rec)
     monkeypatch.setattr(native_step, "cpu_flags", cpu_flags)
