@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -85,6 +86,7 @@ def unsupported(rec: nn.Module) -> str | None:
     return None
 
 
+@functools.cache  # a compiler subprocess and the source's hash: once per process
 def _build_key(compiler: str) -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout

@@ -15,7 +15,6 @@ rate-change evaluation: a model trained at 16 kHz run with `rate=0.5`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from model.data import voices
-from model.data.base import Dataset, ExtraEvaluation, Split
+from model.data.base import Dataset, ExtraEvaluation, Split, seeded_generator
 from model.data.speech import Utterance, read_wav, require_tools, resample, synthesize
 
 NAME = "espeak-digits"
@@ -65,11 +64,6 @@ class Clip:
     onset_fraction: float
 
 
-def _generator(*key: object) -> np.random.Generator:
-    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
 def _voices(accents: tuple[str, ...], variants: tuple[str, ...]) -> list[tuple[str, str]]:
     """All accent x variant pairs, ordered so that consecutive voices differ in both."""
     pairs = [
@@ -100,7 +94,7 @@ def plan(split: str, renditions: int = DEFAULT_RENDITIONS,
     for rendition in range(renditions):
         for accent, variant in pairs:
             for target, word in enumerate(WORDS):
-                rng = _generator(NAME, accent, variant, rendition, word)
+                rng = seeded_generator(NAME, accent, variant, rendition, word)
                 utterance = Utterance(
                     word=word,
                     accent=accent,
@@ -130,13 +124,12 @@ def generate(
 ) -> None:
     """Synthesise (16 kHz) and resample (other rates) every clip not already in the cache."""
     require_tools()
+
     def make(clip: Clip) -> None:
         source = _clip_path(cache_dir, clip, SAMPLE_RATE_HZ)
         if not source.exists():
-            variant = clip.utterance.variant
-            private = voices.private_data(cache_dir, variant) if variant.startswith(
-                voices.PREFIX) else None
-            synthesize(clip.utterance, source, SAMPLE_RATE_HZ, private)
+            synthesize(clip.utterance, source, SAMPLE_RATE_HZ,
+                       voices.private_data(cache_dir, clip.utterance.variant))
         for rate in sample_rates:
             target = _clip_path(cache_dir, clip, rate)
             if rate != SAMPLE_RATE_HZ and not target.exists():

@@ -15,7 +15,7 @@ at it.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
 import re
 import shutil
@@ -24,6 +24,8 @@ import threading
 from pathlib import Path
 
 import numpy as np
+
+from model.data.base import seeded_generator
 
 PREFIX = "rnd2"  # the recipe's version: cached clips are named after their variant
 KLATT_MODES = (0, 1, 2, 3)  # 0: espeak-ng's own synthesiser
@@ -39,8 +41,7 @@ def variant_text(variant: str) -> str:
     (longer for lower, male-like voices), each formant then moved, raised and widened on its
     own over the range the stock variants use (e.g. `travis` puts F1 at 50 %, `michel` F4 at
     30 % height), and for some a spectral tilt (`tone`)."""
-    digest = hashlib.sha256(f"s4serve-voice/{variant}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    rng = seeded_generator("s4serve-voice", variant)
     female = bool(rng.random() < 0.5)
     low = int(rng.integers(140, 191)) if female else int(rng.integers(60, 101))
     high = low + int(rng.integers(40, 71) if female else rng.integers(30, 61))
@@ -69,6 +70,7 @@ def variant_text(variant: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@functools.cache
 def system_data() -> Path:
     """The espeak-ng data directory the installed binary reads (it prints it with --version)."""
     found = re.search(r"Data at:\s*(\S+)", subprocess.run(
@@ -78,11 +80,14 @@ def system_data() -> Path:
     return Path(found.group(1))
 
 
-def private_data(root: Path, variant: str) -> Path:
-    """The directory to pass as espeak-ng's --path for a random variant: the system's data
-    (linked, not copied) with a `voices/!v` holding only the random variants of its group.
+def private_data(root: Path, variant: str) -> Path | None:
+    """The directory to pass as espeak-ng's --path for a random variant (None for a stock one,
+    which the system's data holds): the system's data (linked, not copied) with a `voices/!v`
+    holding only the random variants of its group.
     espeak-ng lists at most 349 voices (languages and variants together; 131 + ~100 stock
     variants here), so the random ones are spread over groups of GROUP. Built once, atomically."""
+    if not variant.startswith(PREFIX):
+        return None
     group = int(variant[len(PREFIX):]) // GROUP
     home = root / "espeak" / f"{PREFIX}-group{group:03d}"
     if (home / "complete").is_file():
