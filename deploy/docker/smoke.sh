@@ -259,7 +259,9 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 sys.exit(not (any(re.fullmatch(r"model/native_step-.*\.so", n) for n in names)
               and PORTABLE_CPU_FLAGS <= cpu_flags()))
 PY
-    if ! "$DOCKER" logs "$CONTAINER" 2>&1 | grep -q "streaming step compiled with native"; then
+    # Not `docker logs | grep -q`: under pipefail grep's early exit can fail docker with SIGPIPE.
+    container_log=$("$DOCKER" logs "$CONTAINER" 2>&1)
+    if ! grep -q "streaming step compiled with native" <<<"$container_log"; then
       log "the image does not stream with the native step"; exit 1
     fi
     log "streams with the native step (the wheel's portable library)"
