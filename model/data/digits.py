@@ -75,20 +75,23 @@ def _voices(accents: tuple[str, ...], variants: tuple[str, ...]) -> list[tuple[s
     return pairs
 
 
-def train_voices(more_voices: bool = False, random_voices: int = 0) -> list[tuple[str, str]]:
+def train_voices(more_voices: bool = False, random_voices: int = 0,
+                 accent_processes: bool = False) -> list[tuple[str, str]]:
     """(accent, variant) of every training voice: the stock variants crossed with the training
-    accents, then each random speaker (model/data/voices.py) with one training accent."""
+    accents, then each random speaker (model/data/voices.py) with one training accent, with
+    sound changes of real Englishes drawn too if `accent_processes`."""
     stock = _voices(TRAIN_ACCENTS, TRAIN_VARIANTS + (EXTRA_TRAIN_VARIANTS if more_voices else ()))
-    drawn = [(TRAIN_ACCENTS[i % len(TRAIN_ACCENTS)], voices.name(i)) for i in range(random_voices)]
+    drawn = [(TRAIN_ACCENTS[i % len(TRAIN_ACCENTS)], voices.name(i, accent_processes))
+             for i in range(random_voices)]
     return stock + drawn
 
 
-def plan(split: str, renditions: int = DEFAULT_RENDITIONS,
-         more_voices: bool = False, random_voices: int = 0) -> list[Clip]:
+def plan(split: str, renditions: int = DEFAULT_RENDITIONS, more_voices: bool = False,
+         random_voices: int = 0, accent_processes: bool = False) -> list[Clip]:
     """A split's items in a fixed order: rendition, voice, digit (so prefixes stay balanced).
-    `more_voices` (EXTRA_TRAIN_VARIANTS) and `random_voices` (that many drawn speakers) add
-    training voices only: the test split never changes."""
-    pairs = (train_voices(more_voices, random_voices) if split == "train"
+    `more_voices` (EXTRA_TRAIN_VARIANTS) and `random_voices` (that many drawn speakers, accented
+    if `accent_processes`) add training voices only: the test split never changes."""
+    pairs = (train_voices(more_voices, random_voices, accent_processes) if split == "train"
              else _voices(TEST_ACCENTS, TEST_VARIANTS))
     clips = []
     for rendition in range(renditions):
@@ -162,6 +165,7 @@ def load(
     train_renditions: int | None = None,
     more_voices: bool = False,
     random_voices: int = 0,
+    accent_processes: bool = False,
 ) -> Dataset:
     """Generate what is missing, then load train/test at 16 kHz plus the 8 kHz copy of test.
     `train_renditions` (default: `renditions`) gives training more takes per voice and
@@ -169,7 +173,8 @@ def load(
     set stays the same."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     train_renditions = train_renditions or renditions
-    train_clips = plan("train", train_renditions, more_voices, random_voices)[:limit]
+    train_clips = plan("train", train_renditions, more_voices, random_voices,
+                       accent_processes)[:limit]
     test_clips = plan("test", renditions)[:limit]
     generate(train_clips, cache, workers=workers)
     generate(test_clips, cache, sample_rates=(SAMPLE_RATE_HZ, LOW_RATE_HZ), workers=workers)
@@ -185,7 +190,8 @@ def load(
         provenance={
             "source": "espeak-ng words, sox resampling + silence trim (model/data/digits.py)",
             "split": "voice-disjoint: train and test share no accent and no speaker variant",
-            "train_voices": [f"{a}+{v}" for a, v in train_voices(more_voices, random_voices)],
+            "train_voices": [f"{a}+{v}" for a, v in
+                             train_voices(more_voices, random_voices, accent_processes)],
             "test_voices": [f"{a}+{v}" for a, v in _voices(TEST_ACCENTS, TEST_VARIANTS)],
             "renditions_per_voice": renditions,
             "train_renditions_per_voice": train_renditions,

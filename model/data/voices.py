@@ -28,12 +28,42 @@ import numpy as np
 from model.data.base import seeded_generator
 
 PREFIX = "rnd2"  # the recipe's version: cached clips are named after their variant
+ACCENTED = "rnd3"  # the same speakers, each with sound changes of real Englishes drawn too
 KLATT_MODES = (0, 1, 2, 3)  # 0: espeak-ng's own synthesiser
 GROUP = 100
+# Sound changes heard in real Englishes, as espeak-ng `replace` lines (flags 01: only at the
+# end of a word). A speaker has each source phoneme changed with probability ACCENT_PROB, into
+# one of its alternatives. Without them the only stop heard in place of "th" is the Caribbean
+# accent's (en-029 says "three" as t[ri:), so a model may take any dental stop for "three".
+ACCENT_PROB = 0.3
+ACCENT_PROCESSES: dict[str, tuple[tuple[str, str], ...]] = {
+    "t": (("00", "t["), ("01", "?")),  # dental t (Irish, Indian); final glottal stop (London)
+    "T": (("00", "t["), ("00", "f")),  # th-stopping (Caribbean, Irish); th-fronting (London)
+    "v": (("00", "w"),),  # v/w merger (Indian English)
+    "w": (("00", "v"),),  # (German, Slavic, Hindi speakers' English)
+    "z": (("00", "s"),),  # devoiced z (German, Dutch, Spanish speakers' English)
+}
 
 
-def name(index: int) -> str:
-    return f"{PREFIX}{index:04d}"
+def name(index: int, accented: bool = False) -> str:
+    return f"{ACCENTED if accented else PREFIX}{index:04d}"
+
+
+def _is_drawn(variant: str) -> bool:
+    return variant.startswith((PREFIX, ACCENTED))
+
+
+def accent_lines(variant: str) -> list[str]:
+    """The `replace` lines of an accented speaker (none for the others): ACCENT_PROCESSES."""
+    if not variant.startswith(ACCENTED):
+        return []
+    rng = seeded_generator("s4serve-accent", variant)
+    lines = []
+    for source, alternatives in ACCENT_PROCESSES.items():
+        if rng.random() < ACCENT_PROB:
+            flags, target = alternatives[int(rng.integers(len(alternatives)))]
+            lines.append(f"replace {flags} {source} {target}")
+    return lines
 
 
 def variant_text(variant: str) -> str:
@@ -41,7 +71,7 @@ def variant_text(variant: str) -> str:
     (longer for lower, male-like voices), each formant then moved, raised and widened on its
     own over the range the stock variants use (e.g. `travis` puts F1 at 50 %, `michel` F4 at
     30 % height), and for some a spectral tilt (`tone`)."""
-    rng = seeded_generator("s4serve-voice", variant)
+    rng = seeded_generator("s4serve-voice", PREFIX + variant[len(PREFIX):])  # rnd3 i = rnd2 i
     female = bool(rng.random() < 0.5)
     low = int(rng.integers(140, 191)) if female else int(rng.integers(60, 101))
     high = low + int(rng.integers(40, 71) if female else rng.integers(30, 61))
@@ -67,7 +97,7 @@ def variant_text(variant: str) -> str:
     klatt = int(rng.choice(KLATT_MODES, p=(0.55, 0.15, 0.15, 0.15)))
     if klatt:
         lines.append(f"klatt {klatt}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + accent_lines(variant)) + "\n"
 
 
 @functools.cache
@@ -86,10 +116,10 @@ def private_data(root: Path, variant: str) -> Path | None:
     holding only the random variants of its group.
     espeak-ng lists at most 349 voices (languages and variants together; 131 + ~100 stock
     variants here), so the random ones are spread over groups of GROUP. Built once, atomically."""
-    if not variant.startswith(PREFIX):
+    if not _is_drawn(variant):
         return None
-    group = int(variant[len(PREFIX):]) // GROUP
-    home = root / "espeak" / f"{PREFIX}-group{group:03d}"
+    prefix, group = variant[:len(PREFIX)], int(variant[len(PREFIX):]) // GROUP
+    home = root / "espeak" / f"{prefix}-group{group:03d}"
     if (home / "complete").is_file():
         return home
     staging = home.with_name(f".{home.name}.{os.getpid()}.{threading.get_ident()}")
@@ -104,7 +134,8 @@ def private_data(root: Path, variant: str) -> Path | None:
         if entry.name != "!v":
             (data / "voices" / entry.name).symlink_to(entry)
     for index in range(group * GROUP, (group + 1) * GROUP):
-        (data / "voices" / "!v" / name(index)).write_text(variant_text(name(index)))
+        drawn = name(index, accented=prefix == ACCENTED)
+        (data / "voices" / "!v" / drawn).write_text(variant_text(drawn))
     (staging / "complete").touch()
     try:
         staging.rename(home)

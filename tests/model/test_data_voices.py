@@ -1,5 +1,6 @@
 """Random espeak-ng speakers: seeded variant files, a private data directory, real synthesis."""
 
+import numpy as np
 import pytest
 
 from model.data import digits, load_dataset, voices
@@ -74,3 +75,44 @@ def test_a_mistyped_dataset_option_is_an_error():
         load_dataset("espeak-digits", random_voice=10)
     with pytest.raises(ValueError, match="no option 'cache_dir'"):
         load_dataset("basicmotions", cache_dir="/tmp")
+
+
+def test_accented_speakers_are_the_plain_ones_with_sound_changes_drawn():
+    changed = 0
+    for index in range(300):
+        plain = voices.variant_text(voices.name(index)).splitlines()
+        accented = voices.variant_text(voices.name(index, accented=True)).splitlines()
+        assert voices.accent_lines(voices.name(index)) == []
+        # The same speaker (every line but its name), then its replacements.
+        assert accented[0] == plain[0] and accented[2:len(plain)] == plain[2:]
+        replaced = [line.split() for line in accented[len(plain):]]
+        sources = [source for _key, _flags, source, _target in replaced]
+        assert len(set(sources)) == len(sources)
+        for key, flags, source, target in replaced:
+            assert key == "replace" and (flags, target) in voices.ACCENT_PROCESSES[source]
+        changed += len(replaced)
+    expected = 300 * len(voices.ACCENT_PROCESSES) * voices.ACCENT_PROB
+    assert 0.8 * expected < changed < 1.2 * expected
+
+
+def test_an_accented_speaker_says_what_its_replacements_change(tmp_path):
+    # The first accented speaker whose only change is a dental t: "two" must change, "seven"
+    # (no t) must sound exactly as the plain speaker's.
+    index = next(i for i in range(200)
+                 if voices.accent_lines(voices.name(i, accented=True)) == ["replace 00 t t["])
+
+    def render(word: str, variant: str) -> np.ndarray:
+        utterance = Utterance(word, "en-us", variant, 170, 50, 80)
+        path = synthesize(utterance, tmp_path / f"{variant}-{word}.wav", 16000,
+                          voices.private_data(tmp_path, variant))
+        return read_wav(path)[0]
+
+    def distance(word: str) -> float:
+        plain, accented = render(word, voices.name(index)), render(word, voices.name(index, True))
+        assert plain.shape == accented.shape or word == "two"
+        length = min(len(plain), len(accented))
+        return float(np.abs(plain[:length] - accented[:length]).max())
+
+    # sox dithers when it resamples to 16 bits: the same speech differs by a few steps of 2^-15.
+    assert distance("seven") < 8 / 2**15
+    assert distance("two") > 0.05
