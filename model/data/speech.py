@@ -97,6 +97,7 @@ def _sox_write(wav_bytes: bytes, path: Path, sample_rate: int, effects: list[str
     subprocess.run(
         [
             "sox",
+            "-D",  # no dither: the same speech gives the same file on every run and machine
             "-t",
             "wav",
             "-",
