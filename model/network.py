@@ -19,6 +19,13 @@ from torch import nn
 from model.config import ModelConfig
 from model.ssm import S4DLayer, S4Layer, SSMLayer
 
+# The tracer notes that the traced step returns a list (its state), as intended. Filtered here,
+# once, not in warnings.catch_warnings(): that swaps the process-wide filters, and models load
+# in a worker thread while FastAPI on the event loop may do the same (the two can interleave and
+# leave every warning of the process silenced, or show warnings FastAPI meant to hide).
+warnings.filterwarnings("ignore", message="Encountering a list at the output of the tracer",
+                        category=torch.jit.TracerWarning)
+
 State = list[torch.Tensor]
 RECURRENT_CACHE_SIZE = 4
 
@@ -275,8 +282,7 @@ class RecurrentNetwork(nn.Module):
             view = _StepView(self).eval()
             if compiler == "torchscript":
                 example = (torch.zeros(2, self.config.d_input), self.initial_state(2))
-                with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # tracer notes about Python values
+                with torch.inference_mode(False), torch.no_grad():
                     traced = torch.jit.trace(view, example, check_trace=False)
                     self._compiled[compiler] = torch.jit.freeze(traced)
             elif compiler == "inductor":

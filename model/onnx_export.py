@@ -34,6 +34,17 @@ MANIFEST_FORMAT = "s4serve-onnx"
 MANIFEST_VERSION = 1
 OPSET = 18  # the dynamo exporter's lowest; LayerNormalization needs >= 17
 DEFAULT_CHUNK = recurrent.DIRECT_CONV_MAX  # the longest block the model already convolves directly
+
+# What the legacy exporter says about every graph it writes, all expected here. Filtered once,
+# not in warnings.catch_warnings(): the onnx backend exports in the server's model-loading
+# thread, and that context manager swaps the process-wide filters (model/network.py says why).
+for _message, _category in (
+    ("You are using the legacy TorchScript-based ONNX export", DeprecationWarning),
+    ("The feature will be removed", DeprecationWarning),
+    ("ONNX Preprocess - Removing mutation", UserWarning),
+    ("Converting a tensor to a Python", torch.jit.TracerWarning),
+):
+    warnings.filterwarnings("ignore", message=_message, category=_category)
 SAMPLES, OUTPUTS, NEXT_PREFIX = "samples", "outputs", "next."
 COMPLEX_TYPES = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
 Exporter = Literal["legacy", "dynamo"]
@@ -82,8 +93,7 @@ def _export_graph(rec: RecurrentNetwork, view: str, path: Path, block: int | Non
     else:
         options = dict(dynamo=False,
                        dynamic_axes={n: {0: "batch"} for n in input_names + output_names})
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+    with torch.no_grad():
         torch.onnx.export(_View(rec, view).eval(), (samples, state), str(path),
                           input_names=input_names, output_names=output_names,
                           opset_version=OPSET, **options)

@@ -92,6 +92,10 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     app.include_router(ws_api.router)
     app.include_router(mux_api.router)
     app.mount("/demo", StaticFiles(directory=STATIC, html=True), name="demo")
+    # FastAPI builds included routes on their first request, inside warnings.catch_warnings(),
+    # which swaps process-wide state: a request while the models load (a HEALTHCHECK) raced
+    # the loader thread and printed the warnings it hides. Build them now, on this thread.
+    app.openapi()
 
     def docs_allowed(request: Request) -> None:
         if not settings.docs_public and not runtime.guard.key_ok(request.headers,
