@@ -38,13 +38,13 @@ DEFAULT_CHUNK = recurrent.DIRECT_CONV_MAX  # the longest block the model already
 # What the legacy exporter says about every graph it writes, all expected here. Filtered once,
 # not in warnings.catch_warnings(): the onnx backend exports in the server's model-loading
 # thread, and that context manager swaps the process-wide filters (model/network.py says why).
-for _message, _category in (
-    ("You are using the legacy TorchScript-based ONNX export", DeprecationWarning),
-    ("The feature will be removed", DeprecationWarning),
-    ("ONNX Preprocess - Removing mutation", UserWarning),
-    ("Converting a tensor to a Python", torch.jit.TracerWarning),
+for _message, _category, _module in (
+    ("You are using the legacy TorchScript-based ONNX export", DeprecationWarning, ""),
+    ("The feature will be removed", DeprecationWarning, r"torch\.onnx"),
+    ("ONNX Preprocess - Removing mutation", UserWarning, r"torch\.onnx"),
+    ("Converting a tensor to a Python", torch.jit.TracerWarning, ""),
 ):
-    warnings.filterwarnings("ignore", message=_message, category=_category)
+    warnings.filterwarnings("ignore", message=_message, category=_category, module=_module)
 SAMPLES, OUTPUTS, NEXT_PREFIX = "samples", "outputs", "next."
 COMPLEX_TYPES = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
 Exporter = Literal["legacy", "dynamo"]

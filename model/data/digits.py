@@ -115,8 +115,12 @@ def default_cache_dir() -> Path:
     return Path(root) / "digits"
 
 
+CLIPS_VERSION = 2  # 2: sox without dither; a cache of clips made otherwise is not reused
+
+
 def _clip_path(cache_dir: Path, clip: Clip, sample_rate: int) -> Path:
-    return cache_dir / f"{sample_rate}hz" / f"{clip.utterance.file_stem()}.wav"
+    return (cache_dir / f"clips-v{CLIPS_VERSION}" / f"{sample_rate}hz"
+            / f"{clip.utterance.file_stem()}.wav")
 
 
 def generate(

@@ -29,12 +29,14 @@ from model.data.base import seeded_generator
 
 PREFIX = "rnd2"  # the recipe's version: cached clips are named after their variant
 ACCENTED = "rnd3"  # the same speakers, each with sound changes of real Englishes drawn too
+assert len(PREFIX) == len(ACCENTED)  # a drawn variant's name is a prefix and its index
 KLATT_MODES = (0, 1, 2, 3)  # 0: espeak-ng's own synthesiser
 GROUP = 100
 # Sound changes heard in real Englishes, as espeak-ng `replace` lines (flags 01: only at the
 # end of a word). A speaker has each source phoneme changed with probability ACCENT_PROB, into
 # one of its alternatives. Without them the only stop heard in place of "th" is the Caribbean
 # accent's (en-029 says "three" as t[ri:), so a model may take any dental stop for "three".
+# An accent's own replacements come first: with en-029 a drawn /θ/ change does nothing.
 ACCENT_PROB = 0.3
 ACCENT_PROCESSES: dict[str, tuple[tuple[str, str], ...]] = {
     "t": (("00", "t["), ("01", "?")),  # dental t (Irish, Indian); final glottal stop (London)

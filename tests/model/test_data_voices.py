@@ -1,5 +1,7 @@
 """Random espeak-ng speakers: seeded variant files, a private data directory, real synthesis."""
 
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -112,3 +114,25 @@ def test_an_accented_speaker_says_what_its_replacements_change(tmp_path):
     two, dental_two = render("two", plain), render("two", accented)
     length = min(len(two), len(dental_two))
     assert np.abs(two[:length] - dental_two[:length]).max() > 0.05
+
+
+def test_accented_speakers_replace_plain_ones_in_training_only():
+    plain = digits.plan("train", random_voices=20)
+    accented = digits.plan("train", random_voices=20, accent_processes=True)
+    assert digits.plan("test") == digits.plan("test", random_voices=20, accent_processes=True)
+    drawn = [c.utterance.variant for c in accented
+             if c.utterance.variant.startswith((voices.PREFIX, voices.ACCENTED))]
+    assert len(set(drawn)) == 20 and all(v.startswith(voices.ACCENTED) for v in drawn)
+    assert len(accented) == len(plain)
+
+
+def test_a_final_glottal_stop_changes_only_a_word_final_t(tmp_path):
+    # espeak-ng's replace flag 01: only at the end of a word.
+    index = next(i for i in range(300)
+                 if voices.accent_lines(voices.name(i, accented=True)) == ["replace 01 t ?"])
+    variant = voices.name(index, accented=True)
+    phonemes = subprocess.run(
+        ["espeak-ng", f"--path={voices.private_data(tmp_path, variant)}", "-v",
+         f"en-us+{variant}", "-q", "-x", "two eight"],
+        check=True, capture_output=True, text=True).stdout.split()
+    assert phonemes == ["t'u:", "'eI?"]

@@ -5,7 +5,10 @@ event loop answers requests (a HEALTHCHECK during start-up), so neither side may
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 
@@ -36,3 +39,22 @@ def test_loading_and_compiling_a_model_leaves_the_filters_alone(model_dirs, tmp_
         net = load_model(model_dirs["seq"])
         net.to_recurrent().compiled_step("torchscript")
         export_onnx(net, tmp_path)
+
+
+def test_the_tracer_and_exporter_notices_are_filtered_where_they_arise(model_dirs, tmp_path):
+    # In a process of its own: pytest sets its own filters (pyproject.toml) over the modules'.
+    code = """if True:
+        import sys, warnings
+        import torch
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.simplefilter("error", UserWarning)
+        from model.checkpoint import load_model
+        from model.onnx_export import export_onnx
+        net = load_model(sys.argv[1])
+        net.to_recurrent().compiled_step("torchscript")
+        export_onnx(net, sys.argv[2])
+    """
+    done = subprocess.run([sys.executable, "-c", code, str(model_dirs["seq"]), str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
