@@ -29,7 +29,6 @@ from model.data.base import seeded_generator
 
 PREFIX = "rnd2"  # the recipe's version: cached clips are named after their variant
 ACCENTED = "rnd3"  # the same speakers, each with sound changes of real Englishes drawn too
-assert len(PREFIX) == len(ACCENTED)  # a drawn variant's name is a prefix and its index
 KLATT_MODES = (0, 1, 2, 3)  # 0: espeak-ng's own synthesiser
 GROUP = 100
 # Sound changes heard in real Englishes, as espeak-ng `replace` lines (flags 01: only at the
@@ -51,8 +50,10 @@ def name(index: int, accented: bool = False) -> str:
     return f"{ACCENTED if accented else PREFIX}{index:04d}"
 
 
-def _is_drawn(variant: str) -> bool:
-    return variant.startswith((PREFIX, ACCENTED))
+def _drawn(variant: str) -> tuple[bool, int] | None:
+    """(accented, index) of a drawn speaker's name; None for a stock variant."""
+    found = re.fullmatch(f"({PREFIX}|{ACCENTED})(\\d+)", variant)
+    return None if found is None else (found.group(1) == ACCENTED, int(found.group(2)))
 
 
 def accent_lines(variant: str) -> list[str]:
@@ -73,7 +74,9 @@ def variant_text(variant: str) -> str:
     (longer for lower, male-like voices), each formant then moved, raised and widened on its
     own over the range the stock variants use (e.g. `travis` puts F1 at 50 %, `michel` F4 at
     30 % height), and for some a spectral tilt (`tone`)."""
-    rng = seeded_generator("s4serve-voice", PREFIX + variant[len(PREFIX):])  # rnd3 i = rnd2 i
+    drawn = _drawn(variant)
+    # an accented speaker is drawn as its plain twin, then given its sound changes
+    rng = seeded_generator("s4serve-voice", variant if drawn is None else name(drawn[1]))
     female = bool(rng.random() < 0.5)
     low = int(rng.integers(140, 191)) if female else int(rng.integers(60, 101))
     high = low + int(rng.integers(40, 71) if female else rng.integers(30, 61))
@@ -118,10 +121,11 @@ def private_data(root: Path, variant: str) -> Path | None:
     holding only the random variants of its group.
     espeak-ng lists at most 349 voices (languages and variants together; 131 + ~100 stock
     variants here), so the random ones are spread over groups of GROUP. Built once, atomically."""
-    if not _is_drawn(variant):
+    drawn = _drawn(variant)
+    if drawn is None:
         return None
-    prefix, group = variant[:len(PREFIX)], int(variant[len(PREFIX):]) // GROUP
-    home = root / "espeak" / f"{prefix}-group{group:03d}"
+    accented, group = drawn[0], drawn[1] // GROUP
+    home = root / "espeak" / f"{ACCENTED if accented else PREFIX}-group{group:03d}"
     if (home / "complete").is_file():
         return home
     staging = home.with_name(f".{home.name}.{os.getpid()}.{threading.get_ident()}")
@@ -136,8 +140,8 @@ def private_data(root: Path, variant: str) -> Path | None:
         if entry.name != "!v":
             (data / "voices" / entry.name).symlink_to(entry)
     for index in range(group * GROUP, (group + 1) * GROUP):
-        drawn = name(index, accented=prefix == ACCENTED)
-        (data / "voices" / "!v" / drawn).write_text(variant_text(drawn))
+        speaker = name(index, accented)
+        (data / "voices" / "!v" / speaker).write_text(variant_text(speaker))
     (staging / "complete").touch()
     try:
         staging.rename(home)
