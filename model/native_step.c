@@ -15,6 +15,12 @@
  * ~85% as long; perf puts 55% in the SSM (its six tables stream from L2 for every row: blocks of
  * channels across the tile's rows, to reuse them from L1, were 1.1-1.6x slower) and 30% in the
  * output linear.
+ * Session 24: a server's rows are not in cache (each session comes back every 10 ms, after
+ * megabytes of other work), and perf put half the step on the loads of the state, although the
+ * next layer's state was asked for ahead (a layer's worth at once, after the SSM). It is now
+ * asked for a channel at a time from inside the SSM loop: motion, B=100 over 10000 rows (in
+ * memory, not cache) 2.92 -> 2.02 us per row; the reference network at B=1024 ~19.6 -> ~16.5
+ * ms; over rows that are in L3 it costs ~10% (1.53 -> 1.71 us).
  * At B=1 a graph's per-call and per-kernel overheads dominate; here a call is one loop nest.
  *
  * Per row (model/network.py, RecurrentNetwork.step; model/recurrent.py, DiagonalRecurrence):
@@ -167,12 +173,14 @@ static inline double hsum4(v4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
  * be the same row: each value is read before it is written), in scalar type T with LANES-wide
  * vectors V over the tables named: y_h = Re Σ_n 2 C_n x_n' + D_h z_h. KEEP: the old values are
  * also stored into `keep` (a row laid out as the state), on their way through the registers.
+ * ahead_re/ahead_im (or NULL): a float32 state laid out as this layer's, asked for into L2 a
+ * channel at a time, so that its reads from memory overlap this arithmetic.
  * Explicit vectors: the output's sum over n stays in a register until the row ends (an
  * `omp simd` reduction spilled its lanes to the stack on every row). */
 #define DEFINE_SSM(NAME, KEEP, T, V, LANES, HSUM, VFMA, FMA, A_RE, A_IM, B_RE, B_IM, C_RE,    \
                    C_NIM)                                                                        \
   static void NAME(const Layer *l, int hc, int h, int n2, const float *z, const T *old, T *new,  \
-                   T *keep, float *y) {                                                          \
+                   T *keep, float *y, const float *ahead_re, const float *ahead_im) {            \
     const T *xr = old + l->off_re, *xi = old + l->off_im;                                        \
     T *nr = new + l->off_re, *ni = new + l->off_im;                                              \
     T *kr = KEEP ? keep + l->off_re : NULL, *ki = KEEP ? keep + l->off_im : NULL;                \
@@ -184,6 +192,11 @@ static inline double hsum4(v4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
       const T *cr = l->C_RE + o, *ci = l->C_NIM + o;                                             \
       const V uv = (V){0} + u;                                                                   \
       V acc = {0};                                                                               \
+      if (ahead_re) /* the state that comes next, a channel's lines per channel */              \
+        for (int n = 0; n < n2; n += 16) {                                                       \
+          __builtin_prefetch(ahead_re + o + n, 0, 1);                                            \
+          __builtin_prefetch(ahead_im + o + n, 0, 1);                                            \
+        }                                                                                        \
       for (int n = 0; n < nv; n += LANES) {                                                      \
         const V r = *(const V *)(xr + o + n), i = *(const V *)(xi + o + n);                      \
         if (KEEP) {                                                                              \
@@ -331,8 +344,8 @@ static void sample_layer(const Net *net, int i, float *x, const void *s32, void 
   float *z = act, *ys = z + hc, *out = ys + hc, *v = out + 2 * h;
   const Layer *l = net->layers + i;
   layer_in(net, l, x, z);
-  if (wide) ssm_wide(l, hc, h, net->n2, z, s32, n32, NULL, ys);
-  else ssm(l, hc, h, net->n2, z, s32, n32, NULL, ys);
+  if (wide) ssm_wide(l, hc, h, net->n2, z, s32, n32, NULL, ys, NULL, NULL);
+  else ssm(l, hc, h, net->n2, z, s32, n32, NULL, ys, NULL, NULL);
   gelu(ys, hc);
   linear(ys, hc, l->w_t, l->bias, 2 * h, out);
   glu(out, h, v);
@@ -400,32 +413,23 @@ static int commit_row(const Net *net, const float *u, long nu, const float *y, l
 /* Rows per tile of run_tiled. */
 #define TILE_ROWS 8
 
-/* Asks for layer l's state in n rows (re and im halves, to be written) ahead of its use, so that
- * those reads overlap the arithmetic in between (measured: -4% at B=1024). */
-static void prefetch_layer(const Net *net, const Layer *l, int n, float *const *row32) {
-  const long len = (long)net->channels * net->d_model * net->n2;
-  for (int r = 0; r < n; r++)
-    for (long k = 0; k < len; k += 16) { /* a 64-byte line */
-      __builtin_prefetch(row32[r] + l->off_re + k, 1, 2);
-      __builtin_prefetch(row32[r] + l->off_im + k, 1, 2);
-    }
-}
-
 /* One layer for the n rows of a tile (activations xs, n x h): each row's state advanced where
  * it lies, its old values into `keep` (n rows laid out as the state); the output linear over the
- * tile's rows at once. Per row, the arithmetic of sample_layer in its order. Between the SSM
- * and the linear, the state that comes next (layer `ahead` of the `ahead_n` rows `ahead32`) is
- * asked for. */
+ * tile's rows at once. Per row, the arithmetic of sample_layer in its order. While its SSM
+ * runs, row r asks for the state that comes next: layer `ahead` of row r of the `ahead_n`
+ * rows `ahead32` (this tile's next layer, or after the last the next tile's first). */
 static void tile_layer(const Net *net, int i, int n, float *xs, float *const *row32, float *keep,
                        float *act, const Layer *ahead, int ahead_n, float *const *ahead32) {
   const int h = net->d_model, hc = net->channels * h;
   const Layer *l = net->layers + i;
   float *zs = act, *ys = zs + (long)n * h, *out = ys + (long)n * hc, *v = out + (long)n * 2 * h;
   for (int r = 0; r < n; r++) layer_in(net, l, xs + r * h, zs + r * h);
-  for (int r = 0; r < n; r++)
+  for (int r = 0; r < n; r++) {
+    const int pre = ahead && r < ahead_n;
     ssm_keep(l, hc, h, net->n2, zs + r * h, row32[r], row32[r], keep + r * net->width32,
-             ys + r * hc);
-  if (ahead) prefetch_layer(net, ahead, ahead_n, ahead32);
+             ys + r * hc, pre ? ahead32[r] + ahead->off_re : NULL,
+             pre ? ahead32[r] + ahead->off_im : NULL);
+  }
   gelu(ys, n * hc);
   linear_rows(ys, n, hc, l->w_t, l->bias, 2 * h, out);
   for (int r = 0; r < n; r++) {
@@ -478,6 +482,11 @@ static long run_tiled(const Net *net, long batch, const float *u, long u_stride,
     const int n = next_n;
     float **row32 = tiles[t], **next32 = tiles[t ^ 1];
     next_n = tile_rows(b0 + TILE_ROWS, batch, rows, s32, s32_stride, next32);
+    for (int r = 0; r < next_n; r++) { /* the next tile's float64 part, read at its end */
+      const double *next64 = s64 + (rows ? (long)rows[b0 + TILE_ROWS + r] : b0 + TILE_ROWS + r)
+                                       * s64_stride;
+      for (long k = 0; k < w64; k += 8) __builtin_prefetch(next64 + k, 0, 1);
+    }
     double *row64[TILE_ROWS];
     for (int r = 0; r < n; r++) {
       row64[r] = s64 + (rows ? (long)rows[b0 + r] : b0 + r) * s64_stride;
