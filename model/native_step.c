@@ -448,11 +448,14 @@ static void restore_layers(const Net *net, float *row32, const float *keep) {
   }
 }
 
+/* Where batch member b's state lies: rows[b], or b itself without `rows`. */
+static inline long row_of(const int64_t *rows, long b) { return rows ? (long)rows[b] : b; }
+
 /* The float32 state rows of the tile starting at b0 (none past the batch); their number. */
 static int tile_rows(long b0, long batch, const int64_t *rows, float *s32, long s32_stride,
                      float **row32) {
   const int n = batch - b0 < TILE_ROWS ? (int)(batch - b0) : TILE_ROWS;
-  for (int r = 0; r < n; r++) row32[r] = s32 + (rows ? (long)rows[b0 + r] : b0 + r) * s32_stride;
+  for (int r = 0; r < n; r++) row32[r] = s32 + row_of(rows, b0 + r) * s32_stride;
   return n > 0 ? n : 0;
 }
 
@@ -483,13 +486,12 @@ static long run_tiled(const Net *net, long batch, const float *u, long u_stride,
     float **row32 = tiles[t], **next32 = tiles[t ^ 1];
     next_n = tile_rows(b0 + TILE_ROWS, batch, rows, s32, s32_stride, next32);
     for (int r = 0; r < next_n; r++) { /* the next tile's float64 part, read at its end */
-      const double *next64 = s64 + (rows ? (long)rows[b0 + TILE_ROWS + r] : b0 + TILE_ROWS + r)
-                                       * s64_stride;
+      const double *next64 = s64 + row_of(rows, b0 + TILE_ROWS + r) * s64_stride;
       for (long k = 0; k < w64; k += 8) __builtin_prefetch(next64 + k, 0, 1);
     }
     double *row64[TILE_ROWS];
     for (int r = 0; r < n; r++) {
-      row64[r] = s64 + (rows ? (long)rows[b0 + r] : b0 + r) * s64_stride;
+      row64[r] = s64 + row_of(rows, b0 + r) * s64_stride;
       sample_begin(net, u + (b0 + r) * u_stride, xs + r * h);
     }
     for (int i = 0; i < net->n_layers; i++) {
@@ -537,7 +539,7 @@ static long run_rows(const Net *net, long batch, long steps, const int64_t *step
     const long n = steps_each ? (long)steps_each[b] : steps;
     const int wide = n > NARROW_STEPS;
     const float *ub = u + b * u_stride;
-    const long r = rows ? (long)rows[b] : b;
+    const long r = row_of(rows, b);
     float *row32 = s32 + r * s32_stride, *yb = y + b * y_stride;
     double *row64 = s64 + r * s64_stride;
     const void *cur32 = row32; /* read from the row, written to scratch: the row stays */
