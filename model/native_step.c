@@ -589,12 +589,30 @@ long s4d_network_run_each(const Net *net, long batch, long steps, const int64_t 
 
 /* s4d_network_run for one sample per row whose inputs lie in a byte buffer as received (the
  * records of a wire message): row b's input at base + offset + b * stride (bytes, whole
- * floats apart). Returns -3 when those inputs are not float-aligned, else as that function. */
+ * floats apart). With `keys` (2 per row, or NULL), the 8 bytes before row b's input must be
+ * keys[2b], keys[2b + 1] (its record's header, e.g. the session it is for and its sample
+ * count): a caller that prepared the call for a list of records checks that this message holds
+ * that list, in the same pass. With `counts` (one per state row, or NULL; needs `rows` and
+ * `kept`), counts[rows[b]] goes up by one for each row advanced: the samples a session has
+ * advanced by, kept beside its state and moved with it (a per-row count in the caller's
+ * language cost more than the step's arithmetic for small models).
+ * Returns -3 when those inputs are not float-aligned, -5 when a key differs (nothing changed
+ * then), else as that function. */
 long s4d_network_run_at(const Net *net, long batch, const char *base, long offset, long stride,
-                        float *s32, long s32_stride, double *s64, long s64_stride, float *y,
-                        long y_stride, const int64_t *rows, long n_rows, uint8_t *kept) {
+                        const uint32_t *keys, int64_t *counts, float *s32, long s32_stride,
+                        double *s64, long s64_stride, float *y, long y_stride,
+                        const int64_t *rows, long n_rows, uint8_t *kept) {
   const char *u = base + offset;
   if ((uintptr_t)u % sizeof(float) || stride % (long)sizeof(float)) return -3;
-  return s4d_network_run(net, batch, 1, (const float *)u, stride / (long)sizeof(float), s32,
-                         s32_stride, s64, s64_stride, y, y_stride, rows, n_rows, kept);
+  if (counts && !(rows && kept)) return -6;
+  for (long b = 0; keys && b < batch; b++) {
+    uint32_t key[2];
+    memcpy(key, u + b * stride - sizeof key, sizeof key);
+    if (key[0] != keys[2 * b] || key[1] != keys[2 * b + 1]) return -5;
+  }
+  const long done = s4d_network_run(net, batch, 1, (const float *)u, stride / (long)sizeof(float),
+                                    s32, s32_stride, s64, s64_stride, y, y_stride, rows, n_rows,
+                                    kept);
+  for (long b = 0; counts && done >= 0 && b < batch; b++) counts[rows[b]] += kept[b];
+  return done;
 }

@@ -16,6 +16,7 @@ carries serves (model/native_build.py).
 
 from __future__ import annotations
 
+import array
 import ctypes
 import fcntl
 import functools
@@ -41,6 +42,7 @@ from model.native_build import (
 )
 
 PREBUILT_DIR = SOURCE.parent  # where the wheel puts the portable library
+KEY_BYTES = 8  # a prepared rows call's key before each input: two uint32
 _loaded: dict[Path, ctypes.CDLL] = {}
 
 
@@ -131,7 +133,7 @@ def library(cache_dir: Path) -> ctypes.CDLL:
     at.restype = ctypes.c_long
     # the inputs' buffer as c_void_p: a bytes object passes as a pointer to its data, no copy
     at.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
-                   ctypes.c_long, *rows]
+                   ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, *rows]
     each = lib.s4d_network_run_each
     each.restype = ctypes.c_long
     each.argtypes = [ctypes.POINTER(_Net), ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
@@ -281,15 +283,26 @@ class NativeStep:
         return self._done(done, pool32.shape[0])
 
     def rows_call(self, rec: nn.Module, pool32: torch.Tensor, pool64: torch.Tensor,
-                  rows: np.ndarray, y: np.ndarray, kept: np.ndarray) -> RowsCall:
+                  rows: np.ndarray, y: np.ndarray, kept: np.ndarray,
+                  keys: np.ndarray | None = None,
+                  counts: array.array | None = None) -> RowsCall:
         """`at_rows_into` for these rows, outputs and flags, checked once, with the inputs
         read from a byte buffer at each call (a wire message as received): the call a
-        connection makes for every message of the same sessions."""
+        connection makes for every message of the same sessions. `keys` (B, 2) uint32: what
+        the 8 bytes before each input must hold (each record's header), checked by every
+        call before anything changes. `counts` (array "q", one per pool row): each call adds
+        one to the count of every row it advanced."""
         self._check_rows(rows, kept)
         self._check_records("y", y, len(rows), self._d_output, writable=True)
         self._check_states(pool32, pool64, pool32.shape[0])
+        if keys is not None and (keys.dtype != np.uint32 or keys.shape != (len(rows), 2)
+                                 or not keys.flags.c_contiguous):
+            raise ValueError(f"keys must be contiguous uint32 ({len(rows)}, 2), got "
+                             f"{keys.dtype} {keys.shape}")
+        if counts is not None and (counts.typecode != "q" or len(counts) != pool32.shape[0]):
+            raise ValueError(f"counts must be an array of {pool32.shape[0]} int64 (\"q\")")
         return RowsCall(self._run_at, self._bound(rec), self._d_input, pool32, pool64, rows, y,
-                        kept)
+                        kept, keys, counts)
 
     @staticmethod
     def _check_rows(rows: np.ndarray, kept: np.ndarray) -> None:
@@ -357,24 +370,28 @@ class NativeStep:
 
 class RowsCall:
     """A prepared native step of fixed pool rows (model/native_step.py, `NativeStep.rows_call`):
-    its outputs, flags, rows and state pointers were checked once; a call only checks that
-    the inputs lie inside the buffer it gets. Holds what its pointers point into."""
+    its outputs, flags, rows, keys and state pointers were checked once; a call only checks
+    that the inputs lie inside the buffer it gets. Holds what its pointers point into."""
 
     def __init__(self, run, bound: _Bound, d_input: int, pool32: torch.Tensor,
-                 pool64: torch.Tensor, rows: np.ndarray, y: np.ndarray,
-                 kept: np.ndarray) -> None:
+                 pool64: torch.Tensor, rows: np.ndarray, y: np.ndarray, kept: np.ndarray,
+                 keys: np.ndarray | None = None, counts: array.array | None = None) -> None:
         self._run, self._bound, self._d_input = run, bound, d_input
-        self._keep = (pool32, pool64, rows, y, kept)
+        self._keep = (pool32, pool64, rows, y, kept, keys, counts)
         self.batch = len(rows)
-        self._args = (pool32.data_ptr(), pool32.stride(0), pool64.data_ptr(), pool64.stride(0),
-                      y.ctypes.data, y.strides[0] // 4, rows.ctypes.data, pool32.shape[0],
-                      kept.ctypes.data)
+        self._before = 0 if keys is None else KEY_BYTES  # what a call reads before an input
+        self._args = (None if keys is None else keys.ctypes.data,
+                      None if counts is None else counts.buffer_info()[0], pool32.data_ptr(),
+                      pool32.stride(0), pool64.data_ptr(), pool64.stride(0), y.ctypes.data,
+                      y.strides[0] // 4, rows.ctypes.data, pool32.shape[0], kept.ctypes.data)
 
-    def __call__(self, data: bytes, offset: int, stride: int) -> int:
+    def __call__(self, data: bytes, offset: int, stride: int) -> int | None:
         """One sample for each row, row b's d_input float32 inputs at data[offset + b *
-        stride:]; y and kept written. Returns how many rows advanced."""
+        stride:] (with keys: after the 8 bytes that must equal row b's); y and kept written.
+        Returns how many rows advanced; None when a key differs (nothing changed)."""
         last = offset + (self.batch - 1) * stride + 4 * self._d_input
-        if offset < 0 or (self.batch and (stride < 4 * self._d_input or last > len(data))):
+        if offset < self._before or (self.batch and (stride < 4 * self._d_input + self._before
+                                                     or last > len(data))):
             raise ValueError(f"{self.batch} inputs of {self._d_input} floats every {stride} "
                              f"bytes from {offset} do not fit in {len(data)} bytes")
         if not self.batch:
@@ -382,4 +399,6 @@ class RowsCall:
         done = self._run(self._bound.ref, self.batch, data, offset, stride, *self._args)
         if done == -3:
             raise ValueError("inputs must lie on whole floats (offset and stride)")
-        return NativeStep._done(done, self._args[7])
+        if done == -5:
+            return None
+        return NativeStep._done(done, self._args[9])

@@ -55,12 +55,14 @@ class BatchRounds:
         self._batches.append(batch)
         self._wake()
 
-    def step_message(self, pool: SlotPool, streams: list[Stream], call, data: bytes,
-                     offset: int, stride: int, kept: np.ndarray, received: float) -> int:
-        """One step of `streams` now, by a prepared rows call (`ModelBackend.rows_call`, with
-        its outputs and `kept` flags) on inputs read from `data` where they lie; observed as
-        a round would. For members with nothing queued, so that nothing is overtaken.
-        Returns how many advanced (-1: the call failed and none did)."""
+    def step_message(self, pool: SlotPool, call, sessions: int, data: bytes, offset: int,
+                     stride: int, received: float) -> int | None:
+        """One step of `sessions` streams now, by a prepared rows call (`ModelBackend.rows_call`,
+        which writes their outputs and flags and counts their samples) on inputs read from
+        `data` where they lie; observed as a round would. For members with nothing queued, so
+        that nothing is overtaken. Returns how many advanced (-1: the call failed and none
+        did; None: `data`'s records are not the ones the call was prepared for, and nothing
+        happened)."""
         model, started = self._models[pool], time.perf_counter()
         try:
             done = call(data, offset, stride)
@@ -68,11 +70,11 @@ class BatchRounds:
             log.exception("batched call failed")
             self.flushes.ticked(time.perf_counter(), quiet=not self._pending)
             return -1
+        if done is None:
+            return None
         now = time.perf_counter()
-        for stream in streams if done == len(streams) else compress(streams, kept):
-            stream.samples += 1
-        model.call("step", now - started, len(streams), done)
-        model.waited.append(np.full(done, now - received))
+        model.call("step", now - started, sessions, done)
+        model.message(now - received, done)
         self.flushes.ticked(now, quiet=not self._pending)
         return done
 

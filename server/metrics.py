@@ -154,10 +154,13 @@ class ModelMetrics:
         self.batch = metrics.step_batch_size.labels(name)
         self.samples = metrics.samples.labels(name, "stream")
         self.queue = metrics.queue_depth.labels(name)
+        self.mux_batched = metrics.mux_messages.labels(name, "batched")
         self.queued = 0  # frames waiting, this model
         self.queued_bytes = 0  # their samples (float32), what bounds their memory
         self.latencies: list[float] = []  # receipt times of the frames answered this tick
         self.waited: list[np.ndarray] = []  # receipt -> reply seconds, ticks not flushed yet
+        self.together: list[tuple[float, int]] = []  # (seconds, frames): many answered at once
+        self.messages = 0  # mux messages stepped as they came (batched)
         self.calls: dict[str, list[float]] = {"step": [], "chunk": []}  # seconds per call
         self.batches: list[int] = []  # sessions per call
         self.advanced = 0  # samples
@@ -175,13 +178,25 @@ class ModelMetrics:
             self.waited.append(now - np.asarray(self.latencies))
             self.latencies.clear()
 
+    def message(self, seconds: float, frames: int) -> None:
+        """A mux message's `frames` stepped and answered together, `seconds` after its
+        receipt (kept as a pair: an array per message cost a few us of a ~30 us message)."""
+        self.together.append((seconds, frames))
+        self.messages += 1
+
     @property
     def pending(self) -> bool:
-        return bool(self.waited or self.batches or self.advanced)
+        return bool(self.waited or self.together or self.batches or self.advanced)
 
     def flush(self, now: float) -> None:
         """Hand everything observed so far to prometheus_client."""
         self.flushed = now
+        if self.together:
+            pairs = np.array(self.together)  # (messages, 2)
+            self.waited.append(np.repeat(pairs[:, 0], pairs[:, 1].astype(np.int64)))
+            self.together.clear()
+            self.mux_batched.inc(self.messages)
+            self.messages = 0
         if self.waited:
             waited = np.concatenate(self.waited)
             self.waited.clear()

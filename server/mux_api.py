@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, WebSocket
 
-from client import wire
-from client.wire import ENTRY_IN, ENTRY_OUT, HEADER, KIND_DATA, KIND_OUTPUTS, STATUS, WIRE_DTYPES
+from client.wire import ENTRY_OUT, HEADER, KIND_DATA, KIND_OUTPUTS, STATUS, WIRE_DTYPES
 from client.wire import MUX_VERSION as VERSION
 from server.errors import ServeError
 from server.link import Link, peer_for
+from server.mux_direct import DirectPath
 from server.mux_table import (
     Handle,
     HandleTable,
@@ -36,7 +36,6 @@ from server.mux_table import (
 from server.protocol import binary_frame, parse_start, parse_text
 from server.scheduler import Batch, Control, Frame
 from server.sessions import Session
-from server.work import BATCH_FAILED, BATCH_NON_FINITE, BATCH_OK
 
 router = APIRouter()
 
@@ -47,7 +46,7 @@ async def mux(websocket: WebSocket, name: str) -> None:
     await MuxConnection(websocket.app.state.runtime, peer_for(websocket), websocket).serve(name)
 
 
-class MuxConnection(Link):
+class MuxConnection(DirectPath, Link):
     def __init__(self, runtime, peer, websocket) -> None:
         super().__init__(runtime, peer, websocket)
         self.handles = HandleTable()
@@ -181,7 +180,6 @@ class MuxConnection(Link):
             self._paths = {path: self.rt.metrics.mux_messages.labels(self.model.info.name, path)
                            for path in ("batched", "per_entry")}
         if self._fast(data, seq, count, received):
-            self._paths["batched"].inc()
             return
         self._paths["per_entry"].inc()
         entries, stop, end = read_entries(self.handles, data, count, self.model.info.d_input)
@@ -206,55 +204,6 @@ class MuxConnection(Link):
         if self._inflight >= self.settings.session_queue:
             self._pause()
         self._flush()
-
-    def _fast(self, data: bytes, seq: int, count: int, received: float) -> bool:
-        """The common message, vectorised: one float32 sample for each of distinct sessions
-        of one rate, all finite, not overloaded. Queued as one Batch, answered in
-        one piece. False: anything else, which the per-entry path handles."""
-        d_input = self.model.info.d_input
-        if not count or len(data) != HEADER.size + count * (ENTRY_IN.size + 4 * d_input):
-            return False
-        entries = np.frombuffer(data, wire.uniform_entries(1, d_input), count, HEADER.size)
-        sids = entries["sid"]
-        if np.count_nonzero(entries["T"] != 1):
-            return False
-        scheduler = self.rt.scheduler
-        route = self.handles.route(sids, scheduler.drops)
-        if route is None:
-            return False
-        pool = route.streams[0].pool
-        if scheduler.overloaded(pool):
-            return False
-        if not self._inflight and not self._controls and pool.in_place:
-            # nothing of this connection is queued, so nothing is overtaken: step it now, from
-            # the message's records into the reply's (a non-finite input is rejected there)
-            self._answer_now(route, pool, data, seq, sids, received)
-            return True
-        u = np.array(entries["x"][:, 0], np.float32)  # (count, d_input), a copy of transient data
-        if not np.isfinite(u).all():
-            return False
-        index = self._slot(Message(seq, [], count, count, sids=sids.copy()))
-        scheduler.submit_batch(Batch(pool, route.rate, route.streams, u, received, self, index))
-        self._sent_one()
-        return True
-
-    def _answer_now(self, route, pool, data: bytes, seq: int, sids: np.ndarray,
-                    received: float) -> None:
-        count = len(sids)
-        route.prepare(pool, sids, self.model.info.d_output)
-        done = self.rt.scheduler.step_message(
-            pool, route.streams, route.call, data, HEADER.size + ENTRY_IN.size,
-            ENTRY_IN.size + 4 * self.model.info.d_input, route.kept, received)
-        head = HEADER.pack(VERSION, KIND_OUTPUTS, 0, seq, count)
-        if done == count:
-            body = route.reply.tobytes()
-        else:
-            status = (np.full(count, BATCH_FAILED, np.uint8) if done < 0 else
-                      np.where(route.kept.view(bool), BATCH_OK, BATCH_NON_FINITE))
-            body = reply_body(route.reply["sid"], route.reply["y"][:, 0], status, self.rt.error)
-        self.peer.send_bytes(head + body)
-        if not self.paused and not self.peer.can_write:
-            self._pause()
 
     def batch_done(self, batch: Batch, outputs: np.ndarray, status: np.ndarray) -> None:
         message = self._messages.get(batch.ref)

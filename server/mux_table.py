@@ -92,17 +92,21 @@ class Route:
     # in-place pools: a reply's records for these ids (ok, one row each), the step prepared to
     # write their outputs there, and its per-row flags (mux_api fills them on first use)
     reply: np.ndarray | None = None
-    call: Any = None
+    call: Any = None  # checks that a message's records are for these ids, one sample each
     kept: np.ndarray | None = None
+    size: int = 0  # bytes of a data message of these ids, one float32 sample each
 
-    def prepare(self, pool: Any, sids: np.ndarray, d_output: int) -> None:
+    def prepare(self, pool: Any, sids: np.ndarray, d_input: int, d_output: int) -> None:
         """The reply's records, the flags and the step call of these ids, on first use (a
         gateway sends the same ids every tick)."""
         if self.call is None:
             self.reply = ok_records(sids, d_output)
             self.kept = np.empty(len(sids), np.uint8)
+            keys = np.stack([sids, np.ones_like(sids)], axis=1).astype(np.uint32)
             self.call = pool.backend.rows_call(pool.flat32, pool.flat64, self.rows, self.rate,
-                                               self.reply["y"][:, 0], self.kept)
+                                               self.reply["y"][:, 0], self.kept, keys,
+                                               pool.steps)
+            self.size = HEADER.size + len(sids) * (ENTRY_IN.size + 4 * d_input)
 
 
 class HandleTable:
@@ -113,6 +117,7 @@ class HandleTable:
     def __init__(self) -> None:
         self._by_sid: dict[int, Any] = {}
         self._routes: dict[bytes, Route] = {}
+        self.last: Route | None = None  # the route of the last message stepped at once
 
     def __len__(self) -> int:
         return len(self._by_sid)
@@ -126,15 +131,18 @@ class HandleTable:
     def add(self, handle: Any) -> None:
         self._by_sid[handle.sid] = handle
         self._routes.clear()
+        self.last = None
 
     def pop(self, sid: int) -> Any:
         handle = self._by_sid.pop(sid, None)
         self._routes.clear()
+        self.last = None
         return handle
 
     def clear(self) -> None:
         self._by_sid.clear()
         self._routes.clear()
+        self.last = None
 
     def route(self, sids: np.ndarray, drops: int) -> Route | None:
         """The route of `sids` when they are distinct float32 sessions of one rate, owned

@@ -103,7 +103,9 @@ class Scheduler(SampleRounds, BatchRounds):
             pool.free(slot)
             raise
         self._model(pool)
-        return Stream(pool=pool, slot=slot, rate=rate, output_last=output_last, samples=samples)
+        stream = Stream(pool=pool, slot=slot, rate=rate, output_last=output_last)
+        stream.samples = samples
+        return stream
 
     # ----- what connections call ---------------------------------------------------------
     def overloaded(self, pool: SlotPool) -> bool:

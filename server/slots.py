@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import threading
 
 import numpy as np
@@ -27,6 +28,9 @@ class SlotPool:
         self.on_cpu = device.type == "cpu"
         self.flat32 = torch.zeros(capacity, layout.width32, device=device)
         self.flat64 = torch.zeros(capacity, layout.width64, dtype=torch.float64, device=device)
+        # samples each row's session has advanced by (Stream.samples): beside the state, where
+        # a prepared native step counts them (ModelBackend.rows_call)
+        self.steps = array.array("q", bytes(8 * capacity))
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low slots first
         self._lock = threading.Lock()
 
@@ -61,6 +65,7 @@ class SlotPool:
         end = first + len(slots)
         self.flat32[first:end] = self.flat32.index_select(0, index)
         self.flat64[first:end] = self.flat64.index_select(0, index)
+        self.steps[first:end] = array.array("q", [self.steps[s] for s in slots])
         with self._lock:
             self._free.extend(sorted(slots, reverse=True))
 

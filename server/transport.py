@@ -17,6 +17,7 @@ writer task), so the app also runs where `PushProtocol` is not installed.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -39,7 +40,10 @@ def payload_of(message: dict) -> bytes | str:
 
 
 class Handler(Protocol):
-    """What a transport calls; every method runs on the event loop and must not block."""
+    """What a transport calls; every method runs on the event loop and must not block. A
+    handler may also have `express(payload: bytes) -> bool`: offered each binary message that
+    arrives alone in one read, before anything else is done with it; False (having changed
+    nothing) sends it the usual way, to `on_message`."""
 
     def on_message(self, data: bytes | str) -> None: ...
 
@@ -97,6 +101,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
     _data_at = 0.0  # loop time of the last read from the peer
     _held: list[bytes] | None = None  # frames written during a round (server/cork.py)
     _resume_due = False  # reading resumes once the round that asked for it is over
+    _express: Callable[[bytes], bool] | None = None  # the handler's, if it has one
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -112,6 +117,8 @@ class PushProtocol(WebSocketsSansIOProtocol):
     # ----- the fast path: simple data frames parsed here ---------------------------------
     def data_received(self, data: bytes) -> None:
         self._data_at = self.loop.time()
+        if self._express is not None and self._fast and not self._rest and self._one(data):
+            return
         if not self._fast:
             if self.handler is None or self._slow or not self._at_boundary():
                 return super().data_received(data)
@@ -120,6 +127,20 @@ class PushProtocol(WebSocketsSansIOProtocol):
             data = self._rest + data
             self._rest = b""
         self._parse(data)
+
+    def _one(self, data: bytes) -> bool:
+        """`data` is one whole final binary frame, masked, without extension bits and within
+        the size limit, and the handler's `express` took its payload."""
+        if len(data) < 6 or data[0] != 0x82 or self._peer_paused or self.close_sent:
+            return False
+        size, head = data[1] & 0x7F, 2
+        if size == 126:
+            size, head = (data[2] << 8) | data[3], 4
+        limit = self.conn.max_message_size
+        if (data[1] & 0x80 == 0 or size == 127 or head + 4 + size != len(data)
+                or (limit is not None and size > limit)):
+            return False
+        return self._express(apply_mask(data[head + 4:], data[head:head + 4]))
 
     def _at_boundary(self) -> bool:
         """websockets' parser holds no part of a frame: it waits between frames with nothing
@@ -211,6 +232,7 @@ class PushProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._express = None
         if self.handler is not None:
             handler, self.handler = self.handler, None
             handler.on_disconnect()
@@ -244,11 +266,11 @@ class PushProtocol(WebSocketsSansIOProtocol):
 
     def attach(self, handler: Handler) -> None:
         """Deliver every later message to `handler`; messages queued for the app go first."""
-        self.handler = handler
+        self.handler, self._express = handler, getattr(handler, "express", None)
         while not self.queue.empty():
             message = self.queue.get_nowait()
             if message["type"] == "websocket.disconnect":
-                self.handler = None
+                self.handler = self._express = None
                 handler.on_disconnect()
                 return
             handler.on_message(payload_of(message))

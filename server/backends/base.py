@@ -9,6 +9,7 @@ while `predict` runs on another.
 
 from __future__ import annotations
 
+import array
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -132,13 +133,17 @@ class ModelBackend(ABC):
         raise NotImplementedError(f"the {self.kind} backend steps gathered rows only")
 
     def rows_call(self, pool32: torch.Tensor, pool64: torch.Tensor, rows: np.ndarray,
-                  rate: float, y: np.ndarray, kept: np.ndarray) -> Callable[[bytes, int, int],
-                                                                            int] | None:
+                  rate: float, y: np.ndarray, kept: np.ndarray, keys: np.ndarray | None = None,
+                  counts: array.array | None = None
+                  ) -> Callable[[bytes, int, int], int | None] | None:
         """`step_rows_into` for fixed rows, outputs and flags, prepared once for many calls
         (a connection that sends the same sessions every tick), each with its inputs in a
         byte buffer: call(data, offset, stride) reads row b's d_input float32 inputs at
-        data[offset + b * stride:] and returns how many rows advanced. None where the
-        backend has no such call (when not `rows_in_place`)."""
+        data[offset + b * stride:] and returns how many rows advanced; with `keys` (B, 2)
+        uint32, the 8 bytes before each input must equal its row of keys, else the call
+        returns None and changes nothing; with `counts` (array "q", one per pool row), each
+        call adds one to the count of every row it advanced. None where the backend has no
+        such call (when not `rows_in_place`)."""
         return None
 
     def chunk_flat(self, u: torch.Tensor, flat32: torch.Tensor, flat64: torch.Tensor,

@@ -151,10 +151,11 @@ class TorchBackend(ModelBackend):
         return self._fused.at_rows_into(self._recurrence(rate), u, pool32, pool64, rows, y, kept,
                                         steps)
 
-    def rows_call(self, pool32, pool64, rows, rate, y, kept):
+    def rows_call(self, pool32, pool64, rows, rate, y, kept, keys=None, counts=None):
         if not self.rows_in_place:
             return None
-        return self._fused.rows_call(self._recurrence(rate), pool32, pool64, rows, y, kept)
+        return self._fused.rows_call(self._recurrence(rate), pool32, pool64, rows, y, kept,
+                                     keys, counts)
 
     @torch.inference_mode()
     def chunk(self, u, state, rate):

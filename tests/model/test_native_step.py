@@ -1,6 +1,7 @@
 """The native S4D step (model/native_step.c): the eager step's numbers for every network option,
 rate and batch, in place on strided pool rows, and a rejected row left exactly as it was."""
 
+import array
 import math
 import platform
 
@@ -255,6 +256,46 @@ def test_a_rows_call_steps_inputs_read_from_a_received_message(cache):
         with pytest.raises(ValueError, match="do not fit"):
             call(message, offset, stride_)
     assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
+
+
+def test_a_rows_call_with_keys_steps_only_the_records_it_was_prepared_for(cache):
+    """With keys, a call checks the 8 bytes before every input (a record's session and sample
+    count) first: any that differ leave every row as it was and say so (None); matching
+    records step as a call without keys does. With counts, each row advanced (not one whose
+    input was NaN, not one of a refused call) counts one more sample."""
+    net, rec, step, pool32, pool64, twin32, twin64 = _pool_and_twin(cache)
+    d_in, d_out = net.config.d_input, net.config.d_output
+    rows = np.array([3, 1, 6])
+    entries = np.zeros(3, [("sid", "<u4"), ("T", "<u4"), ("x", "<f4", (1, d_in))])
+    entries["sid"], entries["T"] = [11, 12, 13], 1
+    entries["x"][:, 0] = torch.randn(3, d_in).numpy()
+    keys = np.ascontiguousarray(np.stack([entries["sid"], entries["T"]], axis=1))
+    y, kept = np.empty((3, d_out), np.float32), np.empty(3, np.uint8)
+    counts = array.array("q", range(pool32.shape[0]))
+    call = step.rows_call(rec, pool32, pool64, rows, y, kept, keys, counts)
+    header, stride = 12, entries.itemsize
+    for field, index, value in (("sid", 2, 14), ("T", 0, 2), ("sid", 0, 12)):
+        changed = entries.copy()
+        changed[field][index] = value
+        assert call(bytes(header) + changed.tobytes(), header + 8, stride) is None
+        assert torch.equal(pool32, twin32) and torch.equal(pool64, twin64)
+    assert counts.tolist() == list(range(pool32.shape[0]))
+    assert call(bytes(header) + entries.tobytes(), header + 8, stride) == 3
+    expected, flags = np.empty((3, d_out), np.float32), np.empty(3, np.uint8)
+    assert step.at_rows_into(rec, entries["x"][:, 0], twin32, twin64, rows, expected, flags) == 3
+    assert np.array_equal(y, expected) and torch.equal(pool32, twin32)
+    entries["x"][1, 0, 0] = np.nan  # row 1 stays, uncounted
+    assert call(bytes(header) + entries.tobytes(), header + 8, stride) == 2
+    want = list(range(pool32.shape[0]))
+    want[3], want[6] = want[3] + 2, want[6] + 2
+    want[1] += 1
+    assert counts.tolist() == want
+    with pytest.raises(ValueError, match="counts must be"):
+        step.rows_call(rec, pool32, pool64, rows, y, kept, keys, counts[:-1])
+    with pytest.raises(ValueError, match="do not fit"):  # a key would lie before the buffer
+        call(entries.tobytes(), 4, stride)
+    with pytest.raises(ValueError, match="keys must be"):
+        step.rows_call(rec, pool32, pool64, rows, y, kept, keys[:2])
 
 
 @pytest.mark.parametrize("option", ["classification", "postnorm", "plain", "channels",

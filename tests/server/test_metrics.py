@@ -35,7 +35,7 @@ async def test_metrics_after_traffic_pass_promtool(server):
     labels = {part.split("=")[0] for line in text.splitlines() if "{" in line
               for part in line[line.index("{") + 1 : line.index("}")].split(",")}
     assert labels <= {"model", "mode", "outcome", "kind", "code", "le", "version", "layer",
-                      "device", "backend"}
+                      "device", "backend", "path"}
     promtool = shutil.which("promtool")
     assert promtool, "promtool (Debian package prometheus) is needed for this check"
     checked = subprocess.run([promtool, "check", "metrics"], input=text, text=True,

@@ -27,16 +27,18 @@ def test_a_run_is_the_first_long_enough_stretch_of_free_rows():
     assert p.allocate() is None
 
 
-def test_moved_rows_keep_their_states_in_the_order_given_and_free_the_old_rows():
+def test_moved_rows_keep_their_states_and_counts_in_the_order_given_and_free_the_old_rows():
     p = pool(8)
     slots = [p.allocate() for _ in range(4)]  # 0..3
     for slot in slots:
         p.flat32[slot] = float(slot)
         p.flat64[slot] = -float(slot)
+        p.steps[slot] = 10 * slot
     first = p.allocate_run(3)
     assert first == 4
     p.move([3, 0, 2], first)
     assert p.flat32[4:7, 0].tolist() == [3.0, 0.0, 2.0]
     assert p.flat64[4:7, 0].tolist() == [-3.0, -0.0, -2.0]
+    assert p.steps[4:7].tolist() == [30, 0, 20]
     assert p.in_use == 4  # rows 1, 4, 5, 6
     assert sorted(p.allocate() for _ in range(4)) == [0, 2, 3, 7]
