@@ -68,7 +68,9 @@ class BatchRounds:
             done = call(data, offset, stride)
         except Exception:  # the states were not written: nothing is lost
             log.exception("batched call failed")
-            self.flushes.ticked(time.perf_counter(), quiet=not self._pending)
+            now = time.perf_counter()
+            model.message(now - received, 0)  # answered too (every entry `internal`)
+            self.flushes.ticked(now, quiet=not self._pending)
             return -1
         if done is None:
             return None

@@ -33,17 +33,18 @@ class DirectPath:
 
     def express(self, payload: bytes) -> bool:
         """A data message from the transport: stepped and answered now when it is for the
-        last message's sessions, nothing of this connection waits and the model is not past
-        capacity; else False, nothing changed."""
-        route = self.handles.last
-        if (route is None or len(payload) != route.size or payload[:2] != _DATA
-                or self._inflight or self._controls):
-            return False
-        scheduler = self.rt.scheduler
-        if route.drops != scheduler.drops or scheduler.overloaded(route.streams[0].pool):
-            return False
-        self.last_seen = self.loop.time()
+        last message's sessions (its size, its count and, checked by the step, each entry's
+        session and sample count), nothing of this connection waits and the model is not
+        past capacity; else False, nothing changed."""
         try:
+            route = self.handles.last
+            if (route is None or len(payload) != route.size or payload[:2] != _DATA
+                    or payload[8:12] != route.count or self._inflight or self._controls):
+                return False
+            scheduler = self.rt.scheduler
+            if route.drops != scheduler.drops or scheduler.overloaded(route.streams[0].pool):
+                return False
+            self.last_seen = self.loop.time()
             return self._answer_now(route, payload, payload[4:12], time.perf_counter())
         except Exception:  # as Link.on_message: the connection goes, the process stays
             log.exception("mux message handling failed")
@@ -72,7 +73,8 @@ class DirectPath:
             # nothing of this connection is queued, so nothing is overtaken: step it now, from
             # the message's records into the reply's (a non-finite input is rejected there)
             route.prepare(pool, sids, d_input, self.model.info.d_output)
-            self._answer_now(route, data, data[4:12], received)
+            if not self._answer_now(route, data, data[4:12], received):
+                return False  # cannot be (the route is these records'): the per-entry path
             self.handles.last = route
             return True
         u = np.array(entries["x"][:, 0], np.float32)  # (count, d_input), a copy of transient data

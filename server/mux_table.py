@@ -95,6 +95,7 @@ class Route:
     call: Any = None  # checks that a message's records are for these ids, one sample each
     kept: np.ndarray | None = None
     size: int = 0  # bytes of a data message of these ids, one float32 sample each
+    count: bytes = b""  # its header's entry count, as sent (little-endian uint32)
 
     def prepare(self, pool: Any, sids: np.ndarray, d_input: int, d_output: int) -> None:
         """The reply's records, the flags and the step call of these ids, on first use (a
@@ -107,6 +108,7 @@ class Route:
                                                self.reply["y"][:, 0], self.kept, keys,
                                                pool.steps)
             self.size = HEADER.size + len(sids) * (ENTRY_IN.size + 4 * d_input)
+            self.count = len(sids).to_bytes(4, "little")
 
 
 class HandleTable:
