@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from concurrent.futures import Executor
 
 import torch
 import torch.nn.functional as F
@@ -198,22 +199,50 @@ class S4Network(nn.Module):
     @torch.no_grad()
     def predict(self, u: torch.Tensor, rate: float = 1.0, state: State | None = None,
                 return_state: bool = False, last: bool = False,
-                max_batch: int | None = None) -> tuple[torch.Tensor, State | None]:
+                max_batch: int | None = None,
+                pool: Executor | None = None) -> tuple[torch.Tensor, State | None]:
         """Whole sequences: the conv view, or the exact chunked recurrence when a state is
         given or asked for. `last`: only each sequence's final output, (B, 1, d_output).
         `max_batch`: the conv view runs that many sequences at a time, which bounds memory
-        (see `conv_bytes`) and keeps the working set in cache."""
+        (see `conv_bytes`) and keeps the working set in cache; `pool`: its threads run those
+        pieces side by side."""
         check_input(u, self.config.d_input)
         if state is None and not return_state:
-            step = max(1, min(max_batch or u.shape[0], u.shape[0]))
-            pieces = [self.final(u[i:i + step], rate)[:, None] if last
-                      else self(u[i:i + step], rate) for i in range(0, u.shape[0], step)]
-            return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)), None
+            return self._in_pieces(u, rate, last, max(1, max_batch or u.shape[0]), pool), None
         rec = self.recurrent(rate)
         if state is None:
             state = rec.initial_state(u.shape[0])
         rec.check_state(state, u.shape[0])
         return rec.chunk(u, state)
+
+    def _in_pieces(self, u: torch.Tensor, rate: float, last: bool, size: int,
+                   pool: Executor | None) -> torch.Tensor:
+        """The conv view `size` sequences at a time, written into one output (no concatenation
+        holding every piece twice). With a pool and more than one pass, every pass runs on its
+        threads (their conv buffers are theirs, kept between requests) and the first runs
+        alone: it fills the kernel cache that the others then only read."""
+        batch = u.shape[0]
+        inference = torch.is_inference_mode_enabled()
+
+        def piece(i: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
+            with torch.inference_mode(inference), torch.no_grad():  # both are per thread
+                x = u[i:i + size]  # (b, L, d_input)
+                y = self.final(x, rate)[:, None] if last else self(x, rate)  # (b, L|1, O)
+                if out is None:
+                    return y
+                out[i:i + size] = y  # no future holds a piece's outputs
+                return None
+
+        if size >= batch:  # one pass: no hand-over to another thread
+            return piece(0)
+        first = piece(0) if pool is None else pool.submit(piece, 0).result()
+        out = first.new_empty((batch, *first.shape[1:]))  # (B, L|1, d_output)
+        out[:size] = first
+        starts = range(size, batch, size)
+        outs = [out] * len(starts)
+        for _ in map(piece, starts, outs) if pool is None else pool.map(piece, starts, outs):
+            pass  # map runs them and re-raises the first error
+        return out
 
 
 class RecurrentNetwork(nn.Module):

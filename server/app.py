@@ -186,7 +186,7 @@ async def _load(runtime: Runtime) -> None:
         pool = PredictPool(settings.model_dirs(), settings.device, settings.max_rates,
                            Limits.of(settings),
                            settings.predict_workers, settings.predict_timeout,
-                           settings.torch_threads)
+                           settings.torch_threads, settings.predict_nice)
     try:
         models, _ = await asyncio.gather(asyncio.to_thread(load_models, settings),
                                          pool.start() if pool else asyncio.sleep(0))

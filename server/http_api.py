@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.errors import ServeError
+from server.heap import rss_bytes, trim
 from server.predict_io import NPY_TYPE, PredictBody
 from server.predict_job import JSON_TYPE, Answer, Job, Limits, run_job
 from server.runtime import Runtime
@@ -173,7 +174,14 @@ async def _answer(rt: Runtime, job: Job) -> Answer:
     backends = {name: m.backend for name, m in rt.models.items()}
     limits = Limits.of(rt.settings)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(rt.predict_executor, run_job, backends, limits, job)
+    return await loop.run_in_executor(rt.predict_executor, _run_job, backends, limits, job)
+
+
+def _run_job(backends: dict, limits: Limits, job: Job) -> Answer:
+    before = rss_bytes()
+    answer = run_job(backends, limits, job)
+    trim(before + limits.memory_bytes)  # as a predict worker does (server/heap.py)
+    return answer
 
 
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:

@@ -156,7 +156,14 @@ def shape_inputs(array: np.ndarray, d_input: int) -> np.ndarray:
     return array
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype="<f4"), allow_pickle=False)
-    return buffer.getvalue()
+def npy_bytes(array: np.ndarray) -> memoryview:
+    """The .npy file of `array` as float32, made with one copy of the data (np.save into a
+    BytesIO took three: 44 ms for a 41 MB answer)."""
+    array = np.ascontiguousarray(array, dtype="<f4")
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(array))
+    prefix = head.getvalue()
+    out = np.empty(len(prefix) + array.nbytes, np.uint8)  # no zero fill: all of it is written
+    out[:len(prefix)] = np.frombuffer(prefix, np.uint8)
+    out[len(prefix):] = array.reshape(-1).view(np.uint8)
+    return memoryview(out)

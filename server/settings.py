@@ -126,9 +126,20 @@ class Settings(BaseSettings):
         1, ge=0, description="processes that parse, compute and encode predict requests (0: a "
         "thread of the server, with no time limit)")
     predict_memory_mb: int = Field(
-        256, ge=1, description="working memory of one convolutional pass of predict: a batch "
-        "is run a few sequences at a time so that their estimated peak (model conv_bytes) "
-        "stays within it; a single sequence above it still runs, alone")
+        256, ge=1, description="working memory of a predict worker's convolutional passes "
+        "together: a batch is run a few sequences at a time so that the estimated peaks "
+        "(model conv_bytes) of the passes in flight stay within it; a single sequence above "
+        "it still runs, alone")
+    predict_pass_mb: int = Field(
+        32, ge=1, description="working set of one convolutional pass: as many sequences as "
+        "fit it go together (fewer calls), no more (a pass out of the caches is slower per "
+        "sequence)")
+    predict_threads: int = Field(
+        0, ge=0, description="threads of one predict worker that run a batch's conv passes "
+        "side by side (0: the usable cores shared among predict_workers)")
+    predict_nice: int = Field(
+        5, ge=0, le=19, description="niceness of the predict worker processes: the streams' "
+        "steps come first when both want the cores")
     predict_timeout: float = Field(
         60.0, gt=0, description="seconds a predict request may compute before its worker is "
         "stopped and the answer is 504 timeout (with predict_workers >= 1)")

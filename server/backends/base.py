@@ -13,6 +13,7 @@ import array
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -161,10 +162,12 @@ class ModelBackend(ABC):
         return_state: bool = False,
         last: bool = False,
         max_batch: int | None = None,
+        pool: Executor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Whole sequences u (B, L, d_input) through the convolutional view (or the exact
         chunked recurrence when a state goes in or must come out). `last`: only the final
-        outputs may be returned, (B, 1, d_output); `max_batch`: sequences per conv pass."""
+        outputs may be returned, (B, 1, d_output); `max_batch`: sequences per conv pass;
+        `pool`: threads that may run those passes side by side."""
 
     def conv_bytes(self, length: int) -> int:
         """Estimated peak bytes per sequence of a convolutional pass (0: unknown)."""

@@ -133,9 +133,10 @@ class OnnxBackend(TorchBackend):
         y, new_state = self.graphs(rate).chunk(u.detach().cpu().numpy(), self._to_numpy(state))
         return self._to_torch(y, new_state)
 
-    def predict(self, u, rate, state=None, return_state=False, last=False, max_batch=None):
-        if state is None and not return_state:
-            return super().predict(u, rate, last=last, max_batch=max_batch)  # torch conv view
+    def predict(self, u, rate, state=None, return_state=False, last=False, max_batch=None,
+                pool=None):
+        if state is None and not return_state:  # the torch conv view
+            return super().predict(u, rate, last=last, max_batch=max_batch, pool=pool)
         check_input(u, self.info.d_input)
         if state is None:
             state = self.initial_state(u.shape[0])

@@ -172,9 +172,10 @@ class TorchBackend(ModelBackend):
         return self.net.conv_bytes(length)
 
     @torch.inference_mode()
-    def predict(self, u, rate, state=None, return_state=False, last=False, max_batch=None):
+    def predict(self, u, rate, state=None, return_state=False, last=False, max_batch=None,
+                pool=None):
         return self.net.predict(u, rate=rate, state=state, return_state=return_state,
-                                last=last, max_batch=max_batch)
+                                last=last, max_batch=max_batch, pool=pool)
 
 
 class InductorTorchBackend(TorchBackend):

@@ -192,3 +192,20 @@ def test_a_pooled_classifier_with_several_channels_steps_as_it_convolves():
     with torch.no_grad():
         whole = net(u)
     assert stepped.shape == whole.shape and torch.allclose(stepped, whole, atol=1e-4)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_batch_in_passes_on_threads_equals_the_batch_whole(last):
+    """predict in passes of 2 sequences, on a pool's threads or not, gives the numbers of the
+    whole batch in one pass (under inference mode too, as the server runs it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = perturbed_network(layer="s4d").eval()
+    u = torch.randn(5, 300, 3)
+    whole, _ = net.predict(u, last=last)
+    with ThreadPoolExecutor(2) as pool, torch.inference_mode():
+        threaded, _ = net.predict(u, last=last, max_batch=2, pool=pool)
+        inline, _ = net.predict(u, last=last, max_batch=2)
+    assert threaded.shape == whole.shape == (5, 1 if last else 300, whole.shape[-1])
+    assert torch.equal(threaded, inline)  # the same passes, wherever they ran
+    torch.testing.assert_close(threaded, whole, atol=1e-5, rtol=1e-5)

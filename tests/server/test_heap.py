@@ -6,7 +6,7 @@ import ctypes
 import os
 import platform
 
-from server.heap import fix_heap, without_mkl_buffers
+from server.heap import fix_heap, rss_bytes, trim, without_mkl_buffers
 
 
 def test_fix_heap_takes_on_glibc():
@@ -19,3 +19,10 @@ def test_workers_started_later_run_mkl_without_its_buffer_cache(monkeypatch):
     monkeypatch.delenv("MKL_DISABLE_FAST_MM", raising=False)
     without_mkl_buffers()
     assert os.environ["MKL_DISABLE_FAST_MM"] == "1"
+
+
+def test_trim_takes_on_glibc_above_its_bound_only():
+    expected = platform.libc_ver()[0] == "glibc" and hasattr(ctypes.CDLL(None), "malloc_trim")
+    assert rss_bytes() > 0
+    assert trim() is expected
+    assert trim(above=rss_bytes() + (1 << 30)) is False

@@ -17,7 +17,14 @@ from model.config import ModelConfig
 from model.network import S4Network
 from server.backends import load_backend
 from server.errors import ServeError
-from server.predict_io import SchemaError, least_json_numbers, parse_json, parse_npy, read_npy
+from server.predict_io import (
+    SchemaError,
+    least_json_numbers,
+    npy_bytes,
+    parse_json,
+    parse_npy,
+    read_npy,
+)
 from server.predict_job import Job, Limits, run_job
 
 
@@ -132,3 +139,15 @@ def test_a_schema_error_answer_is_strict_json_without_the_clients_values(tmp_pat
 def test_impossible_npy_shapes_are_a_clear_error(shape):
     body = npy_header("<f4", shape) + bytes(4)
     assert code_of(lambda: read_npy(body)) == "bad_request"
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f8", "<f2"])
+def test_an_npy_answer_is_the_file_np_save_writes(dtype):
+    """npy_bytes writes the header and the data itself: the same bytes as np.save of the
+    array as little-endian float32, for any input order and byte order."""
+    array = np.arange(2 * 5 * 3, dtype=dtype).reshape(2, 5, 3)[:, ::2] / 7
+    expected = io.BytesIO()
+    np.save(expected, array.astype("<f4"), allow_pickle=False)
+    answer = npy_bytes(array)
+    assert bytes(answer) == expected.getvalue()
+    np.testing.assert_array_equal(np.load(io.BytesIO(answer)), array.astype("<f4"))

@@ -115,3 +115,14 @@ def test_openapi_describes_the_predict_body(server):
     assert {"inputs", "sample_rate", "outputs", "return_state", "state"} <= set(fields)
     assert post["responses"]["504"]["content"]["application/json"]["schema"]["required"] == [
         "error"]
+
+
+def test_the_predict_worker_yields_the_cores_to_the_streams(server):
+    """Its niceness is predict_nice (5 by default): the server's own process keeps 0."""
+    import os
+
+    workers = server.runtime.predict_pool._workers
+    assert workers
+    for worker in workers:
+        assert os.getpriority(os.PRIO_PROCESS, worker.process.pid) == \
+            os.getpriority(os.PRIO_PROCESS, 0) + server.runtime.settings.predict_nice == 5

@@ -210,3 +210,29 @@ def test_observe_many_matches_one_observe_each():
                 for m in registry.collect() if m.name == name for s in m.samples]
 
     assert samples("one") == samples("many")
+
+
+def test_predict_passes_fit_the_memory_bound_and_the_pass_size():
+    from server.predict_job import Limits
+
+    mb = 1 << 20
+    # 256 MB among 2 threads, 32 MB a pass: passes of 32 MB at most
+    assert Limits(1, memory_bytes=256 * mb, threads=2, pass_bytes=32 * mb).pass_size(3 * mb) == 10
+    # 40 MB among 4 threads: 10 MB each, below the pass size
+    assert Limits(1, memory_bytes=40 * mb, threads=4, pass_bytes=32 * mb).pass_size(3 * mb) == 3
+    # a sequence above both still runs, alone; an unknown size runs the batch whole
+    assert Limits(1, memory_bytes=40 * mb, threads=4).pass_size(95 * mb) == 1
+    assert Limits(1).pass_size(0) is None
+
+
+def test_predict_threads_default_to_the_cores_shared_among_the_workers(tmp_path):
+    from server.predict_job import Limits
+    from server.workers import cpu_cores
+
+    def limits(**fields):
+        return Limits.of(Settings(**fields))
+
+    assert limits(predict_workers=1).threads == cpu_cores()
+    assert limits(predict_workers=0).threads == cpu_cores()  # a thread of the server
+    assert limits(predict_workers=64).threads == 1
+    assert limits(predict_threads=3).threads == 3
