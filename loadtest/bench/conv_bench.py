@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,8 @@ from loadtest.bench.timing import inner_for, time_call
 from loadtest.processes import ServerProcess
 from model.kernels import fft_size
 from server.heap import fix_heap, without_mkl_buffers
+from server.predict_job import Limits
+from server.workers import cpu_cores
 
 MEMORY_MB = 256  # the predict_memory_mb default
 
@@ -68,32 +71,33 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _batch_run(layer: str, batch: int, length: int, max_batch: int | None, shape: dict,
-               out) -> None:
-    """In a fresh process, so that its peak RSS is this run's alone; its heap as a predict
-    worker's."""
+def _batch_run(layer: str, batch: int, length: int, max_batch: int | None, threads: int,
+               shape: dict, out) -> None:
+    """In a fresh process, so that its peak RSS is this run's alone; its heap and its pass
+    threads as a predict worker's."""
     torch.set_num_threads(1)
     fix_heap(MEMORY_MB << 20)
     net = perturbed_network(layer, **shape)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
     with torch.no_grad():
         net.predict(torch.randn(1, length, 1))  # kernels cached (warm), buffers touched
     u = torch.randn(batch, length, 1)
     before = _rss_bytes()
     _reset_peak()
     began = time.perf_counter()
-    net.predict(u, max_batch=max_batch)
+    net.predict(u, max_batch=max_batch, pool=pool)
     seconds = time.perf_counter() - began
     peak = _peak_bytes()
     out.send({"seconds": seconds, "peak_rss_over_start": max(0, peak - before)})
 
 
-def batch_conv(layer: str, batch: int, length: int, max_batch: int | None,
+def batch_conv(layer: str, batch: int, length: int, max_batch: int | None, threads: int,
                shape: dict) -> dict:
     ctx = multiprocessing.get_context("spawn")
     without_mkl_buffers()  # as the server does for its predict workers
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_batch_run,
-                        args=(layer, batch, length, max_batch, shape, send))
+                        args=(layer, batch, length, max_batch, threads, shape, send))
     child.start()
     result = receive.recv()
     child.join()
@@ -106,10 +110,14 @@ def run_conv_benches(scratch: Path, quick: bool, log=print) -> dict:
     net = perturbed_network("s4d", **shape)
     cfg = net.config
     per_sequence = net.conv_bytes(length)
-    pieces = max(1, (MEMORY_MB << 20) // per_sequence)
+    cores = cpu_cores()
+    # passes as a predict worker sizes them (the settings' defaults), on 1 thread and on all
+    pieces = Limits(1, memory_bytes=MEMORY_MB << 20).pass_size(per_sequence)
+    side_by_side = Limits(1, memory_bytes=MEMORY_MB << 20, threads=cores).pass_size(per_sequence)
     torch.set_num_threads(1)
     results: dict = {"network": f"{cfg.n_layers} × {cfg.d_model}, N={cfg.d_state}",
                      "batch": batch, "length": length, "threads": 1, "memory_mb": MEMORY_MB,
+                     "pass_mb": Limits(1).pass_bytes >> 20, "cores": cores,
                      "conv_bytes_per_sequence": per_sequence, "sequences_per_pass": pieces,
                      "ceilings": ceilings(length, cfg.d_model),
                      "flops_per_sequence": network_flops(cfg.d_model, cfg.n_layers, length)}
@@ -119,13 +127,16 @@ def run_conv_benches(scratch: Path, quick: bool, log=print) -> dict:
     best_s = (flops["fft"] / ceiling["fft_gflops"] + flops["gemm"] / ceiling["gemm_gflops"]) / 1e9
     for layer in ("s4d", "s4"):
         results[layer] = {}
-        for label, max_batch in (("pieces", pieces), ("one_pass", None)):
+        runs = [("pieces", pieces, 1), ("one_pass", None, 1)]
+        if cores > 1:
+            runs.insert(1, (f"pieces on {cores} threads", side_by_side, cores))
+        for label, max_batch, threads in runs:
             log(f"conv bench {layer}: {batch} × {length}, {label}")
-            run = batch_conv(layer, batch, length, max_batch, shape)
+            run = batch_conv(layer, batch, length, max_batch, threads, shape)
             total = (flops["fft"] + flops["gemm"]) * batch
             run.update(samples_per_s=batch * length / run["seconds"],
                        gflops=total / run["seconds"] / 1e9,
-                       of_ceiling=best_s * batch / run["seconds"])
+                       of_ceiling=best_s * batch / run["seconds"] / threads)
             results[layer][label] = run
     digits_dir, kind = served_model("digits", scratch)
     log("conv bench: predict B=1 vs B=64 over the server (digits, .npy)")

@@ -31,9 +31,11 @@ def render_conv(r: dict, model: dict | None = None) -> list[str]:
         "is its own). Measured ceilings in the same run: float32 GEMM "
         f"{ceiling['gemm_gflops']:.1f} GFLOP/s, rfft+irfft pairs at n={ceiling['fft_size']} "
         f"{ceiling['fft_gflops']:.1f} GFLOP/s; 'of ceiling' = the time the FFT and GEMM work "
-        "would take at those rates / the time taken. `pieces` = predict_memory_mb "
-        f"{r['memory_mb']} MB, {r['sequences_per_pass']} sequences per pass "
-        f"(estimated {r['conv_bytes_per_sequence'] / 2**20:.0f} MB each).", "",
+        "would take at those rates (on as many threads as the run) / the time taken. `pieces` "
+        f"= the passes of a predict worker (predict_pass_mb {r.get('pass_mb', '-')} MB, "
+        f"predict_memory_mb {r['memory_mb']} MB): {r['sequences_per_pass']} sequences per pass "
+        f"(estimated {r['conv_bytes_per_sequence'] / 2**20:.0f} MB each); `pieces on N "
+        "threads`: the same passes side by side, as a worker runs them on N cores.", "",
         *_per_layer_speedups(model),
         "| layer | run | time | samples/s | GFLOP/s | of ceiling | peak RSS over start |",
         "|---|---|---|---|---|---|---|",
