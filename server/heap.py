@@ -8,10 +8,11 @@ reference network (session 9), while others stayed at ~130 MB. So the threshold 
 16 MiB: a tensor of a pass (one sequence of the reference network: 8 MB activations, 16 MB
 spectra) below it is reused from the heap with no page faults (a fixed 4 MiB threshold mapped
 and unmapped every one of them: B=64 × L=16000 in passes of one sequence on two threads took
-890-920 ms against 660-700 ms at 16 MiB, session 26), and a request's pass threads, each with
-a glibc arena of its own, give their free memory back after a request that left the process
-holding more than `predict_memory_mb` over its size when it was ready (`trim`). MKL's own
-buffer cache is the other half (`without_mkl_buffers`). BENCHMARKS.md has the runs.
+890-920 ms against 660-700 ms at 16 MiB, session 26). A request's pass threads share the
+process's one glibc arena (an arena per thread held twice the memory), and the free memory is
+given back after a request that left the process holding more than `predict_memory_mb` over
+its size when it was ready (`trim`). MKL's own buffer cache is the other half
+(`without_mkl_buffers`). BENCHMARKS.md has the runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 16 << 20  # above a one-sequence pass's tensors (digits: 4 MB, 4 × 128: 8)
 
 
@@ -42,7 +44,10 @@ def fix_heap(keep_bytes: int) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     keep = min(keep_bytes, 2**31 - 1)
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, keep) == 1
+    # one arena for every thread: an arena per pass thread kept its own free blocks, and two
+    # threads peaked at 416 MB over start against 175 MB with one (same time, session 26)
+    return (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, keep) == 1
+            and mallopt(M_ARENA_MAX, 1) == 1)
 
 
 def rss_bytes() -> int:

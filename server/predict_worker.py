@@ -34,7 +34,7 @@ _START_TIMEOUT_S = 600.0  # loading torch and the models, on a slow machine
 _MIN_WAIT_S = 60.0  # the least a request waits for a free worker (a replacement starting)
 
 
-def _send(conn: Connection, header: dict, body: bytes | bytearray | None = None) -> None:
+def _send(conn: Connection, header: dict, body: bytes | memoryview | None = None) -> None:
     conn.send_bytes(json.dumps(header).encode())
     if body is not None:
         conn.send_bytes(body)
