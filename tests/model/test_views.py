@@ -209,3 +209,26 @@ def test_a_batch_in_passes_on_threads_equals_the_batch_whole(last):
     assert threaded.shape == whole.shape == (5, 1 if last else 300, whole.shape[-1])
     assert torch.equal(threaded, inline)  # the same passes, wherever they ran
     torch.testing.assert_close(threaded, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pass_that_fails_on_a_thread_fails_the_call_and_the_pool_serves_the_next():
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = perturbed_network(layer="s4d").eval()
+    u = torch.randn(4, 100, 3)
+    bad = u.clone()
+    bad[3] = 1e3  # a value this test's forward refuses, on the last pass
+    forward = net.forward
+
+    def strict(x, rate=1.0):
+        if x.abs().max() > 100:
+            raise RuntimeError("a pass failed")
+        return forward(x, rate)
+
+    with ThreadPoolExecutor(2) as pool:
+        net.forward = strict
+        with pytest.raises(RuntimeError, match="a pass failed"):
+            net.predict(bad, max_batch=1, pool=pool)
+        good, _ = net.predict(u, max_batch=1, pool=pool)
+        del net.forward
+    torch.testing.assert_close(good, net.predict(u)[0], atol=1e-5, rtol=1e-5)
