@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -84,8 +85,10 @@ class Answer:
                 "samples": self.samples, "code": self.code}
 
 
-def run_job(backends: dict[str, ModelBackend], limits: Limits, job: Job) -> Answer:
-    """The answer to one request, errors included (never raises for a client's mistake)."""
+def run_job(backends: dict[str, ModelBackend], limits: Limits, job: Job,
+            allocate: Callable[[int], np.ndarray] | None = None) -> Answer:
+    """The answer to one request, errors included (never raises for a client's mistake).
+    `allocate(n)`: where an .npy answer's n bytes are written (a worker's memory file)."""
     try:
         backend = backends.get(job.model)
         if backend is None:
@@ -93,7 +96,7 @@ def run_job(backends: dict[str, ModelBackend], limits: Limits, job: Job) -> Answ
         request = _parse(job, backend.info.d_input, limits.max_batch_length)
         if request.return_state and job.npy:
             raise ServeError("bad_request", "return_state needs a JSON answer (drop Accept npy)")
-        return _predict(backend, limits, request, job.npy)
+        return _predict(backend, limits, request, job.npy, allocate)
     except SchemaError as exc:
         body = {"error": {"code": "invalid_request", "message": str(exc)}, "detail": exc.errors}
         return Answer(422, JSON_TYPE, json.dumps(body, allow_nan=False, default=str).encode(),
@@ -129,7 +132,8 @@ def _start_states(backend: ModelBackend, blobs: list[str] | None, batch: int,
     return state, [r.samples for r in records]
 
 
-def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bool) -> Answer:
+def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bool,
+             allocate: Callable[[int], np.ndarray] | None) -> Answer:
     batch, length, _ = req.inputs.shape
     if batch * length > limits.max_batch_length:
         raise ServeError("too_large", f"batch × length {batch * length} is over the limit "
@@ -162,7 +166,7 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
         # finite inputs near float32's limit can overflow inside the network
         raise ServeError("non_finite", "the outputs would not be finite (inputs too large?)")
     if npy:
-        return Answer(200, NPY_TYPE, npy_bytes(y), seconds, batch * length)
+        return Answer(200, NPY_TYPE, npy_bytes(y, allocate), seconds, batch * length)
     info = backend.info
     blobs = None
     if req.return_state and end_state is not None:

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from server import answer_file
 from server.errors import ServeError
 from server.heap import fix_heap, rss_bytes, trim, without_mkl_buffers
 from server.predict_job import Answer, Job, Limits, run_job
@@ -40,8 +41,10 @@ def _send(conn: Connection, header: dict, body: bytes | memoryview | None = None
         conn.send_bytes(body)
 
 
-def _receive(conn: Connection, body: bool = True) -> tuple[dict, bytes]:
+def _receive(conn: Connection, body: bool = True) -> tuple[dict, bytes | memoryview]:
     header = json.loads(conn.recv_bytes())
+    if "file" in header:  # a large answer, in a memory file (server/answer_file.py)
+        return header, answer_file.receive(conn, header.pop("file"))
     return header, conn.recv_bytes() if body else b""
 
 
@@ -66,6 +69,7 @@ def _worker_main(conn: Connection, model_dirs: list[str], device: str, max_rates
         backend = load_backend("torch", Path(model_dir), device, max_rates, "torchscript")
         backends[backend.info.name] = backend
     ceiling = rss_bytes() + rules.memory_bytes  # held past this after a job: given back
+    shared = answer_file.AnswerFile()
     _send(conn, {"ready": sorted(backends)})
     while True:
         try:
@@ -73,13 +77,18 @@ def _worker_main(conn: Connection, model_dirs: list[str], device: str, max_rates
         except (EOFError, OSError):
             return
         try:
-            answer = run_job(backends, rules, Job(body=body, **header))
+            answer = run_job(backends, rules, Job(body=body, **header), shared.allocate)
         except Exception as exc:  # a bug, not the client's mistake: say so, keep serving
             log.exception("predict job failed")
             error = ServeError("internal", f"internal error: {type(exc).__name__}")
             answer = Answer(500, "application/json", json.dumps(error.body()).encode(),
                             code="internal")
-        _send(conn, answer.header(), answer.body)
+        if shared.holds(answer.body):
+            _send(conn, {**answer.header(), "file": answer.body.nbytes})
+            shared.send(conn, server_pid)
+        else:
+            shared.close()
+            _send(conn, answer.header(), answer.body)
         del answer
         trim(ceiling)
 
@@ -92,7 +101,7 @@ class _Worker:
         self.process.start()
         child.close()
 
-    def call(self, header: dict, body: bytes) -> tuple[dict, bytes]:
+    def call(self, header: dict, body: bytes) -> tuple[dict, bytes | memoryview]:
         _send(self.conn, header, body)
         return _receive(self.conn)
 

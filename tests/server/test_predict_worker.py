@@ -126,3 +126,23 @@ def test_the_predict_worker_yields_the_cores_to_the_streams(server):
     for worker in workers:
         assert os.getpriority(os.PRIO_PROCESS, worker.process.pid) == \
             os.getpriority(os.PRIO_PROCESS, 0) + server.runtime.settings.predict_nice == 5
+
+
+def test_a_large_npy_answer_comes_whole_from_the_worker(server):
+    """An answer over a megabyte leaves the worker in a memory file: the client gets every
+    byte (the model's own outputs), and the next small answer still comes through the pipe."""
+    u = np.random.default_rng(3).standard_normal((8, 20_000, 2)).astype(np.float32) * 0.1
+    headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+    answer = httpx.post(f"{server.url}/v1/models/seq/predict", content=_npy(u),
+                        headers=headers, timeout=120)
+    assert answer.status_code == 200, answer.text
+    got = np.load(io.BytesIO(answer.content))
+    assert got.shape == (8, 20_000, 3) and got.nbytes > (1 << 20)
+    backend = server.runtime.models["seq"].backend
+    import torch
+
+    want, _ = backend.predict(torch.from_numpy(u), backend.rate_for(None))
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    small = httpx.post(f"{server.url}/v1/models/seq/predict", content=_npy(u[:1, :10]),
+                       headers=headers, timeout=120)
+    assert small.status_code == 200 and np.load(io.BytesIO(small.content)).shape == (1, 10, 3)
