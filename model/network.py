@@ -201,16 +201,17 @@ class S4Network(nn.Module):
     @torch.no_grad()
     def predict(self, u: torch.Tensor, rate: float = 1.0, state: State | None = None,
                 return_state: bool = False, last: bool = False,
-                max_batch: int | None = None,
-                pool: Executor | None = None) -> tuple[torch.Tensor, State | None]:
+                max_batch: int | None = None, pool: Executor | None = None,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, State | None]:
         """Whole sequences: the conv view, or the exact chunked recurrence when a state is
         given or asked for. `last`: only each sequence's final output, (B, 1, d_output).
         `max_batch`: the conv view runs that many sequences at a time, which bounds memory
         (see `conv_bytes`) and keeps the working set in cache; `pool`: its threads run those
-        pieces side by side."""
+        pieces side by side; `out`: where the conv view writes its outputs (B, L|1, d_output)."""
         check_input(u, self.config.d_input)
         if state is None and not return_state:
-            return self._in_pieces(u, rate, last, max(1, max_batch or u.shape[0]), pool), None
+            size = max(1, max_batch or u.shape[0])
+            return self._in_pieces(u, rate, last, size, pool, out), None
         rec = self.recurrent(rate)
         if state is None:
             state = rec.initial_state(u.shape[0])
@@ -218,11 +219,11 @@ class S4Network(nn.Module):
         return rec.chunk(u, state)
 
     def _in_pieces(self, u: torch.Tensor, rate: float, last: bool, size: int,
-                   pool: Executor | None) -> torch.Tensor:
-        """The conv view `size` sequences at a time, written into one output (no concatenation
-        holding every piece twice). With a pool and more than one pass, every pass runs on its
-        threads (their conv buffers are theirs, kept between requests) and the first runs
-        alone: it fills the kernel cache that the others then only read."""
+                   pool: Executor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The conv view `size` sequences at a time, written into one output (`out` if given:
+        no concatenation holding every piece twice). With a pool and more than one pass,
+        every pass runs on its threads (their conv buffers are theirs, kept between requests)
+        and the first runs alone: it fills the kernel cache that the others then only read."""
         batch = u.shape[0]
         inference = torch.is_inference_mode_enabled()
 
@@ -235,14 +236,18 @@ class S4Network(nn.Module):
                 out[i:i + size] = y  # no future holds a piece's outputs
                 return None
 
-        if size >= batch:  # one pass: no hand-over to another thread
+        starts = range(0, batch, size)
+        if out is None and size >= batch:  # one pass: no hand-over to another thread
             return piece(0)
-        first = piece(0) if pool is None else pool.submit(piece, 0).result()
-        out = first.new_empty((batch, *first.shape[1:]))  # (B, L|1, d_output)
-        out[:size] = first
-        starts = range(size, batch, size)
+        if out is None or (pool is not None and len(starts) > 1):
+            first = piece(0) if pool is None else pool.submit(piece, 0, out).result()
+            if out is None:
+                out = first.new_empty((batch, *first.shape[1:]))  # (B, L|1, d_output)
+                out[:size] = first
+            starts = starts[1:]
         outs = [out] * len(starts)
-        for _ in map(piece, starts, outs) if pool is None else pool.map(piece, starts, outs):
+        inline = pool is None or len(starts) < 2
+        for _ in map(piece, starts, outs) if inline else pool.map(piece, starts, outs):
             pass  # map runs them and re-raises the first error
         return out
 

@@ -163,11 +163,13 @@ class ModelBackend(ABC):
         last: bool = False,
         max_batch: int | None = None,
         pool: Executor | None = None,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Whole sequences u (B, L, d_input) through the convolutional view (or the exact
         chunked recurrence when a state goes in or must come out). `last`: only the final
         outputs may be returned, (B, 1, d_output); `max_batch`: sequences per conv pass;
-        `pool`: threads that may run those passes side by side."""
+        `pool`: threads that may run those passes side by side; `out`: where the conv view may
+        write its outputs (the caller uses what is returned)."""
 
     def conv_bytes(self, length: int) -> int:
         """Estimated peak bytes per sequence of a convolutional pass (0: unknown)."""

@@ -134,9 +134,10 @@ class OnnxBackend(TorchBackend):
         return self._to_torch(y, new_state)
 
     def predict(self, u, rate, state=None, return_state=False, last=False, max_batch=None,
-                pool=None):
+                pool=None, out=None):
         if state is None and not return_state:  # the torch conv view
-            return super().predict(u, rate, last=last, max_batch=max_batch, pool=pool)
+            return super().predict(u, rate, last=last, max_batch=max_batch, pool=pool,
+                                   out=out)
         check_input(u, self.info.d_input)
         if state is None:
             state = self.initial_state(u.shape[0])

@@ -173,9 +173,10 @@ class TorchBackend(ModelBackend):
 
     @torch.inference_mode()
     def predict(self, u, rate, state=None, return_state=False, last=False, max_batch=None,
-                pool=None):
+                pool=None, out=None):
         return self.net.predict(u, rate=rate, state=state, return_state=return_state,
-                                last=last, max_batch=max_batch, pool=pool)
+                                last=last, max_batch=max_batch, pool=pool,
+                                out=out)
 
 
 class InductorTorchBackend(TorchBackend):

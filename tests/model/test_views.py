@@ -232,3 +232,19 @@ def test_a_pass_that_fails_on_a_thread_fails_the_call_and_the_pool_serves_the_ne
         good, _ = net.predict(u, max_batch=1, pool=pool)
         del net.forward
     torch.testing.assert_close(good, net.predict(u)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_passes_written_into_a_given_output_equal_the_batch_whole(last):
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = perturbed_network(layer="s4d").eval()
+    u = torch.randn(5, 200, 3)
+    whole, _ = net.predict(u, last=last)
+    for size, threads in ((2, 2), (5, 2), (2, 0)):
+        out = torch.full_like(whole, float("nan"))
+        with ThreadPoolExecutor(threads or 1) as pool, torch.inference_mode():
+            got, _ = net.predict(u, last=last, max_batch=size, pool=pool if threads else None,
+                                 out=out)
+        assert got.data_ptr() == out.data_ptr()  # written in place, every element
+        torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)

@@ -143,6 +143,9 @@ def test_a_large_npy_answer_comes_whole_from_the_worker(server):
 
     want, _ = backend.predict(torch.from_numpy(u), backend.rate_for(None))
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    last = httpx.post(f"{server.url}/v1/models/seq/predict", content=_npy(u),
+                      params={"outputs": "last"}, headers=headers, timeout=120)
+    np.testing.assert_allclose(np.load(io.BytesIO(last.content)), got[:, -1:], atol=1e-5)
     small = httpx.post(f"{server.url}/v1/models/seq/predict", content=_npy(u[:1, :10]),
                        headers=headers, timeout=120)
     assert small.status_code == 200 and np.load(io.BytesIO(small.content)).shape == (1, 10, 3)
