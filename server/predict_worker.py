@@ -8,7 +8,8 @@ than `predict_timeout` seconds is cut off: its worker is killed and replaced, th
 
 Requests and answers cross a pipe as two messages each: a JSON header, then the body's bytes,
 sent from the worker's own buffer and never joined into one (an answer of B=64 × L=16000 × 10
-outputs is 41 MB: each copy of it took 20-25 ms). Nothing is pickled. With
+outputs is 41 MB: each copy of it took 20-25 ms); an answer of a megabyte or more goes in a
+memory file instead (server/answer_file.py). Nothing is pickled. With
 `predict_workers = 0` the same job (server/predict_job.py) runs in a thread of the server
 process, with no time limit.
 """
