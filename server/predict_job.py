@@ -29,6 +29,7 @@ from server.state_blob import StateRecord, decode_state, encode_state
 from server.workers import cpu_cores
 
 JSON_TYPE = "application/json"
+_MIN_TIME_BLOCK = 1024  # samples: shorter blocks only add calls
 
 
 @dataclass
@@ -133,6 +134,27 @@ def _start_states(backend: ModelBackend, blobs: list[str] | None, batch: int,
     return state, [r.samples for r in records]
 
 
+def _along_time(backend: ModelBackend, u: torch.Tensor, rate: float, block: int, last: bool,
+                out: torch.Tensor | None) -> torch.Tensor:
+    """Sequences whose conv view would need more than the memory bound, in blocks of `block`
+    samples through the exact chunked recurrence: each block starts from the state the one
+    before left (the outputs are the conv view's within float32 rounding), and the working
+    set is a block's, whatever the length."""
+    batch, length, _ = u.shape
+    block = max(_MIN_TIME_BLOCK, block)
+    if out is None:
+        out = torch.empty(batch, 1 if last else length, backend.info.d_output)
+    state = None
+    for start in range(0, length, block):
+        y, state = backend.predict(u[:, start:start + block], rate, state=state,
+                                   return_state=True)  # (B, T, d_output)
+        if not last:
+            out[:, start:start + y.shape[1]] = y
+        elif start + block >= length:
+            out[:] = y[:, -1:]
+    return out
+
+
 def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bool,
              allocate: Callable[[int], np.ndarray] | None) -> Answer:
     batch, length, _ = req.inputs.shape
@@ -159,10 +181,16 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
         shape = (batch, 1 if req.outputs == "last" else length, backend.info.d_output)
         body, data = npy_file(shape, allocate)
         filled = torch.from_numpy(data)
-    y, end_state = backend.predict(u, rate, state=state, return_state=req.return_state,
-                                   last=req.outputs == "last",
-                                   max_batch=limits.pass_size(backend.conv_bytes(length)),
-                                   pool=_passes_pool(limits.threads), out=filled)
+    per_sequence = backend.conv_bytes(length)
+    if (state is None and not req.return_state and backend.info.streamable
+            and per_sequence > limits.memory_bytes):
+        block = limits.memory_bytes * length // (per_sequence * batch)
+        y, end_state = _along_time(backend, u, rate, block, req.outputs == "last", filled), None
+    else:
+        y, end_state = backend.predict(u, rate, state=state, return_state=req.return_state,
+                                       last=req.outputs == "last",
+                                       max_batch=limits.pass_size(per_sequence),
+                                       pool=_passes_pool(limits.threads), out=filled)
     if req.outputs == "last":
         y = y[:, -1:]
     y = y.to("cpu", torch.float32).numpy()

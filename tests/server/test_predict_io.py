@@ -151,3 +151,34 @@ def test_an_npy_answer_is_the_file_np_save_writes(dtype):
     answer = npy_bytes(array)
     assert bytes(answer) == expected.getvalue()
     np.testing.assert_array_equal(np.load(io.BytesIO(answer)), array.astype("<f4"))
+
+
+@pytest.mark.parametrize("task", ["sequence", "classification"])
+@pytest.mark.parametrize("outputs", ["all", "last"])
+def test_sequences_over_the_memory_bound_run_along_time_with_the_same_outputs(tmp_path, task,
+                                                                              outputs):
+    """A request whose conv view would need more than memory_bytes runs in time blocks through
+    the chunked recurrence, each from the state the one before left: the conv view's outputs."""
+    torch.manual_seed(1)
+    net = S4Network(ModelConfig(name="m", task=task, d_input=1, d_output=2, d_model=8,
+                                d_state=8, n_layers=2))
+    backend = load_backend("torch", save_model(net, tmp_path / "m"), "cpu",
+                           step_compiler="torchscript")
+    u = np.random.default_rng(2).standard_normal((2, 5000, 1)).astype(np.float32)
+    job = Job("m", npy(u), "application/x-npy", {"outputs": outputs}, True)
+    whole = run_job({"m": backend}, Limits(10**7), job)
+    small = Limits(10**7, memory_bytes=backend.conv_bytes(5000) // 3)  # blocks of 1024, the least
+    calls = []
+    chunk = backend.predict
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("state") is not None)
+        return chunk(*args, **kwargs)
+
+    backend.predict = counted
+    along = run_job({"m": backend}, small, job)
+    assert whole.status == along.status == 200
+    assert calls == [False, True, True, True, True]  # 5000 samples in blocks of 1024
+    want, got = np.load(io.BytesIO(whole.body)), np.load(io.BytesIO(along.body))
+    assert got.shape == want.shape == (2, 1 if outputs == "last" else 5000, 2)
+    np.testing.assert_allclose(got, want, atol=1e-4)
