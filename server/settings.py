@@ -128,8 +128,8 @@ class Settings(BaseSettings):
     predict_memory_mb: int = Field(
         256, ge=1, description="working memory of a predict worker's convolutional passes "
         "together: a batch is run a few sequences at a time so that the estimated peaks "
-        "(model conv_bytes) of the passes in flight stay within it; a single sequence above "
-        "it still runs, alone")
+        "(model conv_bytes) of the passes in flight stay within it; sequences above it run "
+        "along time, in blocks through the chunked recurrence (bidirectional models: whole)")
     predict_pass_mb: int = Field(
         32, ge=1, description="working set of one convolutional pass: as many sequences as "
         "fit it go together (fewer calls), no more (a pass out of the caches is slower per "
