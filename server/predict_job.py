@@ -182,6 +182,8 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
         body, data = npy_file(shape, allocate)
         filled = torch.from_numpy(data)
     per_sequence = backend.conv_bytes(length)
+    # on a GPU the passes queue on one stream anyway: threads would only contend for it
+    pool = _passes_pool(limits.threads) if backend.device.type == "cpu" else None
     if (state is None and not req.return_state and backend.info.streamable
             and per_sequence > limits.memory_bytes):
         block = limits.memory_bytes * length // (per_sequence * batch)
@@ -190,7 +192,7 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
         y, end_state = backend.predict(u, rate, state=state, return_state=req.return_state,
                                        last=req.outputs == "last",
                                        max_batch=limits.pass_size(per_sequence),
-                                       pool=_passes_pool(limits.threads), out=filled)
+                                       pool=pool, out=filled)
     if req.outputs == "last":
         y = y[:, -1:]
     y = y.to("cpu", torch.float32).numpy()
