@@ -136,7 +136,7 @@ class Settings(BaseSettings):
         "sequence)")
     predict_threads: int = Field(
         0, ge=0, description="threads of one predict worker that run a batch's conv passes "
-        "side by side (0: the usable cores shared among predict_workers)")
+        "side by side on CPU (0: the usable cores shared among predict_workers)")
     predict_nice: int = Field(
         5, ge=0, le=19, description="niceness of the predict worker processes: the streams' "
         "steps come first when both want the cores")
