@@ -40,9 +40,9 @@ from model.native_build import (
     cpu_flags,
     portable_name,
 )
+from model.native_rows import RowsCall, checked
 
 PREBUILT_DIR = SOURCE.parent  # where the wheel puts the portable library
-KEY_BYTES = 8  # a prepared rows call's key before each input: two uint32
 _loaded: dict[Path, ctypes.CDLL] = {}
 
 
@@ -251,7 +251,7 @@ class NativeStep:
         self._check_records("y", y, len(rows), self._d_output, writable=True)
         if not len(rows):
             return 0
-        return self._done(self._run(
+        return checked(self._run(
             self._bound(rec).ref, len(rows), 1, u.ctypes.data, u.strides[0] // 4,
             pool32.data_ptr(), pool32.stride(0), pool64.data_ptr(), pool64.stride(0),
             y.ctypes.data, y.strides[0] // 4, rows.ctypes.data, pool32.shape[0],
@@ -280,7 +280,7 @@ class NativeStep:
             pool32.shape[0], kept.ctypes.data)
         if done == -4:
             raise ValueError(f"steps must lie in [0, {most}]")
-        return self._done(done, pool32.shape[0])
+        return checked(done, pool32.shape[0])
 
     def rows_call(self, rec: nn.Module, pool32: torch.Tensor, pool64: torch.Tensor,
                   rows: np.ndarray, y: np.ndarray, kept: np.ndarray,
@@ -339,14 +339,6 @@ class NativeStep:
                                  f"column stride on the CPU, got {state.dtype} "
                                  f"{tuple(state.shape)}")
 
-    @staticmethod
-    def _done(done: int, count: int) -> int:
-        if done == -2:
-            raise ValueError(f"rows must lie in [0, {count})")
-        if done < 0:
-            raise MemoryError("the native step could not allocate its scratch rows")
-        return done
-
     def _advance(self, rec: nn.Module, u: torch.Tensor, flat32: torch.Tensor,
                  flat64: torch.Tensor) -> torch.Tensor:
         """u (B, d_input), one step, or (B, T, d_input) -> y (B, d_output) or (B, T, d_output)."""
@@ -361,44 +353,8 @@ class NativeStep:
         y = torch.empty(*u.shape[:-1], self._d_output)
         if not (batch and steps):
             return y
-        self._done(self._run(
+        checked(self._run(
             bound.ref, batch, steps, u.data_ptr(), u.stride(0), flat32.data_ptr(),
             flat32.stride(0), flat64.data_ptr(), flat64.stride(0), y.data_ptr(),
             steps * self._d_output, None, batch, None), batch)
         return y
-
-
-class RowsCall:
-    """A prepared native step of fixed pool rows (model/native_step.py, `NativeStep.rows_call`):
-    its outputs, flags, rows, keys and state pointers were checked once; a call only checks
-    that the inputs lie inside the buffer it gets. Holds what its pointers point into."""
-
-    def __init__(self, run, bound: _Bound, d_input: int, pool32: torch.Tensor,
-                 pool64: torch.Tensor, rows: np.ndarray, y: np.ndarray, kept: np.ndarray,
-                 keys: np.ndarray | None = None, counts: array.array | None = None) -> None:
-        self._run, self._bound, self._d_input = run, bound, d_input
-        self._keep = (pool32, pool64, rows, y, kept, keys, counts)
-        self.batch = len(rows)
-        self._before = 0 if keys is None else KEY_BYTES  # what a call reads before an input
-        self._args = (None if keys is None else keys.ctypes.data,
-                      None if counts is None else counts.buffer_info()[0], pool32.data_ptr(),
-                      pool32.stride(0), pool64.data_ptr(), pool64.stride(0), y.ctypes.data,
-                      y.strides[0] // 4, rows.ctypes.data, pool32.shape[0], kept.ctypes.data)
-
-    def __call__(self, data: bytes, offset: int, stride: int) -> int | None:
-        """One sample for each row, row b's d_input float32 inputs at data[offset + b *
-        stride:] (with keys: after the 8 bytes that must equal row b's); y and kept written.
-        Returns how many rows advanced; None when a key differs (nothing changed)."""
-        last = offset + (self.batch - 1) * stride + 4 * self._d_input
-        if offset < self._before or (self.batch and (stride < 4 * self._d_input + self._before
-                                                     or last > len(data))):
-            raise ValueError(f"{self.batch} inputs of {self._d_input} floats every {stride} "
-                             f"bytes from {offset} do not fit in {len(data)} bytes")
-        if not self.batch:
-            return 0
-        done = self._run(self._bound.ref, self.batch, data, offset, stride, *self._args)
-        if done == -3:
-            raise ValueError("inputs must lie on whole floats (offset and stride)")
-        if done == -5:
-            return None
-        return NativeStep._done(done, self._args[9])
