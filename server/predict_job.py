@@ -175,8 +175,9 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
     if backend.device.type == "cuda":  # page-locked, so the copy is one DMA, asynchronous
         u = u.pin_memory()
     u = u.to(backend.device, non_blocking=True)
+    conv = state is None and not req.return_state  # the conv view (or along time), no state
     body = filled = None
-    if npy and state is None and not req.return_state and backend.device.type == "cpu":
+    if npy and conv and backend.device.type == "cpu":
         # the answer's file first: the conv passes write their outputs into it, not copied after
         shape = (batch, 1 if req.outputs == "last" else length, backend.info.d_output)
         body, data = npy_file(shape, allocate)
@@ -184,8 +185,7 @@ def _predict(backend: ModelBackend, limits: Limits, req: PredictRequest, npy: bo
     per_sequence = backend.conv_bytes(length)
     # on a GPU the passes queue on one stream anyway: threads would only contend for it
     pool = _passes_pool(limits.threads) if backend.device.type == "cpu" else None
-    if (state is None and not req.return_state and backend.info.streamable
-            and per_sequence > limits.memory_bytes):
+    if conv and backend.info.streamable and per_sequence > limits.memory_bytes:
         block = limits.memory_bytes * length // (per_sequence * batch)
         y, end_state = _along_time(backend, u, rate, block, req.outputs == "last", filled), None
     else:

@@ -20,7 +20,7 @@ from loadtest.bench.networks import perturbed_network, served_model
 from loadtest.bench.timing import inner_for, time_call
 from loadtest.processes import ServerProcess
 from model.kernels import fft_size
-from server.heap import fix_heap, without_mkl_buffers
+from server.heap import fix_heap, rss_bytes, without_mkl_buffers
 from server.predict_job import Limits
 from server.workers import cpu_cores
 
@@ -54,10 +54,6 @@ def network_flops(d_model: int, n_layers: int, length: int) -> dict:
             "gemm": n_layers * 2 * length * d_model * 2 * d_model}
 
 
-def _rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-
-
 def _reset_peak() -> None:
     """Start a new peak-RSS window (Linux: clear_refs 5 resets VmHWM), so the peak read
     after a run is that run's, not the warm-up's."""
@@ -82,7 +78,7 @@ def _batch_run(layer: str, batch: int, length: int, max_batch: int | None, threa
     with torch.no_grad():
         net.predict(torch.randn(1, length, 1))  # kernels cached (warm), buffers touched
     u = torch.randn(batch, length, 1)
-    before = _rss_bytes()
+    before = rss_bytes()
     _reset_peak()
     began = time.perf_counter()
     net.predict(u, max_batch=max_batch, pool=pool)
